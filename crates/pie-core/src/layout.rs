@@ -1,0 +1,193 @@
+//! The byte layout of one layer's KV: K `[batch, kv_heads, capacity, k_dim]`
+//! followed by V `[batch, kv_heads, capacity, v_dim]`, both contiguous, exactly
+//! as HF attention expects. The same layout is used in device slots, staging
+//! slots and host buffers, so copies are the same shapes on both sides.
+
+use crate::backend::CopyShape;
+use crate::error::{PieError, Result};
+
+/// The shape of one decoder layer's KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerSpec {
+    /// Batch size (beams included).
+    pub batch: usize,
+    /// Number of key/value heads.
+    pub kv_heads: usize,
+    /// Head dimension of keys.
+    pub k_dim: usize,
+    /// Head dimension of values.
+    pub v_dim: usize,
+    /// Bytes per element (2 for bf16/fp16, 4 for fp32).
+    pub elem_size: usize,
+}
+
+impl LayerSpec {
+    /// Checks every dimension is positive and the element size is sane.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 || self.kv_heads == 0 || self.k_dim == 0 || self.v_dim == 0 {
+            return Err(PieError::config(format!(
+                "layer shape {self:?} has a zero dimension; batch, kv_heads and head dims must be positive"
+            )));
+        }
+        if !matches!(self.elem_size, 1 | 2 | 4 | 8) {
+            return Err(PieError::config(format!(
+                "element size {} is not supported; use a 1, 2, 4 or 8 byte dtype",
+                self.elem_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rows of each of K and V (`batch * kv_heads`).
+    pub fn rows(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+
+    /// Bytes of one token of K in one row.
+    pub fn k_token_bytes(&self) -> usize {
+        self.k_dim * self.elem_size
+    }
+
+    /// Bytes of one token of V in one row.
+    pub fn v_token_bytes(&self) -> usize {
+        self.v_dim * self.elem_size
+    }
+
+    /// Bytes of the K block at `capacity` tokens.
+    pub fn k_bytes(&self, capacity: usize) -> usize {
+        self.rows() * capacity * self.k_token_bytes()
+    }
+
+    /// Bytes of the whole layer (K then V) at `capacity` tokens.
+    pub fn bytes(&self, capacity: usize) -> usize {
+        self.rows() * capacity * (self.k_token_bytes() + self.v_token_bytes())
+    }
+
+    /// Bytes of `tokens` valid tokens (what a copy of the valid part moves).
+    pub fn valid_bytes(&self, tokens: usize) -> usize {
+        self.bytes(tokens)
+    }
+
+    /// The copies (offset into the layer block, shape) that move tokens
+    /// `[start, start + n)` of K and of V between two buffers of the same
+    /// `capacity`. Dense ranges collapse into single large copies.
+    pub fn token_range_copies(
+        &self,
+        capacity: usize,
+        start: usize,
+        n: usize,
+    ) -> [(usize, CopyShape); 2] {
+        let k_tok = self.k_token_bytes();
+        let v_tok = self.v_token_bytes();
+        let k_pitch = capacity * k_tok;
+        let v_pitch = capacity * v_tok;
+        let v_base = self.k_bytes(capacity);
+        [
+            (
+                start * k_tok,
+                CopyShape {
+                    width: n * k_tok,
+                    height: self.rows(),
+                    src_pitch: k_pitch,
+                    dst_pitch: k_pitch,
+                }
+                .normalized(),
+            ),
+            (
+                v_base + start * v_tok,
+                CopyShape {
+                    width: n * v_tok,
+                    height: self.rows(),
+                    src_pitch: v_pitch,
+                    dst_pitch: v_pitch,
+                }
+                .normalized(),
+            ),
+        ]
+    }
+
+    /// The copies that move the first `tokens` tokens from a buffer of
+    /// capacity `src_cap` into one of capacity `dst_cap` (growth and shrink):
+    /// `(src offset, dst offset, shape)`.
+    pub fn relayout_copies(
+        &self,
+        src_cap: usize,
+        dst_cap: usize,
+        tokens: usize,
+    ) -> [(usize, usize, CopyShape); 2] {
+        let k_tok = self.k_token_bytes();
+        let v_tok = self.v_token_bytes();
+        [
+            (
+                0,
+                0,
+                CopyShape {
+                    width: tokens * k_tok,
+                    height: self.rows(),
+                    src_pitch: src_cap * k_tok,
+                    dst_pitch: dst_cap * k_tok,
+                }
+                .normalized(),
+            ),
+            (
+                self.k_bytes(src_cap),
+                self.k_bytes(dst_cap),
+                CopyShape {
+                    width: tokens * v_tok,
+                    height: self.rows(),
+                    src_pitch: src_cap * v_tok,
+                    dst_pitch: dst_cap * v_tok,
+                }
+                .normalized(),
+            ),
+        ]
+    }
+}
+
+/// Rounds `n` up to a multiple of `align` (a power of two).
+pub fn align_up(n: usize, align: usize) -> usize {
+    debug_assert!(align.is_power_of_two());
+    (n + align - 1) & !(align - 1)
+}
+
+/// Alignment of every slot in an arena: enough for any dtype and for DMA.
+pub const SLOT_ALIGN: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LayerSpec {
+        LayerSpec {
+            batch: 2,
+            kv_heads: 3,
+            k_dim: 4,
+            v_dim: 5,
+            elem_size: 2,
+        }
+    }
+
+    #[test]
+    fn sizes_add_up() {
+        let s = spec();
+        assert_eq!(s.bytes(10), 2 * 3 * 10 * (4 + 5) * 2);
+        assert_eq!(s.k_bytes(10), 2 * 3 * 10 * 4 * 2);
+    }
+
+    #[test]
+    fn full_range_collapses_to_one_copy() {
+        let s = spec();
+        let [(ko, k), (vo, v)] = s.token_range_copies(10, 0, 10);
+        assert_eq!((ko, k.height, k.width), (0, 1, s.k_bytes(10)));
+        assert_eq!(vo, s.k_bytes(10));
+        assert_eq!(v.bytes(), 2 * 3 * 10 * 5 * 2);
+    }
+
+    #[test]
+    fn delta_is_strided() {
+        let s = spec();
+        let [(ko, k), _] = s.token_range_copies(10, 7, 1);
+        assert_eq!(ko, 7 * 8);
+        assert_eq!((k.width, k.height, k.src_pitch), (8, 6, 80));
+    }
+}

@@ -1,0 +1,116 @@
+//! The per-step plan: which layers are pooled and how many staging slots
+//! (the prefetch depth) they cycle through. Plans change only at step boundaries.
+
+use crate::error::{PieError, Result};
+
+/// Which layers live in host memory, and how many device staging slots they share.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Plan {
+    /// Pooled layer indices, strictly increasing (execution order).
+    pub pooled: Vec<usize>,
+    /// Prefetch depth `W`: the number of staging slots pooled layers borrow on the
+    /// device. While pooled layer `k` computes, the copies of pooled layers
+    /// `k+1 .. k+W-1` may be in flight; the copy of `k+W` starts when `k` is done.
+    /// Ignored (may be 0) when nothing is pooled.
+    pub prefetch_depth: usize,
+}
+
+impl Plan {
+    /// Everything resident.
+    pub fn all_resident() -> Self {
+        Plan::default()
+    }
+
+    /// Number of staging slots this plan uses: `prefetch_depth` clamped to the
+    /// number of pooled layers (more slots than pooled layers would hold nothing).
+    pub fn staging_slots(&self) -> usize {
+        if self.pooled.is_empty() {
+            0
+        } else {
+            self.prefetch_depth.clamp(1, self.pooled.len())
+        }
+    }
+
+    /// Whether layer `layer` is pooled.
+    pub fn is_pooled(&self, layer: usize) -> bool {
+        self.pooled.binary_search(&layer).is_ok()
+    }
+
+    /// Checks indices are in range, sorted, unique, and the depth is usable.
+    pub fn validate(&self, num_layers: usize) -> Result<()> {
+        if let Some(&bad) = self.pooled.iter().find(|&&l| l >= num_layers) {
+            return Err(PieError::config(format!(
+                "pooled layer {bad} does not exist; the model has {num_layers} cache layers (0..{})",
+                num_layers.saturating_sub(1)
+            )));
+        }
+        if self.pooled.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(PieError::config(
+                "pooled layers must be listed once each, in increasing order",
+            ));
+        }
+        if !self.pooled.is_empty() && self.prefetch_depth == 0 {
+            return Err(PieError::config(
+                "prefetch_depth must be at least 1 when layers are pooled",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A plan pooling `count` of `num_layers` layers, spread evenly across the
+    /// depth so each prefetch has as many layers of compute as possible to hide
+    /// under, with `prefetch_depth` staging slots.
+    pub fn spread(num_layers: usize, count: usize, prefetch_depth: usize) -> Self {
+        Plan {
+            pooled: spread_positions(num_layers, count),
+            prefetch_depth,
+        }
+    }
+}
+
+/// `count` distinct positions in `0..n`, as evenly spaced as possible, with the
+/// last layer always included when anything is pooled (its prefetch for the
+/// next step hides under the whole head of the next step).
+pub fn spread_positions(n: usize, count: usize) -> Vec<usize> {
+    let count = count.min(n);
+    if count == 0 {
+        return Vec::new();
+    }
+    // Position k of count sits at the end of the k-th of `count` equal segments.
+    (0..count)
+        .map(|k| ((k + 1) * n).div_ceil(count) - 1)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_sorted_unique_and_in_range() {
+        for n in 1..40 {
+            for c in 0..=n {
+                let p = spread_positions(n, c);
+                assert_eq!(p.len(), c);
+                assert!(p.windows(2).all(|w| w[0] < w[1]));
+                assert!(p.iter().all(|&x| x < n));
+                if c > 0 {
+                    assert_eq!(*p.last().unwrap(), n - 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn spread_half_alternates() {
+        assert_eq!(spread_positions(8, 4), vec![1, 3, 5, 7]);
+    }
+
+    #[test]
+    fn validate_rejects_bad_plans() {
+        assert!(Plan { pooled: vec![3], prefetch_depth: 1 }.validate(3).is_err());
+        assert!(Plan { pooled: vec![1, 1], prefetch_depth: 1 }.validate(3).is_err());
+        assert!(Plan { pooled: vec![1], prefetch_depth: 0 }.validate(3).is_err());
+        assert!(Plan { pooled: vec![0, 2], prefetch_depth: 5 }.validate(3).is_ok());
+    }
+}

@@ -1,0 +1,394 @@
+//! Pie's adaptive expansion: measure while running, re-plan, switch carefully.
+//!
+//! The policy keeps smoothed estimates of every layer's compute time and of
+//! the link's bandwidth in each direction (from the bytes and busy seconds of
+//! each step's copies), and at every step boundary asks the search
+//! ([`best_static_plan`]) for the best plan under those estimates.
+//!
+//! * **Mandatory changes apply at once**: the first plan, a plan that no longer
+//!   fits the budget (the KV grew: expansion), and any change of the KV's
+//!   capacity, of the number of layers or of the budget (growth and shrink:
+//!   expansion and contraction).
+//! * **Other changes need evidence**: the candidate must beat the current plan
+//!   by more than [`AdaptiveConfig::switch_gain`] on [`AdaptiveConfig::confirmations`]
+//!   consecutive decisions. Under [`Objective::Speed`] the gain is the predicted
+//!   step time (or, at equal speed, the bytes moved: pooling less when the budget
+//!   allows); under [`Objective::Memory`] it is the device bytes freed while
+//!   staying stall-free, or the step time when the current plan stalls.
+//! * **Estimates**: exponential smoothing with weight
+//!   [`AdaptiveConfig::smoothing`]; a sample that departs from the estimate by
+//!   more than [`AdaptiveConfig::jump_threshold`] is ignored once (an outlier)
+//!   and adopted outright when the next one departs too (a real change: compute
+//!   got faster or slower, the link slowed), so the policy settles within a few
+//!   steps of a change.
+
+use super::cost_model::{device_bytes, predict_unchecked, LinkModel, PolicyInputs, Prediction};
+use super::search::{best_static_plan, Choice, TIE_TOLERANCE};
+use super::{KvShape, Objective, Policy, StepSample};
+use crate::error::{PieError, Result};
+use crate::plan::Plan;
+
+/// Tuning of the [`AdaptivePolicy`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaptiveConfig {
+    /// What to optimise.
+    pub objective: Objective,
+    /// Link estimates before any copy was measured; latencies stay at these values.
+    pub link_prior: LinkModel,
+    /// Per-layer compute seconds assumed before the first sample.
+    pub compute_prior_seconds: f64,
+    /// Device budget for engine-managed KV (`None`: no limit).
+    pub budget_bytes: Option<u64>,
+    /// Weight of a new sample in the smoothed estimates (0..=1).
+    pub smoothing: f64,
+    /// Relative departure from an estimate that marks a sample as a possible change.
+    pub jump_threshold: f64,
+    /// Relative predicted gain a non-mandatory switch must exceed.
+    pub switch_gain: f64,
+    /// Consecutive decisions that must see that gain before switching.
+    pub confirmations: usize,
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        AdaptiveConfig {
+            objective: Objective::Speed,
+            // PCIe Gen4 x16 (about 25 GB/s each way, ../shared/notes/rust-stack.md):
+            // a conservative prior that measurements replace after the first copies.
+            link_prior: LinkModel::symmetric(25e9, 10e-6),
+            compute_prior_seconds: 1e-3,
+            budget_bytes: None,
+            smoothing: 0.3,
+            jump_threshold: 0.2,
+            switch_gain: 0.03,
+            confirmations: 2,
+        }
+    }
+}
+
+/// A smoothed scalar with change detection.
+#[derive(Clone, Copy, Debug)]
+struct Estimate {
+    value: Option<f64>,
+    departures: usize,
+}
+
+impl Estimate {
+    const fn new() -> Self {
+        Estimate { value: None, departures: 0 }
+    }
+
+    fn update(&mut self, sample: f64, cfg: &AdaptiveConfig) {
+        if !(sample.is_finite() && sample > 0.0) {
+            return;
+        }
+        match self.value {
+            None => self.value = Some(sample),
+            Some(v) => {
+                if (sample / v - 1.0).abs() > cfg.jump_threshold {
+                    self.departures += 1;
+                    if self.departures >= 2 {
+                        self.value = Some(sample);
+                        self.departures = 0;
+                    }
+                } else {
+                    self.departures = 0;
+                    self.value = Some(v + cfg.smoothing * (sample - v));
+                }
+            }
+        }
+    }
+}
+
+/// The adaptive policy (see the module docs).
+#[derive(Clone, Debug)]
+pub struct AdaptivePolicy {
+    config: AdaptiveConfig,
+    kv: Option<KvShape>,
+    /// Set when the capacity, layer count or budget changed since the last decision.
+    reshaped: bool,
+    compute: Vec<f64>,
+    compute_measured: bool,
+    compute_departures: usize,
+    h2d_bandwidth: Estimate,
+    d2h_bandwidth: Estimate,
+    current: Plan,
+    issued: bool,
+    streak: usize,
+    cache: Option<(PolicyInputs, Choice)>,
+    decisions: u64,
+}
+
+impl AdaptivePolicy {
+    /// A policy with `config`; it needs [`Policy::set_kv`] before its first decision.
+    pub fn new(config: AdaptiveConfig) -> Self {
+        AdaptivePolicy {
+            config,
+            kv: None,
+            reshaped: true,
+            compute: Vec::new(),
+            compute_measured: false,
+            compute_departures: 0,
+            h2d_bandwidth: Estimate::new(),
+            d2h_bandwidth: Estimate::new(),
+            current: Plan::all_resident(),
+            issued: false,
+            streak: 0,
+            cache: None,
+            decisions: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AdaptiveConfig {
+        &self.config
+    }
+
+    /// Number of decisions taken so far.
+    pub fn decisions(&self) -> u64 {
+        self.decisions
+    }
+
+    /// The current estimates as cost-model inputs (errors before [`Policy::set_kv`]).
+    pub fn estimates(&self) -> Result<PolicyInputs> {
+        let kv = self
+            .kv
+            .as_ref()
+            .ok_or_else(|| PieError::state("the adaptive policy needs the KV shape (set_kv) before it can plan"))?;
+        let l = kv.num_layers();
+        let compute = if self.compute.len() == l {
+            self.compute.clone()
+        } else {
+            vec![self.config.compute_prior_seconds; l]
+        };
+        let prior = self.config.link_prior;
+        let link = LinkModel {
+            h2d_bandwidth: self.h2d_bandwidth.value.unwrap_or(prior.h2d_bandwidth),
+            d2h_bandwidth: self.d2h_bandwidth.value.unwrap_or(prior.d2h_bandwidth),
+            ..prior
+        };
+        let inputs = PolicyInputs {
+            compute_seconds: compute,
+            layer_bytes: kv.layer_bytes.clone(),
+            valid_bytes: kv.valid_bytes.clone(),
+            writeback_bytes: kv.writeback_bytes.clone(),
+            link,
+            budget_bytes: self.config.budget_bytes,
+            objective: self.config.objective,
+        };
+        inputs.validate()?;
+        Ok(inputs)
+    }
+
+    /// The predicted steady state of the current plan under the current estimates.
+    pub fn predicted(&self) -> Result<Prediction> {
+        let inputs = self.estimates()?;
+        self.current.validate(inputs.num_layers())?;
+        Ok(predict_unchecked(&inputs, &self.current))
+    }
+
+    fn update_compute(&mut self, sample: &[f64]) {
+        if sample.iter().any(|c| !(c.is_finite() && *c >= 0.0)) {
+            return;
+        }
+        if !self.compute_measured || self.compute.len() != sample.len() {
+            self.compute = sample.to_vec();
+            self.compute_measured = true;
+            self.compute_departures = 0;
+            return;
+        }
+        let est: f64 = self.compute.iter().sum();
+        let got: f64 = sample.iter().sum();
+        if est > 0.0 && (got / est - 1.0).abs() > self.config.jump_threshold {
+            self.compute_departures += 1;
+            if self.compute_departures >= 2 {
+                self.compute = sample.to_vec();
+                self.compute_departures = 0;
+            }
+            return;
+        }
+        self.compute_departures = 0;
+        let a = self.config.smoothing;
+        for (e, &s) in self.compute.iter_mut().zip(sample) {
+            *e += a * (s - *e);
+        }
+    }
+
+    /// The best plan under `inputs`, reusing the last search when no estimate
+    /// moved by more than 0.5% since.
+    fn search(&mut self, inputs: &PolicyInputs) -> Result<Choice> {
+        if let Some((old, choice)) = &self.cache {
+            if similar(old, inputs) {
+                let prediction = predict_unchecked(inputs, &choice.plan);
+                return Ok(Choice { plan: choice.plan.clone(), prediction });
+            }
+        }
+        let choice = best_static_plan(inputs)?;
+        self.cache = Some((inputs.clone(), choice.clone()));
+        Ok(choice)
+    }
+
+    /// Whether `cand` beats `cur` by the configured margin.
+    fn gains(&self, cur: &Prediction, cand: &Prediction) -> bool {
+        let g = self.config.switch_gain;
+        let faster = cand.step_seconds < cur.step_seconds * (1.0 - g);
+        match self.config.objective {
+            Objective::Speed => {
+                faster
+                    || (cand.step_seconds <= cur.step_seconds * (1.0 + TIE_TOLERANCE)
+                        && (cand.h2d_bytes as f64) < cur.h2d_bytes as f64 * (1.0 - g))
+            }
+            Objective::Memory => {
+                if !cur.is_transparent() {
+                    faster
+                } else {
+                    cand.is_transparent()
+                        && (cand.device_bytes as f64) < cur.device_bytes as f64 * (1.0 - g)
+                }
+            }
+        }
+    }
+
+    fn switch(&mut self, plan: Plan) -> Option<Plan> {
+        self.streak = 0;
+        let changed = !self.issued || plan != self.current;
+        self.issued = true;
+        if changed {
+            self.current = plan.clone();
+            Some(plan)
+        } else {
+            None
+        }
+    }
+}
+
+/// Whether two inputs are within 0.5% of each other in every estimate and equal in shape.
+fn similar(a: &PolicyInputs, b: &PolicyInputs) -> bool {
+    let close = |x: f64, y: f64| (x - y).abs() <= 0.005 * x.abs().max(y.abs());
+    a.layer_bytes == b.layer_bytes
+        && a.budget_bytes == b.budget_bytes
+        && a.objective == b.objective
+        && a.writeback_bytes == b.writeback_bytes
+        && a.link.shared == b.link.shared
+        && close(a.link.h2d_bandwidth, b.link.h2d_bandwidth)
+        && close(a.link.d2h_bandwidth, b.link.d2h_bandwidth)
+        && close(a.link.h2d_latency, b.link.h2d_latency)
+        && close(a.link.d2h_latency, b.link.d2h_latency)
+        && a.compute_seconds.len() == b.compute_seconds.len()
+        && a.compute_seconds.iter().zip(&b.compute_seconds).all(|(&x, &y)| close(x, y))
+        && a.valid_bytes.iter().zip(&b.valid_bytes).all(|(&x, &y)| close(x as f64, y as f64))
+}
+
+impl Policy for AdaptivePolicy {
+    fn observe(&mut self, sample: &StepSample) {
+        let expected = self.kv.as_ref().map(KvShape::num_layers);
+        if expected.is_none_or(|l| l == sample.compute_seconds.len()) && !sample.compute_seconds.is_empty() {
+            self.update_compute(&sample.compute_seconds);
+        }
+        let cfg = self.config;
+        let bw = |bytes: u64, seconds: f64, copies: u64, latency: f64| {
+            let busy = seconds - copies as f64 * latency;
+            (bytes > 0 && copies > 0 && busy > 0.0).then(|| bytes as f64 / busy)
+        };
+        if let Some(b) = bw(sample.h2d_bytes, sample.h2d_seconds, sample.h2d_copies, cfg.link_prior.h2d_latency) {
+            self.h2d_bandwidth.update(b, &cfg);
+        }
+        if let Some(b) = bw(sample.d2h_bytes, sample.d2h_seconds, sample.d2h_copies, cfg.link_prior.d2h_latency) {
+            self.d2h_bandwidth.update(b, &cfg);
+        }
+    }
+
+    fn set_kv(&mut self, kv: &KvShape) {
+        let reshaped = self
+            .kv
+            .as_ref()
+            .is_none_or(|old| old.layer_bytes != kv.layer_bytes);
+        self.reshaped |= reshaped;
+        self.kv = Some(kv.clone());
+    }
+
+    fn set_budget(&mut self, budget_bytes: Option<u64>) {
+        if self.config.budget_bytes != budget_bytes {
+            self.config.budget_bytes = budget_bytes;
+            self.reshaped = true;
+        }
+    }
+
+    fn decide(&mut self) -> Result<Option<Plan>> {
+        let inputs = self.estimates()?;
+        self.decisions += 1;
+        let l = inputs.num_layers();
+        let over_budget = self.current.validate(l).is_err()
+            || inputs
+                .budget_bytes
+                .is_some_and(|b| device_bytes(&inputs.layer_bytes, &self.current) > b);
+        let mandatory = !self.issued || self.reshaped || over_budget;
+        self.reshaped = false;
+        let best = self.search(&inputs)?;
+        if mandatory {
+            return Ok(self.switch(best.plan));
+        }
+        if best.plan == self.current {
+            self.streak = 0;
+            return Ok(None);
+        }
+        let cur = predict_unchecked(&inputs, &self.current);
+        if self.gains(&cur, &best.prediction) {
+            self.streak += 1;
+            if self.streak >= self.config.confirmations {
+                return Ok(self.switch(best.plan));
+            }
+        } else {
+            self.streak = 0;
+        }
+        Ok(None)
+    }
+
+    fn current(&self) -> &Plan {
+        &self.current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(compute: f64, layers: usize) -> StepSample {
+        StepSample {
+            compute_seconds: vec![compute; layers],
+            stall_seconds: vec![0.0; layers],
+            step_seconds: compute * layers as f64,
+            ..StepSample::default()
+        }
+    }
+
+    #[test]
+    fn estimate_ignores_one_outlier_and_adopts_a_change() {
+        let cfg = AdaptiveConfig::default();
+        let mut e = Estimate::new();
+        e.update(10.0, &cfg);
+        e.update(20.0, &cfg);
+        assert_eq!(e.value, Some(10.0));
+        e.update(10.0, &cfg);
+        assert_eq!(e.value, Some(10.0));
+        e.update(20.0, &cfg);
+        e.update(20.0, &cfg);
+        assert_eq!(e.value, Some(20.0));
+    }
+
+    #[test]
+    fn first_decision_respects_budget_and_errors_without_room() {
+        let mut p = AdaptivePolicy::new(AdaptiveConfig {
+            budget_bytes: Some(6 * 1024),
+            ..AdaptiveConfig::default()
+        });
+        assert!(p.decide().is_err(), "no KV shape yet");
+        p.set_kv(&KvShape::uniform(8, 1024, 1024, 16));
+        p.observe(&sample(1e-3, 8));
+        let plan = p.decide().unwrap().expect("a first plan");
+        assert!(device_bytes(&[1024; 8], &plan) <= 6 * 1024);
+        assert!(!plan.pooled.is_empty());
+        p.set_budget(Some(100));
+        assert!(p.decide().is_err());
+    }
+}

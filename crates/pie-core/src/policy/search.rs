@@ -1,0 +1,390 @@
+//! The search for the best static plan.
+//!
+//! A plan is a set of pooled layers plus a prefetch depth `W`. The search
+//! enumerates layer sets, gives each the depths the budget allows, and scores
+//! every candidate with [`cost_model`](super::cost_model)'s predictor.
+//!
+//! **Which sets.** For models of up to [`EXHAUSTIVE_MAX_LAYERS`] layers every
+//! subset is tried. For deeper models the search tries, for every count `P`,
+//! a family of placements: the even spread of [`spread_positions`] and its
+//! rotations by up to 7 layers, a compute-weighted spread (pooled layers sit
+//! at equal shares of cumulative compute, so uneven layers get equal windows),
+//! and the contiguous tail. Justification: the predictor depends on a
+//! placement only through the compute between a pooled layer and the one `W`
+//! pooled layers later (the window its prefetch hides under) and through the
+//! copies' sizes; decoder layers of one model are identical in size, so the
+//! best placement is the one that equalises those windows, which is what the
+//! spreads do, and rotations cover where the step boundary falls. The test
+//! `restricted_search_matches_exhaustive` checks on models of up to 14 layers
+//! that the restricted family finds the exhaustive optimum.
+//!
+//! **Which depths.** A larger `W` issues every prefetch earlier (the copy of
+//! `p_{k+W}` starts after `p_k`, an earlier layer) and never later, so stall
+//! does not increase with `W` (a property test checks this). Under
+//! [`Objective::Speed`] each set therefore gets the largest `W` the budget
+//! allows; under [`Objective::Memory`] the smallest `W` with no stall, found by
+//! bisection.
+//!
+//! **Pruning.** A step cannot be shorter than its compute nor than the H2D
+//! queue's busy time, which for `P` swapped layers is at least the sum of the
+//! `P` cheapest copies; both bounds grow with `P`, so counts stop once the
+//! bound exceeds the best step found (speed) or the compute time (memory).
+
+use super::cost_model::{
+    device_bytes, predict_unchecked, slot_bytes, PolicyInputs, Prediction, STALL_TOLERANCE,
+};
+use super::Objective;
+use crate::error::{PieError, Result};
+use crate::plan::{spread_positions, Plan};
+
+/// Models with at most this many layers are searched over every layer subset.
+pub const EXHAUSTIVE_MAX_LAYERS: usize = 16;
+
+/// Step times within this relative difference count as equal; ties go to the
+/// plan that moves fewer bytes, then to the one that uses less device memory.
+pub const TIE_TOLERANCE: f64 = 1e-3;
+
+/// A plan and its predicted steady state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    /// The plan.
+    pub plan: Plan,
+    /// Its predicted steady state.
+    pub prediction: Prediction,
+}
+
+/// The best static plan for `inputs` under `inputs.objective`:
+/// * [`Objective::Speed`]: the shortest predicted step whose device bytes fit
+///   the budget (all resident when everything fits);
+/// * [`Objective::Memory`]: the largest offloaded share with no stall (stall
+///   within [`STALL_TOLERANCE`] of compute) that fits the budget; when the
+///   budget forces a stall, the fastest plan.
+///
+/// Errors with [`PieError::Budget`] when not even one staging slot fits.
+pub fn best_static_plan(inputs: &PolicyInputs) -> Result<Choice> {
+    inputs.validate()?;
+    match inputs.objective {
+        Objective::Speed => search_speed(inputs),
+        Objective::Memory => match search_memory(inputs) {
+            Some(c) => Ok(c),
+            None => search_speed(inputs),
+        },
+    }
+}
+
+/// The largest share of the KV's device footprint that can be pooled with no
+/// stall on this link and compute, ignoring the budget (see
+/// [`Prediction::offloaded_share`]). 0 when nothing can be hidden.
+pub fn transparent_fraction(inputs: &PolicyInputs) -> Result<f64> {
+    inputs.validate()?;
+    let unlimited = PolicyInputs {
+        budget_bytes: None,
+        objective: Objective::Memory,
+        ..inputs.clone()
+    };
+    Ok(search_memory(&unlimited)
+        .map(|c| c.prediction.offloaded_share.max(0.0))
+        .unwrap_or(0.0))
+}
+
+/// The largest prefetch depth the budget allows for pooling `set`, clamped to
+/// `set.len()`; 0 when not even one staging slot fits.
+pub fn max_depth(inputs: &PolicyInputs, set: &[usize]) -> usize {
+    let probe = Plan { pooled: set.to_vec(), prefetch_depth: 1 };
+    let Some(budget) = inputs.budget_bytes else {
+        return set.len();
+    };
+    let one = device_bytes(&inputs.layer_bytes, &probe);
+    if one > budget {
+        return 0;
+    }
+    let slot = set.iter().map(|&i| slot_bytes(inputs.layer_bytes[i])).max().unwrap_or(0);
+    if slot == 0 {
+        return set.len();
+    }
+    let extra = ((budget - one) / slot) as usize;
+    (1 + extra).min(set.len())
+}
+
+/// Prefix sums of the `P` cheapest prefetch durations, `P = 0..=L`.
+fn cheapest_copy_prefix(inputs: &PolicyInputs) -> Vec<f64> {
+    let mut d: Vec<f64> = inputs.valid_bytes.iter().map(|&b| inputs.link.h2d_seconds(b)).collect();
+    d.sort_by(f64::total_cmp);
+    let mut prefix = Vec::with_capacity(d.len() + 1);
+    prefix.push(0.0);
+    for x in d {
+        prefix.push(prefix.last().copied().unwrap_or(0.0) + x);
+    }
+    prefix
+}
+
+/// Calls `f` with every candidate layer set of size `p`.
+fn for_each_set(inputs: &PolicyInputs, p: usize, mut f: impl FnMut(&[usize])) {
+    let l = inputs.num_layers();
+    if l <= EXHAUSTIVE_MAX_LAYERS {
+        // Gosper's hack: every l-bit mask with p bits set, in increasing order.
+        let mut set = Vec::with_capacity(p);
+        let mut mask: u32 = (1u32 << p) - 1;
+        let limit: u32 = 1u32 << l;
+        while mask < limit {
+            set.clear();
+            set.extend((0..l).filter(|&i| mask & (1 << i) != 0));
+            f(&set);
+            if mask == 0 {
+                break;
+            }
+            let c = mask & mask.wrapping_neg();
+            let r = mask + c;
+            mask = (((r ^ mask) >> 2) / c) | r;
+        }
+    } else {
+        for set in restricted_sets(&inputs.compute_seconds, p) {
+            f(&set);
+        }
+    }
+}
+
+/// The placements tried for `p` pooled layers in a deep model (see the module docs).
+pub fn restricted_sets(compute_seconds: &[f64], p: usize) -> Vec<Vec<usize>> {
+    let l = compute_seconds.len();
+    let p = p.min(l);
+    let mut sets: Vec<Vec<usize>> = Vec::new();
+    if p == 0 {
+        return vec![Vec::new()];
+    }
+    let spread = spread_positions(l, p);
+    let gap = l / p;
+    for r in 1..gap.min(8) {
+        if spread[0] >= r {
+            sets.push(spread.iter().map(|&x| x - r).collect());
+        }
+    }
+    sets.insert(0, spread);
+    sets.push(weighted_spread(compute_seconds, p));
+    sets.push((l - p..l).collect());
+    let mut unique: Vec<Vec<usize>> = Vec::with_capacity(sets.len());
+    for s in sets {
+        if !unique.contains(&s) {
+            unique.push(s);
+        }
+    }
+    unique
+}
+
+/// `p` layers at equal shares of the cumulative compute: pooled layer `k` is the
+/// first layer by which `(k + 1) / p` of the step's compute is done, so each
+/// pooled layer's prefetch gets about the same compute to hide under even when
+/// layers differ. The last layer is always included.
+pub fn weighted_spread(compute_seconds: &[f64], p: usize) -> Vec<usize> {
+    let l = compute_seconds.len();
+    let p = p.min(l);
+    if p == 0 {
+        return Vec::new();
+    }
+    let total: f64 = compute_seconds.iter().sum();
+    if total <= 0.0 {
+        return spread_positions(l, p);
+    }
+    let mut cum = Vec::with_capacity(l);
+    let mut acc = 0.0;
+    for &c in compute_seconds {
+        acc += c;
+        cum.push(acc);
+    }
+    let mut pos: Vec<usize> = (0..p)
+        .map(|k| {
+            let target = (k + 1) as f64 / p as f64 * total * (1.0 - 1e-12);
+            cum.iter().position(|&c| c >= target).unwrap_or(l - 1)
+        })
+        .collect();
+    // Make positions strictly increasing and in range, keeping the last at l - 1.
+    for k in (0..p).rev() {
+        pos[k] = pos[k].min(l - p + k);
+    }
+    for k in 1..p {
+        pos[k] = pos[k].max(pos[k - 1] + 1);
+    }
+    pos
+}
+
+fn speed_better(new: &Prediction, old: &Prediction) -> bool {
+    if new.step_seconds < old.step_seconds * (1.0 - TIE_TOLERANCE) {
+        return true;
+    }
+    if new.step_seconds > old.step_seconds * (1.0 + TIE_TOLERANCE) {
+        return false;
+    }
+    let nk = (new.h2d_bytes, new.device_bytes);
+    let ok = (old.h2d_bytes, old.device_bytes);
+    nk < ok || (nk == ok && new.step_seconds < old.step_seconds)
+}
+
+fn memory_better(new: &Prediction, old: &Prediction) -> bool {
+    if new.device_bytes != old.device_bytes {
+        return new.device_bytes < old.device_bytes;
+    }
+    if new.step_seconds != old.step_seconds {
+        return new.step_seconds < old.step_seconds;
+    }
+    new.h2d_bytes < old.h2d_bytes
+}
+
+fn budget_error(inputs: &PolicyInputs) -> PieError {
+    let smallest = inputs.layer_bytes.iter().copied().max().map(slot_bytes).unwrap_or(0);
+    PieError::budget(format!(
+        "a device budget of {} bytes cannot hold even one staging slot of {} bytes; raise the budget",
+        inputs.budget_bytes.unwrap_or(u64::MAX),
+        smallest
+    ))
+}
+
+fn fits(inputs: &PolicyInputs, plan: &Plan) -> bool {
+    inputs
+        .budget_bytes
+        .is_none_or(|b| device_bytes(&inputs.layer_bytes, plan) <= b)
+}
+
+fn search_speed(inputs: &PolicyInputs) -> Result<Choice> {
+    let all = Plan::all_resident();
+    if fits(inputs, &all) {
+        let prediction = predict_unchecked(inputs, &all);
+        return Ok(Choice { plan: all, prediction });
+    }
+    let compute = inputs.compute_total();
+    let prefix = cheapest_copy_prefix(inputs);
+    let mut best: Option<Choice> = None;
+    for (p, &cheapest) in prefix.iter().enumerate().skip(1) {
+        if let Some(b) = &best {
+            let bound = compute.max(cheapest);
+            if bound > b.prediction.step_seconds * (1.0 + TIE_TOLERANCE) {
+                break;
+            }
+        }
+        for_each_set(inputs, p, |set| {
+            let w = max_depth(inputs, set);
+            if w == 0 {
+                return;
+            }
+            let plan = Plan { pooled: set.to_vec(), prefetch_depth: w };
+            let prediction = predict_unchecked(inputs, &plan);
+            if best.as_ref().is_none_or(|b| speed_better(&prediction, &b.prediction)) {
+                best = Some(Choice { plan, prediction });
+            }
+        });
+    }
+    best.ok_or_else(|| budget_error(inputs))
+}
+
+/// The zero-stall plan with the least device memory that fits the budget, if any.
+fn search_memory(inputs: &PolicyInputs) -> Option<Choice> {
+    let compute = inputs.compute_total();
+    let prefix = cheapest_copy_prefix(inputs);
+    let mut best: Option<Choice> = None;
+    let all = Plan::all_resident();
+    if fits(inputs, &all) {
+        let prediction = predict_unchecked(inputs, &all);
+        best = Some(Choice { plan: all, prediction });
+    }
+    for (p, &cheapest) in prefix.iter().enumerate().skip(1) {
+        if cheapest > compute * (1.0 + STALL_TOLERANCE) {
+            break;
+        }
+        for_each_set(inputs, p, |set| {
+            let w_max = max_depth(inputs, set);
+            if w_max == 0 {
+                return;
+            }
+            // The least device memory this set could reach (one staging slot).
+            let floor = device_bytes(&inputs.layer_bytes, &Plan { pooled: set.to_vec(), prefetch_depth: 1 });
+            if best.as_ref().is_some_and(|b| floor > b.prediction.device_bytes) {
+                return;
+            }
+            let eval = |w: usize| {
+                let plan = Plan { pooled: set.to_vec(), prefetch_depth: w };
+                let pred = predict_unchecked(inputs, &plan);
+                (plan, pred)
+            };
+            let (plan_hi, pred_hi) = eval(w_max);
+            if !pred_hi.is_transparent() {
+                return;
+            }
+            // Bisection for the smallest transparent depth (stall is monotone in W).
+            let (mut lo, mut hi) = (1usize, w_max);
+            let mut found = (plan_hi, pred_hi);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                let (plan, pred) = eval(mid);
+                if pred.is_transparent() {
+                    hi = mid;
+                    found = (plan, pred);
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            let (plan, prediction) = found;
+            if best.as_ref().is_none_or(|b| memory_better(&prediction, &b.prediction)) {
+                best = Some(Choice { plan, prediction });
+            }
+        });
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::LinkModel;
+
+    #[test]
+    fn gosper_enumerates_every_subset_once() {
+        let inputs = PolicyInputs::uniform(
+            6,
+            1e-3,
+            100,
+            0,
+            LinkModel::symmetric(1e9, 0.0),
+            None,
+            Objective::Speed,
+        );
+        let mut n = 0;
+        for p in 0..=6 {
+            let mut seen = Vec::new();
+            for_each_set(&inputs, p, |s| {
+                assert_eq!(s.len(), p);
+                seen.push(s.to_vec());
+            });
+            let before = seen.len();
+            seen.dedup();
+            assert_eq!(before, seen.len());
+            n += seen.len();
+        }
+        assert_eq!(n, 64);
+    }
+
+    #[test]
+    fn weighted_spread_follows_compute() {
+        // Heavy first half: the pooled layers crowd where compute accumulates.
+        let c = [4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 1.0, 1.0];
+        let w = weighted_spread(&c, 2);
+        assert_eq!(w, vec![2, 7]);
+        let w = weighted_spread(&c, 8);
+        assert_eq!(w, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn max_depth_respects_budget() {
+        let mut inputs = PolicyInputs::uniform(
+            8,
+            1e-3,
+            1024,
+            0,
+            LinkModel::symmetric(1e9, 0.0),
+            Some(6 * 1024),
+            Objective::Speed,
+        );
+        assert_eq!(max_depth(&inputs, &[1, 3, 5, 7]), 2);
+        assert_eq!(max_depth(&inputs, &[7]), 0);
+        inputs.budget_bytes = None;
+        assert_eq!(max_depth(&inputs, &[1, 3]), 2);
+    }
+}

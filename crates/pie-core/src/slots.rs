@@ -1,0 +1,137 @@
+//! Slot bookkeeping for the two arenas.
+//!
+//! The device arena is one allocation carved into a slot per resident layer
+//! followed by `W` staging slots that pooled layers borrow; the host arena is
+//! one allocation holding every layer's backing buffer. A layout is computed
+//! from the layer shapes, the capacity and the plan; the engine rebuilds the
+//! arenas only when the layout changes (plan switch, capacity growth), moving
+//! every valid byte across, so growth never loses data.
+
+use crate::error::{PieError, Result};
+use crate::layout::{align_up, LayerSpec, SLOT_ALIGN};
+use crate::plan::Plan;
+
+/// Where every slot sits in both arenas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArenaLayout {
+    /// Tokens each layer's buffers hold.
+    pub capacity: usize,
+    /// Per layer: byte offset of its device slot, if resident.
+    pub device_slot: Vec<Option<usize>>,
+    /// Byte offsets of the staging slots in the device arena.
+    pub staging: Vec<usize>,
+    /// Bytes of each staging slot (the largest pooled layer).
+    pub staging_bytes: usize,
+    /// Total bytes of the device arena.
+    pub device_bytes: usize,
+    /// Per layer: byte offset of its backing buffer in the host arena.
+    pub host_slot: Vec<usize>,
+    /// Total bytes of the host arena.
+    pub host_bytes: usize,
+}
+
+impl ArenaLayout {
+    /// Lays out both arenas for `plan` at `capacity` tokens.
+    pub fn new(specs: &[LayerSpec], capacity: usize, plan: &Plan) -> Result<Self> {
+        plan.validate(specs.len())?;
+        let mut off = 0usize;
+        let mut device_slot = vec![None; specs.len()];
+        for (i, spec) in specs.iter().enumerate() {
+            if !plan.is_pooled(i) {
+                device_slot[i] = Some(off);
+                off = checked_add(off, align_up(spec.bytes(capacity), SLOT_ALIGN))?;
+            }
+        }
+        let staging_bytes = plan
+            .pooled
+            .iter()
+            .map(|&l| align_up(specs[l].bytes(capacity), SLOT_ALIGN))
+            .max()
+            .unwrap_or(0);
+        let mut staging = Vec::with_capacity(plan.staging_slots());
+        for _ in 0..plan.staging_slots() {
+            staging.push(off);
+            off = checked_add(off, staging_bytes)?;
+        }
+        let mut host_off = 0usize;
+        let host_slot = specs
+            .iter()
+            .map(|s| {
+                let here = host_off;
+                host_off = checked_add(host_off, align_up(s.bytes(capacity), SLOT_ALIGN))?;
+                Ok(here)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ArenaLayout {
+            capacity,
+            device_slot,
+            staging,
+            staging_bytes,
+            device_bytes: off,
+            host_slot,
+            host_bytes: host_off,
+        })
+    }
+
+    /// Device bytes `plan` needs at `capacity`, without building the layout.
+    pub fn device_bytes_for(specs: &[LayerSpec], capacity: usize, plan: &Plan) -> usize {
+        let resident: usize = (0..specs.len())
+            .filter(|i| !plan.is_pooled(*i))
+            .map(|i| align_up(specs[i].bytes(capacity), SLOT_ALIGN))
+            .sum();
+        let staging = plan
+            .pooled
+            .iter()
+            .map(|&l| align_up(specs[l].bytes(capacity), SLOT_ALIGN))
+            .max()
+            .unwrap_or(0);
+        resident + staging * plan.staging_slots()
+    }
+}
+
+fn checked_add(a: usize, b: usize) -> Result<usize> {
+    a.checked_add(b).ok_or_else(|| {
+        PieError::config("the KV cache size overflows the address space; lower the capacity or batch")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(n: usize) -> Vec<LayerSpec> {
+        (0..n)
+            .map(|i| LayerSpec {
+                batch: 1,
+                kv_heads: 2,
+                k_dim: 8 + i,
+                v_dim: 8,
+                elem_size: 2,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn slots_do_not_overlap_and_fit() {
+        let s = specs(6);
+        let plan = Plan {
+            pooled: vec![1, 3, 5],
+            prefetch_depth: 2,
+        };
+        let l = ArenaLayout::new(&s, 37, &plan).unwrap();
+        let mut ranges: Vec<(usize, usize)> = l
+            .device_slot
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| o.map(|o| (o, s[i].bytes(37))))
+            .chain(l.staging.iter().map(|&o| (o, l.staging_bytes)))
+            .collect();
+        ranges.sort();
+        assert!(ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+        assert!(ranges.iter().all(|&(o, n)| o + n <= l.device_bytes));
+        assert!(ranges.iter().all(|&(o, _)| o % SLOT_ALIGN == 0));
+        assert_eq!(l.device_bytes, ArenaLayout::device_bytes_for(&s, 37, &plan));
+        assert_eq!(l.staging.len(), 2);
+        assert_eq!(l.staging_bytes, align_up(s[5].bytes(37), SLOT_ALIGN));
+    }
+}

@@ -1,0 +1,170 @@
+//! The swapper thread: drains the swap FIFO in execution order and issues the
+//! copies. It never blocks on the host: every ordering it needs (a staging slot
+//! freed by the compute that read it, a layer's last write-back landed in host
+//! memory) is a stream-side wait on an event.
+
+use crate::backend::{Backend, Mem, Stream};
+use crate::engine::Shared;
+use crate::error::Result;
+use crate::fifo::Consumer;
+use crate::page_table::Residence;
+use crate::primitive::Ordering;
+use crate::telemetry::Counters;
+use std::time::Duration;
+
+/// One operation in the swap FIFO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapOp {
+    /// Copy pooled `layer`'s valid tokens from its host buffer into staging
+    /// `slot`, once the slot's previous occupant is done with it.
+    Prefetch {
+        /// Layer to fetch.
+        layer: usize,
+        /// Staging slot index.
+        slot: usize,
+        /// Step whose timing set records the copy.
+        step: u64,
+        /// Whether the slot already holds this layer (nothing to copy).
+        hit: bool,
+    },
+    /// Copy tokens `[start, start + n)` of pooled `layer` from its staging slot
+    /// back to its host buffer, after the compute that wrote them.
+    WriteBack {
+        /// Layer written.
+        layer: usize,
+        /// Staging slot index holding it.
+        slot: usize,
+        /// First new token.
+        start: usize,
+        /// Number of new tokens.
+        n: usize,
+        /// Step whose timing set records the copy.
+        step: u64,
+    },
+    /// Pooled `layer` finished computing: staging `slot` is free once its
+    /// write-back (queued before) has read it.
+    Release {
+        /// Layer done.
+        layer: usize,
+        /// Staging slot it used.
+        slot: usize,
+    },
+}
+
+/// Runs the swapper loop until the engine shuts down.
+pub(crate) fn run<B: Backend>(shared: &Shared<B>, fifo: Consumer<SwapOp>) {
+    let mut idle_spins = 0u32;
+    loop {
+        match fifo.pop() {
+            Some(op) => {
+                idle_spins = 0;
+                if !shared.is_poisoned() {
+                    if let Err(e) = process(shared, op) {
+                        shared.poison(e);
+                    }
+                }
+                shared.ops_done.fetch_add(1, Ordering::Release);
+                if let SwapOp::Prefetch { .. } = op {
+                    shared.prefetches_issued.fetch_add(1, Ordering::Release);
+                }
+            }
+            None => {
+                if shared.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                idle_spins += 1;
+                if idle_spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    shared.swapper_sleeping.store(true, Ordering::SeqCst);
+                    if fifo.is_empty() && !shared.shutdown.load(Ordering::SeqCst) {
+                        std::thread::park_timeout(Duration::from_millis(50));
+                    }
+                    shared.swapper_sleeping.store(false, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
+    let b = &shared.backend;
+    let arenas = shared.arenas.load();
+    let Some(arenas) = arenas.as_ref() else {
+        return Ok(());
+    };
+    let layout = &arenas.layout;
+    match op {
+        SwapOp::Prefetch {
+            layer,
+            slot,
+            step,
+            hit,
+        } => {
+            debug_assert_eq!(shared.page_table.residence(layer), Residence::Pooled);
+            shared.page_table.set_prefetch_hit(layer, hit);
+            if hit {
+                Counters::add(&shared.counters.prefetch_hits, 1);
+                return Ok(());
+            }
+            let set = shared.timing_set(step);
+            let spec = &shared.specs[layer];
+            let tokens = shared.page_table.seq_len(layer);
+            b.wait(Stream::H2D, &shared.slot_freed[slot])?;
+            b.wait(Stream::H2D, &shared.written_back[layer])?;
+            b.record(&set.h2d_start[layer], Stream::H2D)?;
+            let host_off = layout.host_slot[layer];
+            let dev_off = layout.staging[slot];
+            for (off, shape) in spec.token_range_copies(layout.capacity, 0, tokens) {
+                if shape.bytes() > 0 {
+                    b.copy(
+                        Stream::H2D,
+                        Mem::Host(&*arenas.host, host_off + off),
+                        Mem::Device(&*arenas.device, dev_off + off),
+                        shape,
+                    )?;
+                }
+            }
+            b.record(&set.h2d_end[layer], Stream::H2D)?;
+            b.record(&shared.ready[layer], Stream::H2D)?;
+            let bytes = spec.valid_bytes(tokens) as u64;
+            set.h2d_bytes[layer].store(bytes, Ordering::Relaxed);
+            Counters::add(&shared.counters.h2d_bytes, bytes);
+            Counters::add(&shared.counters.prefetches, 1);
+        }
+        SwapOp::WriteBack {
+            layer,
+            slot,
+            start,
+            n,
+            step,
+        } => {
+            let set = shared.timing_set(step);
+            let spec = &shared.specs[layer];
+            b.wait(Stream::D2H, &shared.written[layer])?;
+            b.record(&set.d2h_start[layer], Stream::D2H)?;
+            let host_off = layout.host_slot[layer];
+            let dev_off = layout.staging[slot];
+            for (off, shape) in spec.token_range_copies(layout.capacity, start, n) {
+                if shape.bytes() > 0 {
+                    b.copy(
+                        Stream::D2H,
+                        Mem::Device(&*arenas.device, dev_off + off),
+                        Mem::Host(&*arenas.host, host_off + off),
+                        shape,
+                    )?;
+                }
+            }
+            b.record(&set.d2h_end[layer], Stream::D2H)?;
+            b.record(&shared.written_back[layer], Stream::D2H)?;
+            let bytes = spec.valid_bytes(n) as u64;
+            set.d2h_bytes[layer].fetch_add(bytes, Ordering::Relaxed);
+            Counters::add(&shared.counters.d2h_bytes, bytes);
+        }
+        SwapOp::Release { layer, slot } => {
+            b.wait(Stream::D2H, &shared.done[layer])?;
+            b.record(&shared.slot_freed[slot], Stream::D2H)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,422 @@
+//! `pie_rs._core`: thin Python bindings of the pie-rs engine. Conversions,
+//! errors, GIL release and DLPack only; the logic lives in pie-core.
+
+mod dlpack;
+mod errors;
+// mod simulate;
+
+use dlpack::{Region, StreamSync};
+use errors::{config_error, state_error, to_py};
+use pie_core::page_table::Residence;
+use pie_core::policy_driver::PolicyDriver;
+use pie_core::telemetry::Counters;
+use pie_core::{Backend, Buffer, Engine, EngineOptions, HostBackend, LayerSpec, Plan, Stream};
+use pie_cuda::CudaBackend;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::sync::Arc;
+
+enum AnyEngine {
+    Host(Engine<HostBackend>),
+    Cuda(Engine<CudaBackend>),
+}
+
+/// Runs `$body` with `$e` bound to the engine, whatever its backend.
+macro_rules! with_engine {
+    ($self:expr, $e:ident => $body:expr) => {
+        match $self.inner.as_mut() {
+            Some(AnyEngine::Host($e)) => $body,
+            Some(AnyEngine::Cuda($e)) => $body,
+            None => Err(state_error(
+                "the engine is closed (the pool was detached); attach again to use pie-rs",
+            )),
+        }
+    };
+}
+
+/// The pie-rs engine for one cache. See `_core.pyi` for the contract.
+#[pyclass(module = "pie_rs._core", name = "Engine")]
+struct PyEngine {
+    inner: Option<AnyEngine>,
+    backend: &'static str,
+    device_index: i32,
+    policy: String,
+    objective: String,
+}
+
+fn stream(handle: u64) -> Stream {
+    Stream::Foreign(handle)
+}
+
+fn make_driver(
+    policy: &str,
+    objective: &str,
+    pooled_layers: Option<Vec<usize>>,
+    prefetch_depth: Option<usize>,
+) -> PyResult<Box<dyn PolicyDriver>> {
+    use pie_core::policy_driver::StaticDriver;
+    match (pooled_layers, policy) {
+        (Some(mut pooled), _) => {
+            pooled.sort_unstable();
+            pooled.dedup();
+            let depth = prefetch_depth.unwrap_or(2);
+            Ok(Box::new(StaticDriver::pinned(Plan {
+                pooled,
+                prefetch_depth: depth,
+            })))
+        }
+        (None, "static") => Ok(Box::new(StaticDriver::budget_fit(prefetch_depth.unwrap_or(2)))),
+        (None, "adaptive") => pie_core::policy_driver::adaptive_driver(objective, prefetch_depth)
+            .map_err(to_py),
+        (None, other) => Err(config_error(format!(
+            "policy {other:?} is not known; use \"adaptive\" or \"static\""
+        ))),
+    }
+}
+
+fn region<B: Backend>(
+    buf: &Arc<B::DeviceBuffer>,
+    cuda: Option<i32>,
+    sync: Option<StreamSync>,
+) -> Region {
+    Region::new(buf.addr(), buf.len(), cuda, buf.clone(), sync)
+}
+
+fn host_region<B: Backend>(buf: &Arc<B::HostBuffer>) -> Region {
+    Region::new(buf.addr(), buf.len(), None, buf.clone(), None)
+}
+
+fn stats_dict<'py, B: Backend>(py: Python<'py>, e: &Engine<B>) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let c = e.counters();
+    let plan = e.plan();
+    d.set_item("backend", e.backend().name())?;
+    d.set_item("layers", e.num_layers())?;
+    d.set_item("pooled_layers", plan.pooled.len())?;
+    d.set_item("resident_layers", e.num_layers() - plan.pooled.len())?;
+    d.set_item("pooled", plan.pooled.clone())?;
+    d.set_item("prefetch_depth", plan.staging_slots())?;
+    d.set_item("capacity", e.capacity())?;
+    d.set_item("device_kv_bytes", e.device_bytes())?;
+    d.set_item("peak_device_kv_bytes", Counters::get(&c.peak_device_bytes))?;
+    d.set_item("device_budget_bytes", e.device_budget())?;
+    d.set_item("host_kv_bytes", e.host_bytes())?;
+    d.set_item("h2d_bytes", Counters::get(&c.h2d_bytes))?;
+    d.set_item("d2h_bytes", Counters::get(&c.d2h_bytes))?;
+    d.set_item("prefetches", Counters::get(&c.prefetches))?;
+    d.set_item("prefetch_hits", Counters::get(&c.prefetch_hits))?;
+    d.set_item("stall_seconds", e.stall_seconds())?;
+    d.set_item("timed_steps", Counters::get(&c.timed_steps))?;
+    d.set_item("compute_seconds", Counters::get(&c.step_ns) as f64 * 1e-9)?;
+    d.set_item("steps", Counters::get(&c.steps))?;
+    d.set_item("plan_changes", Counters::get(&c.plan_changes))?;
+    d.set_item("generation", e.generation())?;
+    Ok(d)
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        backend: &str,
+        layers: Vec<(usize, usize, usize, usize, usize)>,
+        capacity: usize,
+        device_index: i32,
+        budget_bytes: Option<usize>,
+        policy: &str,
+        objective: &str,
+        pooled_layers: Option<Vec<usize>>,
+        prefetch_depth: Option<usize>,
+    ) -> PyResult<Self> {
+        let specs: Vec<LayerSpec> = layers
+            .into_iter()
+            .map(|(batch, kv_heads, k_dim, v_dim, elem_size)| LayerSpec {
+                batch,
+                kv_heads,
+                k_dim,
+                v_dim,
+                elem_size,
+            })
+            .collect();
+        if device_index < 0 {
+            return Err(config_error(format!(
+                "device_index {device_index} is negative; use a CUDA device ordinal"
+            )));
+        }
+        if !matches!(objective, "speed" | "memory") {
+            return Err(config_error(format!(
+                "objective {objective:?} is not known; use \"speed\" or \"memory\""
+            )));
+        }
+        let options = EngineOptions {
+            capacity,
+            device_budget: budget_bytes,
+            ..Default::default()
+        };
+        let driver = make_driver(policy, objective, pooled_layers, prefetch_depth)?;
+        let (inner, name) = match backend {
+            "host" => {
+                let e = py
+                    .detach(move || Engine::new(HostBackend::new()?, specs, options, driver))
+                    .map_err(to_py)?;
+                (AnyEngine::Host(e), "host")
+            }
+            "cuda" => {
+                let idx = device_index as usize;
+                let e = py
+                    .detach(move || Engine::new(CudaBackend::new(idx)?, specs, options, driver))
+                    .map_err(to_py)?;
+                (AnyEngine::Cuda(e), "cuda")
+            }
+            other => {
+                return Err(config_error(format!(
+                    "backend {other:?} is not known; use \"host\" or \"cuda\""
+                )))
+            }
+        };
+        Ok(PyEngine {
+            inner: Some(inner),
+            backend: name,
+            device_index,
+            policy: policy.to_string(),
+            objective: objective.to_string(),
+        })
+    }
+
+    /// "host" or "cuda".
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    #[getter]
+    fn num_layers(&mut self) -> PyResult<usize> {
+        with_engine!(self, e => Ok(e.num_layers()))
+    }
+
+    #[getter]
+    fn capacity(&mut self) -> PyResult<usize> {
+        with_engine!(self, e => Ok(e.capacity()))
+    }
+
+    #[getter]
+    fn generation(&mut self) -> PyResult<u64> {
+        with_engine!(self, e => Ok(e.generation()))
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    fn will_rebuild(&mut self) -> PyResult<bool> {
+        with_engine!(self, e => Ok(e.will_rebuild()))
+    }
+
+    fn layer_begin(&mut self, layer: usize, stream: u64) -> PyResult<()> {
+        with_engine!(self, e => e.layer_begin(layer, self::stream(stream)).map_err(to_py))
+    }
+
+    fn layer_ready(&mut self, py: Python<'_>, layer: usize, stream: u64) -> PyResult<usize> {
+        with_engine!(self, e => py.detach(|| e.layer_ready(layer, self::stream(stream))).map_err(to_py))
+    }
+
+    fn layer_written(&mut self, layer: usize, n_new: usize, stream: u64) -> PyResult<usize> {
+        with_engine!(self, e => e.layer_written(layer, n_new, self::stream(stream)).map_err(to_py))
+    }
+
+    fn layer_done(&mut self, layer: usize, stream: u64) -> PyResult<()> {
+        with_engine!(self, e => e.layer_done(layer, self::stream(stream)).map_err(to_py))
+    }
+
+    fn seq_len(&mut self, layer: usize) -> PyResult<usize> {
+        with_engine!(self, e => e.seq_len(layer).map_err(to_py))
+    }
+
+    fn set_seq_len(&mut self, py: Python<'_>, layer: usize, tokens: usize) -> PyResult<()> {
+        with_engine!(self, e => py.detach(|| e.set_seq_len(layer, tokens)).map_err(to_py))
+    }
+
+    fn ensure_capacity(&mut self, py: Python<'_>, tokens: usize) -> PyResult<bool> {
+        with_engine!(self, e => py.detach(|| e.ensure_capacity(tokens)).map_err(to_py))
+    }
+
+    fn quiesce(&mut self, py: Python<'_>) -> PyResult<()> {
+        with_engine!(self, e => py.detach(|| e.quiesce()).map_err(to_py))
+    }
+
+    fn resume(&mut self, py: Python<'_>) -> PyResult<()> {
+        with_engine!(self, e => py.detach(|| e.resume()).map_err(to_py))
+    }
+
+    fn is_pooled(&mut self, layer: usize) -> PyResult<bool> {
+        with_engine!(self, e => Ok(e.residence(layer).map_err(to_py)? == Residence::Pooled))
+    }
+
+    fn device_offset(&mut self, layer: usize) -> PyResult<Option<usize>> {
+        with_engine!(self, e => Ok(match e.residence(layer).map_err(to_py)? {
+            Residence::Resident { device_offset } => Some(device_offset),
+            Residence::Pooled => None,
+        }))
+    }
+
+    fn host_offset(&mut self, layer: usize) -> PyResult<usize> {
+        with_engine!(self, e => {
+            if layer >= e.num_layers() {
+                return Err(config_error(format!("layer {layer} is out of range; the engine manages {} layers", e.num_layers())));
+            }
+            Ok(e.arenas().layout.host_slot[layer])
+        })
+    }
+
+    fn device_region(&mut self) -> PyResult<Region> {
+        let dev = self.device_index;
+        match self.inner.as_mut() {
+            Some(AnyEngine::Host(e)) => Ok(region::<HostBackend>(&e.arenas().device, None, None)),
+            Some(AnyEngine::Cuda(e)) => {
+                let sync = e.stream_sync();
+                let sync: StreamSync = Arc::new(move |h| sync(Stream::Foreign(h)));
+                Ok(region::<CudaBackend>(&e.arenas().device, Some(dev), Some(sync)))
+            }
+            None => Err(state_error("the engine is closed; attach again to use pie-rs")),
+        }
+    }
+
+    fn host_region(&mut self) -> PyResult<Region> {
+        with_engine!(self, e => Ok(host_region_of(e)))
+    }
+
+    fn set_plan(&mut self, pooled_layers: Vec<usize>, prefetch_depth: usize) -> PyResult<()> {
+        let mut pooled = pooled_layers;
+        pooled.sort_unstable();
+        pooled.dedup();
+        with_engine!(self, e => e.set_plan(Plan { pooled, prefetch_depth }).map_err(to_py))
+    }
+
+    fn plan<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let policy = self.policy.clone();
+        let objective = self.objective.clone();
+        with_engine!(self, e => {
+            let d = PyDict::new(py);
+            let plan = e.plan();
+            d.set_item("pooled_layers", plan.pooled.clone())?;
+            d.set_item("prefetch_depth", plan.staging_slots())?;
+            d.set_item("policy", policy)?;
+            d.set_item("objective", objective)?;
+            Ok(d)
+        })
+    }
+
+    fn predicted_h2d_bytes_per_step(&mut self) -> PyResult<u64> {
+        with_engine!(self, e => Ok(e.predicted_h2d_bytes_per_step()))
+    }
+
+    fn flush_telemetry(&mut self, py: Python<'_>) -> PyResult<()> {
+        with_engine!(self, e => py.detach(|| e.flush_telemetry()).map_err(to_py))
+    }
+
+    fn stats<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        with_engine!(self, e => stats_dict(py, e))
+    }
+
+    fn last_sample<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        with_engine!(self, e => {
+            let Some(s) = e.last_sample() else { return Ok(None) };
+            let d = PyDict::new(py);
+            d.set_item("step", s.step)?;
+            d.set_item("layer_compute", s.layer_compute)?;
+            d.set_item("layer_stall", s.layer_stall)?;
+            d.set_item("h2d_seconds", s.h2d_seconds)?;
+            d.set_item("h2d_bytes", s.h2d_bytes)?;
+            d.set_item("d2h_seconds", s.d2h_seconds)?;
+            d.set_item("d2h_bytes", s.d2h_bytes)?;
+            d.set_item("step_seconds", s.step_seconds)?;
+            d.set_item("pooled_layers", s.plan.pooled)?;
+            Ok(Some(d))
+        })
+    }
+
+    fn close(&mut self, py: Python<'_>) {
+        if let Some(mut inner) = self.inner.take() {
+            py.detach(move || match &mut inner {
+                AnyEngine::Host(e) => e.close(),
+                AnyEngine::Cuda(e) => e.close(),
+            });
+        }
+    }
+
+    fn __repr__(&mut self) -> String {
+        let backend = self.backend;
+        match self.inner.as_mut() {
+            Some(AnyEngine::Host(e)) => format!("Engine(backend={backend}, layers={}, pooled={:?})", e.num_layers(), e.plan().pooled),
+            Some(AnyEngine::Cuda(e)) => format!("Engine(backend={backend}, layers={}, pooled={:?})", e.num_layers(), e.plan().pooled),
+            None => format!("Engine(backend={backend}, closed)"),
+        }
+    }
+}
+
+fn host_region_of<B: Backend>(e: &Engine<B>) -> Region {
+    host_region::<B>(&e.arenas().host)
+}
+
+/// Whether a CUDA driver and at least one device can be used (never raises).
+#[pyfunction]
+fn cuda_available() -> bool {
+    pie_cuda::cuda_available()
+}
+
+/// Why CUDA is or is not available, in words.
+#[pyfunction]
+fn cuda_probe() -> String {
+    match pie_cuda::probe() {
+        Ok(s) => s,
+        Err(e) => e,
+    }
+}
+
+/// Measures the engine's own copy bandwidth on CUDA device `device_index`:
+/// one dict per size with H2D, D2H and simultaneous GB/s.
+#[pyfunction]
+#[pyo3(signature = (sizes, iters=10, device_index=0))]
+fn cuda_copy_bench<'py>(
+    py: Python<'py>,
+    sizes: Vec<usize>,
+    iters: usize,
+    device_index: usize,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let rows = py
+        .detach(|| {
+            let b = CudaBackend::new(device_index)?;
+            pie_cuda::bench_copies(&b, &sizes, iters)
+        })
+        .map_err(to_py)?;
+    rows.into_iter()
+        .map(|r| {
+            let d = PyDict::new(py);
+            d.set_item("bytes", r.bytes)?;
+            d.set_item("iters", r.iters)?;
+            d.set_item("h2d_gbps", r.h2d_gbps)?;
+            d.set_item("d2h_gbps", r.d2h_gbps)?;
+            d.set_item("both_h2d_gbps", r.both_h2d_gbps)?;
+            d.set_item("both_d2h_gbps", r.both_d2h_gbps)?;
+            d.set_item("both_total_gbps", r.both_total_gbps)?;
+            Ok(d)
+        })
+        .collect()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    m.add_class::<PyEngine>()?;
+    m.add_class::<Region>()?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_probe, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_copy_bench, m)?)?;
+    // simulate::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,103 @@
+"""Type stubs for the compiled extension ``pie_rs._core`` (crates/pie-py)."""
+
+from typing import Any
+
+__version__: str
+
+class PieError(Exception):
+    """Root of every pie-rs error."""
+
+class BudgetError(PieError):
+    """The device budget cannot hold what was asked; raise the budget or pool more."""
+
+class ConfigError(PieError, ValueError):
+    """An argument, shape, plan or option is invalid."""
+
+class BackendError(PieError, RuntimeError):
+    """The backend (CUDA driver, allocation, copy engine) failed."""
+
+class StateError(PieError, RuntimeError):
+    """The engine's state does not allow the operation (closed, poisoned, misuse)."""
+
+def cuda_available() -> bool:
+    """Whether a CUDA driver and at least one device can be used (never raises)."""
+
+def cuda_probe() -> str:
+    """A human-readable reason why CUDA is or is not available."""
+
+class Region:
+    """A byte range of engine memory exported zero-copy through DLPack as 1-D uint8."""
+
+    @property
+    def addr(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: int | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+
+class Engine:
+    """The pie-rs engine for one cache: page table, swap FIFO, swapper and policy.
+
+    ``layers`` gives, per engine-managed layer, ``(batch, kv_heads, k_dim, v_dim, elem_size)``.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        layers: list[tuple[int, int, int, int, int]],
+        capacity: int,
+        *,
+        device_index: int = 0,
+        budget_bytes: int | None = None,
+        policy: str = "adaptive",
+        objective: str = "speed",
+        pooled_layers: list[int] | None = None,
+        prefetch_depth: int | None = None,
+    ) -> None: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def generation(self) -> int:
+        """Bumped whenever arenas are reallocated: views taken before must be dropped."""
+    def layer_begin(self, layer: int, stream: int) -> None:
+        """Forward pre-hook of a decoder layer; layer 0 of a step begins the step."""
+    def layer_ready(self, layer: int, stream: int) -> int:
+        """Makes ``stream`` wait for the layer's KV and returns its device-arena byte offset."""
+    def layer_written(self, layer: int, n_new: int, stream: int) -> int:
+        """Records that ``n_new`` tokens were written after the valid ones; returns the new length."""
+    def layer_done(self, layer: int, stream: int) -> None:
+        """Forward post-hook of a decoder layer; the last layer ends the step."""
+    def seq_len(self, layer: int) -> int: ...
+    def set_seq_len(self, layer: int, tokens: int) -> None:
+        """Crop a layer to ``tokens`` tokens (only shrinking)."""
+    def ensure_capacity(self, tokens: int) -> bool:
+        """Grows every layer to hold ``tokens``; True if arenas were reallocated."""
+    def quiesce(self) -> None:
+        """Waits for all copies; afterwards host copies of pooled layers are authoritative."""
+    def resume(self) -> None:
+        """Ends a quiesce: device copies of pooled layers are refetched on demand."""
+    def is_pooled(self, layer: int) -> bool: ...
+    def device_offset(self, layer: int) -> int | None:
+        """Byte offset of a resident layer's slot in the device arena (None if pooled)."""
+    def host_offset(self, layer: int) -> int:
+        """Byte offset of the layer's buffer in the host arena."""
+    def device_region(self) -> Region: ...
+    def host_region(self) -> Region: ...
+    def set_plan(self, pooled_layers: list[int], prefetch_depth: int) -> None:
+        """Pins a plan; it takes effect at the next step boundary."""
+    def plan(self) -> dict[str, Any]: ...
+    def predicted_h2d_bytes_per_step(self) -> int: ...
+    def stats(self) -> dict[str, Any]: ...
+    def close(self) -> None:
+        """Joins the engine's threads and frees its memory; further use raises StateError."""

@@ -1,0 +1,617 @@
+"""``PieCache``: a transformers ``Cache`` whose full-attention layers live in a pie-rs engine.
+
+Each full-attention layer is a :class:`PieLayer`; its K ``[batch, kv_heads, capacity, k_dim]``
+and V ``[batch, kv_heads, capacity, v_dim]`` sit back to back in one slot of the engine's device
+arena (resident layers) or in host memory plus a borrowed device staging slot (pooled layers).
+``update`` writes the new tokens into the slot and hands attention zero-copy views of the valid
+part, so attention reads engine memory directly. Sliding-window layers keep transformers' own
+``DynamicSlidingWindowLayer`` on the device (they are small) and are counted in the statistics.
+
+The engine is created lazily, on the first ``update`` (or ``early_initialization``), from the
+batch size and dtype of the first key states, so one cache serves whatever batch ``generate``
+expands the inputs to (beams, returned sequences).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import _core
+from ._errors import BudgetError, ConfigError, StateError
+from ._model import MANAGED, SLIDING, ModelInfo, reference_layers
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+__all__ = ["PieCache", "PieLayer"]
+
+#: Tokens of room a cache gets beyond its first update when no ``max_length`` was given.
+DEFAULT_HEADROOM = 256
+#: Capacities are rounded up to a multiple of this many tokens.
+CAPACITY_QUANTUM = 16
+
+_STAT_KEYS = (
+    "resident_layers",
+    "pooled_layers",
+    "device_kv_bytes",
+    "peak_device_kv_bytes",
+    "host_kv_bytes",
+    "h2d_bytes",
+    "d2h_bytes",
+    "stall_seconds",
+    "steps",
+)
+
+
+def _elem_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _round_capacity(tokens: int) -> int:
+    return max(CAPACITY_QUANTUM, -(-tokens // CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
+
+
+class _Shared:
+    """State shared by the layers of one :class:`PieCache`: the engine, its views and the step."""
+
+    def __init__(self, pool: Pool, info: ModelInfo, max_length: int | None, batch_size: int | None) -> None:
+        self.pool = pool
+        self.info = info
+        self.device = info.device
+        self.engine: _core.Engine | None = None
+        self.closed = False
+        self.batch = batch_size
+        self.max_length = max_length
+        self.capacity = 0
+        self.dtype: torch.dtype | None = None
+        # Per engine layer: (kv_heads, k_dim, v_dim) and the number of valid tokens.
+        self.eidx = {model_idx: e for e, model_idx in enumerate(info.managed)}
+        self.shapes = [(info.layers[i].kv_heads, info.layers[i].k_dim, info.layers[i].v_dim) for i in info.managed]
+        self.lens = [0] * len(info.managed)
+        self.open: int | None = None
+        self.quiesce_depth = 0
+        self._generation = -1
+        self._device_bytes: torch.Tensor | None = None
+        self._host_bytes: torch.Tensor | None = None
+        self._host_generation = -1
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_stats: dict[str, Any] | None = None
+        self.sliding_estimate = 0
+
+    # ----------------------------------------------------------------------------- engine
+    def check_usable(self) -> None:
+        if self.closed:
+            raise StateError("this PieCache was closed; make a new one with pool.new_cache()")
+        if self.pool.closed:
+            raise StateError("the pie-rs pool of this cache was detached; attach again and make a new cache")
+
+    def stream(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.current_stream(self.device).cuda_stream
+        return 0
+
+    def sliding_bytes_at(self, batch: int, capacity: int, elem: int) -> int:
+        """Bytes the sliding-window layers can hold at ``capacity`` tokens (counted against the budget)."""
+        total = 0
+        for layer in self.info.layers:
+            if layer.kind == SLIDING:
+                window = min(capacity, int(layer.sliding_window or capacity))
+                total += batch * layer.kv_heads * window * (layer.k_dim + layer.v_dim) * elem
+        return total
+
+    def make_engine(self, batch: int, capacity: int, dtype: torch.dtype) -> _core.Engine:
+        elem = _elem_size(dtype)
+        layers = [(batch, h, kd, vd, elem) for (h, kd, vd) in self.shapes]
+        self.sliding_estimate = self.sliding_bytes_at(batch, capacity, elem)
+        budget = self.pool.budget_bytes
+        if budget is not None:
+            budget -= self.sliding_estimate
+            if budget <= 0:
+                raise BudgetError(
+                    f"gpu_budget of {self.pool.budget_bytes} bytes does not even hold the sliding-window layers "
+                    f"({self.sliding_estimate} bytes at batch {batch}, {capacity} tokens); raise the budget"
+                )
+        return _core.Engine(
+            self.pool.backend,
+            layers,
+            capacity,
+            device_index=self.pool.device_index,
+            budget_bytes=budget,
+            policy=self.pool.policy,
+            objective=self.pool.objective,
+            pooled_layers=self.pool.engine_pooled_layers,
+            prefetch_depth=self.pool.prefetch_depth,
+        )
+
+    def initialize(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """Creates the engine from the first key/value states (lazy initialization)."""
+        self.check_usable()
+        if self.engine is not None or not self.shapes:
+            return
+        if key_states.dim() != 4:
+            raise ConfigError(f"key states of shape {tuple(key_states.shape)} are not [batch, heads, seq, dim]")
+        batch = int(key_states.shape[0])
+        if self.batch is not None and self.batch != batch:
+            raise ConfigError(
+                f"this PieCache was made for batch {self.batch}, but the model runs batch {batch}; "
+                "make the cache with batch_size=None (any batch) or the right batch"
+            )
+        if key_states.device != self.device and not (
+            key_states.device.type == self.device.type == "cuda" and self.device.index is None
+        ):
+            raise ConfigError(f"key states are on {key_states.device}, the model's cache lives on {self.device}")
+        self.dtype = key_states.dtype
+        first = int(key_states.shape[-2])
+        want = self.max_length if self.max_length is not None else first + DEFAULT_HEADROOM
+        self.capacity = _round_capacity(max(want, first, 1))
+        self.engine = self.make_engine(batch, self.capacity, self.dtype)
+        self.batch = batch
+        self.lens = [0] * len(self.shapes)
+        self._generation = -1
+        self._views.clear()
+
+    def grow(self, tokens: int) -> None:
+        assert self.engine is not None
+        target = _round_capacity(max(tokens, math.ceil(self.capacity * 1.5)))
+        self.engine.ensure_capacity(target)
+        self.capacity = self.engine.capacity
+        self._views.clear()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            try:
+                self.last_stats = self.engine_stats()
+            finally:
+                self._views.clear()
+                self._device_bytes = self._host_bytes = None
+                engine, self.engine = self.engine, None
+                self.open = None
+                engine.close()
+        self.closed = True
+
+    def engine_stats(self) -> dict[str, Any]:
+        if self.engine is not None:
+            return dict(self.engine.stats())
+        if self.last_stats is not None:
+            return dict(self.last_stats)
+        return {key: 0 for key in _STAT_KEYS} | {"stall_seconds": 0.0}
+
+    # ------------------------------------------------------------------------------ views
+    def _refresh(self) -> None:
+        assert self.engine is not None
+        generation = self.engine.generation
+        if generation != self._generation:
+            self._views.clear()
+            self._device_bytes = torch.from_dlpack(self.engine.device_region())
+            self._host_bytes = None
+            self._generation = generation
+
+    def _slice(self, arena: torch.Tensor, offset: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.dtype is not None and self.batch is not None
+        heads, k_dim, v_dim = self.shapes[e]
+        elem = _elem_size(self.dtype)
+        k_bytes = self.batch * heads * self.capacity * k_dim * elem
+        v_bytes = self.batch * heads * self.capacity * v_dim * elem
+        if offset < 0 or offset + k_bytes + v_bytes > arena.numel():
+            raise StateError(f"engine offset {offset} of layer {e} lies outside its arena ({arena.numel()} bytes)")
+        k = arena[offset : offset + k_bytes].view(self.dtype).view(self.batch, heads, self.capacity, k_dim)
+        v = arena[offset + k_bytes : offset + k_bytes + v_bytes].view(self.dtype)
+        return k, v.view(self.batch, heads, self.capacity, v_dim)
+
+    def device_views(self, e: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views (full capacity) of the device slot at ``offset``, cached per generation."""
+        self._refresh()
+        views = self._views.get((e, offset))
+        if views is None:
+            assert self._device_bytes is not None
+            views = self._views[(e, offset)] = self._slice(self._device_bytes, offset, e)
+        return views
+
+    def data_views(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where layer ``e``'s authoritative data is while quiesced: its device slot or its host buffer."""
+        assert self.engine is not None and self.quiesce_depth > 0
+        self._refresh()
+        offset = self.engine.device_offset(e)
+        if offset is not None:
+            return self.device_views(e, offset)
+        if self._host_bytes is None or self._host_generation != self._generation:
+            self._host_bytes = torch.from_dlpack(self.engine.host_region())
+            self._host_generation = self._generation
+        return self._slice(self._host_bytes, self.engine.host_offset(e), e)
+
+    # ------------------------------------------------------------------------------- step
+    def begin(self, e: int, stream: int) -> None:
+        assert self.engine is not None
+        if self.open is not None and self.open != e:
+            self.engine.layer_done(self.open, stream)
+        self.open = None
+        self.engine.layer_begin(e, stream)
+        self.open = e
+
+    def done(self, e: int, stream: int) -> None:
+        if self.open == e and self.engine is not None:
+            self.open = None
+            self.engine.layer_done(e, stream)
+
+    def finish_step(self) -> None:
+        if self.open is not None and self.engine is not None:
+            self.done(self.open, self.stream())
+
+    def check_states(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        heads, k_dim, v_dim = self.shapes[e]
+        kshape, vshape = key_states.shape, value_states.shape
+        if (
+            key_states.dim() != 4
+            or value_states.dim() != 4
+            or kshape[0] != self.batch
+            or kshape[1] != heads
+            or kshape[3] != k_dim
+            or tuple(vshape[:3]) != tuple(kshape[:3])
+            or vshape[3] != v_dim
+        ):
+            raise ConfigError(
+                f"layer {self.info.managed[e]} gave key/value states of shapes {tuple(kshape)}/{tuple(vshape)}; "
+                f"this cache holds [batch={self.batch}, kv_heads={heads}, seq, {k_dim}/{v_dim}] "
+                "(a batch change needs batch_repeat_interleave/batch_select_indices or a new cache)"
+            )
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise ConfigError(
+                f"layer {self.info.managed[e]} gave {key_states.dtype}/{value_states.dtype} states; "
+                f"this cache holds {self.dtype}"
+            )
+
+    def update(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_usable()
+        if self.quiesce_depth:
+            raise StateError("update called while the cache is being reordered or cropped")
+        self.check_states(e, key_states, value_states)
+        engine = self.engine
+        assert engine is not None
+        n = self.lens[e]
+        end = n + int(key_states.shape[-2])
+        if end > self.capacity:
+            self.grow(end)
+        stream = self.stream()
+        if self.open != e:
+            self.begin(e, stream)
+        offset = engine.layer_ready(e, stream)
+        k, v = self.device_views(e, offset)
+        k[:, :, n:end].copy_(key_states)
+        v[:, :, n:end].copy_(value_states)
+        self.lens[e] = engine.layer_written(e, end - n, stream)
+        return k[:, :, :end], v[:, :, :end]
+
+    @contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Waits for every copy so data can be changed in place through views; nests."""
+        if self.engine is None or self.quiesce_depth:
+            self.quiesce_depth += 1
+            try:
+                yield
+            finally:
+                self.quiesce_depth -= 1
+            return
+        self.finish_step()
+        self.engine.quiesce()
+        self.quiesce_depth += 1
+        try:
+            yield
+        finally:
+            self.quiesce_depth -= 1
+            if self.engine is not None:
+                self.engine.resume()
+
+    # ---------------------------------------------------------------------- data changes
+    def set_len(self, e: int, tokens: int) -> None:
+        assert self.engine is not None
+        self.engine.set_seq_len(e, tokens)
+        self.lens[e] = tokens
+
+    def reorder(self, e: int, beam_idx: torch.Tensor) -> None:
+        n = self.lens[e]
+        if self.engine is None or n == 0:
+            return
+        with self.quiesced():
+            for buf in self.data_views(e):
+                idx = beam_idx.to(device=buf.device, dtype=torch.long)
+                buf[:, :, :n].copy_(buf[:, :, :n].index_select(0, idx))
+
+    def rebatch(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Applies a batch-changing ``transform`` to every layer: a new engine with the new batch."""
+        self.check_usable()
+        if self.engine is None:
+            self.batch = None
+            return
+        if not any(self.lens):
+            self.close()
+            self.closed = False
+            self.batch = None
+            return
+        assert self.dtype is not None
+        with self.quiesced():
+            data = []
+            for e, n in enumerate(self.lens):
+                k, v = self.data_views(e)
+                data.append((transform(k[:, :, :n]).to(self.device), transform(v[:, :, :n]).to(self.device), n))
+        new_batch = int(data[0][0].shape[0])
+        capacity, dtype, stats = self.capacity, self.dtype, self.engine_stats()
+        old, self.engine = self.engine, None
+        self._views.clear()
+        self._device_bytes = self._host_bytes = None
+        self.open = None
+        old.close()
+        self.engine = self.make_engine(new_batch, capacity, dtype)
+        self.batch, self.capacity, self._generation, self.last_stats = new_batch, self.engine.capacity, -1, stats
+        self.lens = [0] * len(self.shapes)
+        stream = self.stream()
+        for e, (k_new, v_new, n) in enumerate(data):
+            self.begin(e, stream)
+            offset = self.engine.layer_ready(e, stream)
+            k, v = self.device_views(e, offset)
+            k[:, :, :n].copy_(k_new)
+            v[:, :, :n].copy_(v_new)
+            self.lens[e] = self.engine.layer_written(e, n, stream)
+            self.done(e, stream)
+
+
+class PieLayer(CacheLayerMixin):
+    """One full-attention cache layer whose KV the pie-rs engine manages.
+
+    Made by :class:`PieCache`; do not build it directly.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = True
+
+    def __init__(self, shared: _Shared, layer_idx: int) -> None:  # noqa: D107 - no super().__init__: keys are properties
+        self._shared = shared
+        self.layer_idx = layer_idx
+        self._e = shared.eidx[layer_idx]
+        self.device = shared.device
+
+    def __repr__(self) -> str:
+        return f"PieLayer(layer_idx={self.layer_idx}, seq_len={self.get_seq_length()})"
+
+    @property
+    def is_initialized(self) -> bool:  # type: ignore[override]
+        """Whether the engine exists (created by the first update)."""
+        return self._shared.engine is not None
+
+    @is_initialized.setter
+    def is_initialized(self, value: bool) -> None:
+        pass  # owned by the shared engine state
+
+    def _valid(self, which: int) -> torch.Tensor | None:
+        sh = self._shared
+        if sh.engine is None:
+            return None
+        n = sh.lens[self._e]
+        with sh.quiesced():
+            buf = sh.data_views(self._e)[which][:, :, :n]
+            return buf if sh.engine.device_offset(self._e) is not None else buf.to(sh.device, copy=True)
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        """The valid keys ``[batch, kv_heads, seq_len, k_dim]`` (a view if resident, a copy if pooled)."""
+        return self._valid(0)
+
+    @keys.setter
+    def keys(self, value: Any) -> None:
+        raise StateError("PieLayer keys are managed by the pie-rs engine and cannot be assigned")
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        """The valid values ``[batch, kv_heads, seq_len, v_dim]`` (a view if resident, a copy if pooled)."""
+        return self._valid(1)
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        raise StateError("PieLayer values are managed by the pie-rs engine and cannot be assigned")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Creates the shared engine from the states' batch, dtype and device if needed."""
+        self._shared.initialize(key_states, value_states, self.layer_idx)
+        if self._shared.engine is not None:
+            self._shared.check_states(self._e, key_states, value_states)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends the new states and returns zero-copy views of all valid keys and values."""
+        if self._shared.engine is None:
+            self._shared.initialize(key_states, value_states, self.layer_idx)
+        return self._shared.update(self._e, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the attention mask."""
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens held."""
+        return self._shared.lens[self._e] if self._shared.engine is not None else 0
+
+    def get_max_length(self) -> int:
+        """``-1``: the layer grows on demand (its capacity is sized up front by ``generate``)."""
+        return -1
+
+    def offload(self) -> None:
+        """No-op: the engine decides placement."""
+
+    def prefetch(self) -> None:
+        """No-op: the engine prefetches in execution order."""
+
+    def reset(self) -> None:
+        """Drops every token (the memory stays with the engine)."""
+        sh = self._shared
+        if sh.engine is not None:
+            with sh.quiesced():
+                sh.set_len(self._e, 0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes the last ``-tokens_to_remove`` tokens (a negative int, as in ``DynamicLayer``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Please use a negative integer to remove that number of tokens from the cache instead."
+            )
+        sh = self._shared
+        if tokens_to_remove == 0 or sh.engine is None:
+            return
+        with sh.quiesced():
+            sh.set_len(self._e, max(0, sh.lens[self._e] + tokens_to_remove))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorders the batch (beam search)."""
+        self._shared.reorder(self._e, beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Call it on the :class:`PieCache` (the batch of every layer changes at once)."""
+        raise StateError("batch_repeat_interleave changes every layer: call it on the PieCache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Call it on the :class:`PieCache` (the batch of every layer changes at once)."""
+        raise StateError("batch_select_indices changes every layer: call it on the PieCache")
+
+
+class PieCache(Cache):
+    """A transformers ``Cache`` whose full-attention KV is pooled by the pie-rs engine.
+
+    Make it with :meth:`pie_rs.Pool.new_cache`; pass it to ``model(...)`` or ``model.generate(...)``
+    as ``cache=`` (transformers >= 5.24) or ``past_key_values=``. Sliding-window layers are
+    transformers' own ``DynamicSlidingWindowLayer``.
+    """
+
+    def __init__(self, pool: Pool, info: ModelInfo, max_length: int | None = None, batch_size: int | None = None):
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0):
+            raise ConfigError(f"max_length must be a positive int or None, got {max_length!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
+            raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        self._pool = pool
+        self._shared = _Shared(pool, info, max_length, batch_size)
+        reference = reference_layers(info.text_config)
+        layers: list[Any] = [
+            PieLayer(self._shared, li.index) if li.kind == MANAGED else reference[li.index] for li in info.layers
+        ]
+        self._sliding = [layer for li, layer in zip(info.layers, layers, strict=True) if li.kind == SLIDING]
+        self._sliding_peak = 0
+        super().__init__(layers=layers)
+
+    # transformers' Cache API ---------------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends the new states of layer ``layer_idx`` and returns all its valid keys and values."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, PieLayer):
+            return layer.update(key_states, value_states)
+        self._shared.check_usable()
+        out = layer.update(key_states, value_states, *args, **kwargs)
+        held = self.sliding_kv_bytes()
+        if held > self._sliding_peak:
+            self._sliding_peak = held
+        return out
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorders the batch of every layer (beam search), with the engine quiesced once."""
+        self._shared.check_usable()
+        with self._shared.quiesced():
+            super().reorder_cache(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes the last ``-tokens_to_remove`` tokens of every layer."""
+        self._shared.check_usable()
+        with self._shared.quiesced():
+            super().crop(tokens_to_remove)
+
+    def reset(self) -> None:
+        """Drops every token of every layer; the engine keeps its memory for reuse."""
+        self._shared.check_usable()
+        with self._shared.quiesced():
+            super().reset()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeats every batch entry ``repeats`` times (a new engine with the larger batch)."""
+        self._shared.rebatch(lambda t: t.repeat_interleave(repeats, dim=0))
+        for layer in self._sliding:
+            layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps only the batch entries ``indices`` (a new engine with the smaller batch)."""
+        self._shared.rebatch(lambda t: t[indices.to(t.device)])
+        for layer in self._sliding:
+            layer.batch_select_indices(indices)
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        """Always ``False``: the engine's hooks run Python and cannot be traced."""
+        return False
+
+    @property
+    def max_batch_size(self) -> int:
+        """The batch the engine was made for (``-1`` before the first update)."""
+        return self._shared.batch if self._shared.batch is not None else -1
+
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens each layer can hold before the engine grows (``-1`` before the first update)."""
+        if self._shared.engine is None:
+            return self._shared.max_length if self._shared.max_length is not None else -1
+        return self._shared.capacity
+
+    # pie-rs API ---------------------------------------------------------------------------
+    @property
+    def engine(self) -> _core.Engine | None:
+        """The engine (``None`` before the first update, after :meth:`close`, or with no full-attention layer)."""
+        return self._shared.engine
+
+    def sliding_kv_bytes(self) -> int:
+        """Bytes the sliding-window layers hold now."""
+        total = 0
+        for layer in self._sliding:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None:
+                total += layer.keys.numel() * layer.keys.element_size()
+                total += layer.values.numel() * layer.values.element_size()
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's statistics plus the sliding-window layers' bytes (see :meth:`pie_rs.Pool.stats`)."""
+        stats = self._shared.engine_stats()
+        sliding = self.sliding_kv_bytes()
+        stats["sliding_layers"] = len(self._sliding)
+        stats["sliding_kv_bytes"] = sliding
+        stats["device_kv_bytes"] = int(stats.get("device_kv_bytes", 0)) + sliding
+        stats["peak_device_kv_bytes"] = int(stats.get("peak_device_kv_bytes", 0)) + self._sliding_peak
+        if not self._shared.info.managed:
+            stats["resident_layers"] = stats["pooled_layers"] = 0
+        stats["capacity"] = self._shared.capacity
+        stats["batch"] = self._shared.batch or 0
+        return stats
+
+    def close(self) -> None:
+        """Frees the engine's memory now; the cache cannot be used afterwards."""
+        self._shared.close()
+        for layer in self._sliding:
+            layer.reset()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (or the pool was detached)."""
+        return self._shared.closed
+
+    def _begin_layer(self, layer_idx: int) -> None:
+        e = self._shared.eidx.get(layer_idx)
+        if e is not None and self._shared.engine is not None and not self._shared.closed:
+            self._shared.begin(e, self._shared.stream())
+
+    def _end_layer(self, layer_idx: int) -> None:
+        e = self._shared.eidx.get(layer_idx)
+        if e is not None and self._shared.engine is not None:
+            self._shared.done(e, self._shared.stream())

@@ -1,0 +1,408 @@
+"""``attach``: pool CPU memory into the KV cache of a transformers model, and the ``Pool`` handle."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _core
+from ._budget import parse_budget, total_host_memory
+from ._errors import BackendError, ConfigError, StateError
+from ._model import MANAGED, ModelInfo, inspect_model
+from .cache import _STAT_KEYS, PieCache
+
+__all__ = ["Pool", "attach"]
+
+_BACKENDS = ("auto", "cuda", "host")
+_POLICIES = ("adaptive", "static")
+_OBJECTIVES = ("speed", "memory")
+_CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
+_ATTR = "_pie_rs_pool"
+
+
+def _find_cache(args: Sequence[Any], kwargs: dict[str, Any]) -> PieCache | None:
+    for value in args:
+        if isinstance(value, PieCache):
+            return value
+    for value in kwargs.values():
+        if isinstance(value, PieCache):
+            return value
+    return None
+
+
+class Pool:
+    """The handle :func:`attach` returns: the model's pie-rs state.
+
+    Use :meth:`new_cache` for hand-written forward loops, :meth:`stats` for what the engine did,
+    :meth:`detach` (or a ``with`` block) to give the model back exactly as it was.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        info: ModelInfo,
+        *,
+        backend: str,
+        budget_bytes: int | None,
+        policy: str,
+        objective: str,
+        pooled_layers: list[int] | None,
+        prefetch_depth: int | None,
+    ) -> None:
+        self._model: nn.Module | None = model
+        self.info = info
+        self.backend = backend
+        self.budget_bytes = budget_bytes
+        self.policy = policy
+        self.objective = objective
+        self.pooled_layers = pooled_layers
+        self.engine_pooled_layers = None if pooled_layers is None else [info.managed.index(i) for i in pooled_layers]
+        self.prefetch_depth = prefetch_depth
+        self.device_index = 0
+        if info.device.type == "cuda":
+            index = info.device.index
+            self.device_index = torch.cuda.current_device() if index is None else index
+        self._closed = False
+        self._caches: weakref.WeakSet[PieCache] = weakref.WeakSet()
+        self._last: PieCache | None = None
+        self._handles: list[Any] = []
+        self._had_generate_attr = "generate" in model.__dict__
+        self._old_generate = model.__dict__.get("generate")
+        self.generations = 0
+
+    # ------------------------------------------------------------------------- public
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`detach` was called."""
+        return self._closed
+
+    @property
+    def model(self) -> nn.Module:
+        """The attached model."""
+        self._check()
+        assert self._model is not None
+        return self._model
+
+    def new_cache(self, max_length: int | None = None, batch_size: int | None = None) -> PieCache:
+        """A fresh :class:`PieCache` for this model.
+
+        Args:
+            max_length: tokens per sequence to size the cache for (prompt plus new tokens); it
+                grows if exceeded. ``None``: the first update's length plus some headroom.
+            batch_size: the batch the cache must serve; ``None`` takes it from the first update.
+        """
+        self._check()
+        cache = PieCache(self, self.info, max_length=max_length, batch_size=batch_size)
+        self._caches.add(cache)
+        self._last = cache
+        return cache
+
+    def stats(self) -> dict[str, Any]:
+        """What the engine of the most recent cache did.
+
+        Keys include ``resident_layers``, ``pooled_layers`` (engine-managed layers on the device /
+        in host memory), ``device_kv_bytes`` and ``peak_device_kv_bytes`` (engine arena plus
+        sliding-window layers), ``host_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``,
+        ``stall_seconds``, ``steps``, ``sliding_layers``, ``sliding_kv_bytes``, plus
+        ``generations`` (generate calls served) and ``budget_bytes``.
+        """
+        self._check()
+        if self._last is not None:
+            stats = self._last.stats()
+        else:
+            stats = {key: 0 for key in _STAT_KEYS} | {"stall_seconds": 0.0}
+            stats["sliding_layers"] = len(self.info.layers) - len(self.info.managed)
+            stats["sliding_kv_bytes"] = 0
+        stats["generations"] = self.generations
+        stats["budget_bytes"] = self.budget_bytes
+        stats["backend"] = self.backend
+        stats["num_layers"] = len(self.info.layers)
+        return stats
+
+    def detach(self) -> None:
+        """Gives the model back exactly as it was: hooks removed, ``generate`` restored, engines closed.
+
+        Any later use of this pool or its caches raises :class:`pie_rs.StateError`.
+        Calling it again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        model = self._model
+        if model is not None:
+            if self._had_generate_attr:
+                model.__dict__["generate"] = self._old_generate
+            else:
+                model.__dict__.pop("generate", None)
+            if model.__dict__.get(_ATTR) is self:
+                del model.__dict__[_ATTR]
+        for cache in list(self._caches):
+            cache._shared.close()
+        self._model = None
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "detached" if self._closed else f"backend={self.backend!r}, budget_bytes={self.budget_bytes}"
+        return f"Pool({state}, layers={len(self.info.layers)}, managed={len(self.info.managed)})"
+
+    # ------------------------------------------------------------------------ private
+    def _check(self) -> None:
+        if self._closed:
+            raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
+
+    def _install(self, model: nn.Module) -> None:
+        managed = set(self.info.managed)
+        for idx, module in enumerate(self.info.decoder_layers):
+            if idx not in managed:
+                continue
+            self._handles.append(
+                module.register_forward_pre_hook(functools.partial(_pre_hook, idx), with_kwargs=True)
+            )
+            self._handles.append(module.register_forward_hook(functools.partial(_post_hook, idx), with_kwargs=True))
+        original = model.generate
+        pool_ref = weakref.ref(self)
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            pool = pool_ref()
+            if pool is None or pool._closed:
+                return original(*args, **kwargs)
+            return pool._generate(original, args, kwargs)
+
+        model.__dict__["generate"] = generate
+        model.__dict__[_ATTR] = self
+
+    def _generate(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self._should_inject(kwargs):
+            return original(*args, **kwargs)
+        cache = self.new_cache(max_length=self._capacity_hint(args, kwargs))
+        kwargs = dict(kwargs)
+        kwargs[self.info.cache_keyword] = cache
+        out = None
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self.generations += 1
+            # The cache outlives generate only if the output carries it (return_dict_in_generate).
+            if out is None or not _holds(out, cache):
+                cache._shared.close()
+        return out
+
+    def _should_inject(self, kwargs: dict[str, Any]) -> bool:
+        if any(kwargs.get(name) is not None for name in _CACHE_KWARGS):
+            return False  # the caller brought their own cache
+        if kwargs.get("custom_generate") is not None:
+            return False
+        config = kwargs.get("generation_config")
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", None))
+        if use_cache is False:
+            return False
+        implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        if implementation is None:
+            implementation = getattr(getattr(self._model, "generation_config", None), "cache_implementation", None)
+            if implementation == "hybrid":  # generate unsets this legacy default itself
+                implementation = None
+        if implementation is not None:
+            warnings.warn(
+                f"pie-rs is not used for this generate call: cache_implementation={implementation!r} asks "
+                "transformers for its own cache",
+                UserWarning,
+                stacklevel=4,
+            )
+            return False
+        return True
+
+    def _capacity_hint(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+        prompt = None
+        for candidate in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids")):
+            if isinstance(candidate, torch.Tensor):
+                prompt = candidate
+                break
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        prompt_len = int(prompt.shape[1]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+        configs = [kwargs, kwargs.get("generation_config"), getattr(self._model, "generation_config", None)]
+
+        def first(name: str) -> Any:
+            for source in configs:
+                value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+                if value is not None:
+                    return value
+            return None
+
+        max_new = first("max_new_tokens")
+        if prompt_len is None:
+            return None
+        if max_new is not None:
+            return prompt_len + int(max_new)
+        max_length = first("max_length") or 20
+        return max(int(max_length), prompt_len + 1)
+
+
+def _holds(out: Any, cache: PieCache) -> bool:
+    if isinstance(out, torch.Tensor):
+        return False
+    for name in ("cache", "past_key_values"):
+        try:
+            if getattr(out, name, None) is cache:
+                return True
+        except Exception:  # noqa: BLE001 - deprecated aliases may warn or raise
+            continue
+    return False
+
+
+def _pre_hook(layer_idx: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    cache = _find_cache(args, kwargs)
+    if cache is not None:
+        cache._begin_layer(layer_idx)
+
+
+def _post_hook(layer_idx: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    cache = _find_cache(args, kwargs)
+    if cache is not None:
+        cache._end_layer(layer_idx)
+
+
+def _resolve_backend(backend: object, device: torch.device) -> str:
+    if backend not in _BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    if backend == "auto":
+        backend = "cuda" if device.type == "cuda" else "host"
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"backend='cuda' needs the model on a CUDA device, but it is on {device}; move it with "
+                "model.to('cuda') or use backend='host'"
+            )
+        if not _core.cuda_available():
+            raise BackendError(f"backend='cuda' is not usable here: {_core.cuda_probe()}")
+    elif device.type != "cpu":
+        raise ConfigError(f"backend='host' serves models on the CPU, but the model is on {device}; use backend='cuda'")
+    return str(backend)
+
+
+def _available_memory(backend: str, device: torch.device) -> int:
+    if backend == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return total_host_memory()
+
+
+def _check_plan(info: ModelInfo, pooled_layers: object, prefetch_depth: object) -> list[int] | None:
+    if prefetch_depth is not None and (
+        isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1
+    ):
+        raise ConfigError(f"prefetch_depth must be a positive int or None, got {prefetch_depth!r}")
+    if pooled_layers is None:
+        return None
+    if isinstance(pooled_layers, (str, bytes)) or not isinstance(pooled_layers, Sequence | set | frozenset):
+        raise ConfigError(f"pooled_layers must be a list of layer indices, got {pooled_layers!r}")
+    out = []
+    for idx in pooled_layers:
+        if isinstance(idx, bool) or not isinstance(idx, int):
+            raise ConfigError(f"pooled_layers must hold ints, got {idx!r}")
+        if not 0 <= idx < len(info.layers):
+            raise ConfigError(f"pooled layer {idx} does not exist; the model has {len(info.layers)} layers")
+        if info.layers[idx].kind != MANAGED:
+            raise ConfigError(
+                f"layer {idx} is a sliding-window layer, which pie-rs keeps on the device; it cannot be pooled"
+            )
+        out.append(idx)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"pooled_layers lists a layer twice: {list(pooled_layers)}")
+    return sorted(out)
+
+
+def attach(
+    model: nn.Module,
+    gpu_budget: int | float | str | None = None,
+    backend: str = "auto",
+    policy: str = "adaptive",
+    objective: str = "speed",
+    pooled_layers: Sequence[int] | None = None,
+    prefetch_depth: int | None = None,
+) -> Pool:
+    """Makes the model's KV cache pooled by pie-rs; ``model.generate(...)`` uses it unchanged.
+
+    Args:
+        model: a transformers decoder-only model (``PreTrainedModel``) on one device, CPU or CUDA.
+        gpu_budget: device memory the KV cache may use: bytes (``int``), a size (``"6GiB"``,
+            ``"512MiB"``, ``"1.5GB"``), a fraction in ``(0, 1]`` of the device memory free now (of
+            total RAM for the host backend), or ``None`` (everything resident if it fits).
+        backend: ``"auto"`` (``"cuda"`` for a model on a CUDA device, else ``"host"``), ``"cuda"`` or
+            ``"host"`` (the CPU stands in for the device; real copies by threads).
+        policy: ``"adaptive"`` (grow or shrink the pooled share from measurements) or ``"static"``.
+        objective: what the adaptive policy optimises: ``"speed"`` or ``"memory"``.
+        pooled_layers: pin the plan: these layer indices (full-attention layers) live in host
+            memory. Pinning makes the policy ``"static"``.
+        prefetch_depth: pin how many device staging slots pooled layers share (how far ahead
+            the engine prefetches). Pinning makes the policy ``"static"``.
+
+    Returns:
+        The :class:`Pool` handle: ``new_cache``, ``stats``, ``detach``; also a context manager.
+
+    Raises:
+        ConfigError: an invalid argument, or a model pie-rs cannot serve (not a transformers
+            model, no decoder layers, several devices, meta tensors, linear or other unsupported
+            attention layers).
+        BudgetError: the budget cannot hold even the smallest plan.
+        BackendError: the backend cannot run here (no CUDA driver or device).
+        StateError: the model is already attached (detach the other pool first).
+    """
+    existing = getattr(model, "__dict__", {}).get(_ATTR)
+    if existing is not None and not existing.closed:
+        raise StateError("this model is already attached to pie-rs; call pool.detach() before attaching again")
+    info = inspect_model(model)
+    resolved = _resolve_backend(backend, info.device)
+    if policy not in _POLICIES:
+        raise ConfigError(f"policy must be one of {', '.join(map(repr, _POLICIES))}, got {policy!r}")
+    if objective not in _OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(map(repr, _OBJECTIVES))}, got {objective!r}")
+    pinned = _check_plan(info, pooled_layers, prefetch_depth)
+    available = None
+    if isinstance(gpu_budget, float):
+        available = _available_memory(resolved, info.device)
+    budget_bytes = parse_budget(gpu_budget, available)
+    if pinned is not None or prefetch_depth is not None:
+        policy = "static"
+    pool = Pool(
+        model,
+        info,
+        backend=resolved,
+        budget_bytes=budget_bytes,
+        policy=policy,
+        objective=objective,
+        pooled_layers=pinned,
+        prefetch_depth=prefetch_depth,
+    )
+    if info.managed:
+        # A small probe engine checks the options against the engine itself (plan, policy,
+        # backend availability) now rather than at the first generate.
+        probe = _core.Engine(
+            resolved,
+            [(1, li.kv_heads, li.k_dim, li.v_dim, 1) for li in info.layers if li.kind == MANAGED],
+            1,
+            device_index=pool.device_index,
+            budget_bytes=budget_bytes,
+            policy=policy,
+            objective=objective,
+            pooled_layers=pool.engine_pooled_layers,
+            prefetch_depth=prefetch_depth,
+        )
+        probe.close()
+    pool._install(model)
+    return pool
