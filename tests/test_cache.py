@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import VOCAB, make_inputs, make_model
 from transformers import DynamicCache
 
 import pie_rs
 from pie_rs import PieCache
+
+from models import VOCAB, make_inputs, make_model
 
 
 def _forward(model, ids, cache, kw, mask=None):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import expanded_batch, generate, half_pooled_budget, sliding_bytes
-from models import FAMILIES, make_inputs, make_model
 
 import pie_rs
 from pie_rs._model import inspect_model
+
+from helpers import expanded_batch, generate, half_pooled_budget, sliding_bytes
+from models import FAMILIES, make_inputs, make_model
 
 MAX_NEW = 10
 PROMPT = 7

@@ -41,8 +41,7 @@ def _parse_size(text: str) -> int:
     m = _SIZE_RE.match(text)
     if m is None or m.group(3).lower() not in _UNITS:
         raise ConfigError(
-            f"gpu_budget {text!r} is not a size; write bytes as an int or a string such as "
-            "'6GiB', '512MiB' or '1.5GB'"
+            f"gpu_budget {text!r} is not a size; write bytes as an int or a string such as '6GiB', '512MiB' or '1.5GB'"
         )
     number = float(m.group(1)) * (10 ** int(m.group(2)) if m.group(2) else 1)
     value = number * _UNITS[m.group(3).lower()]

@@ -116,7 +116,7 @@ def reference_layers(text_config: Any) -> list[Any]:
 
     try:
         cache = DynamicCache(config=text_config)
-    except Exception as exc:  # noqa: BLE001 - any failure means transformers cannot build it
+    except Exception as exc:
         raise ConfigError(f"transformers cannot build a DynamicCache for this model ({exc})") from exc
     return list(cache.layers)
 
@@ -152,9 +152,7 @@ def inspect_model(model: object) -> ModelInfo:
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
         names = ", ".join(sorted(str(d) for d in devices))
-        raise ConfigError(
-            f"the model is spread over several devices ({names}); pie-rs serves a model on one device"
-        )
+        raise ConfigError(f"the model is spread over several devices ({names}); pie-rs serves a model on one device")
     device_map = getattr(model, "hf_device_map", None)
     if isinstance(device_map, dict) and len({str(v) for v in device_map.values()}) > 1:
         raise ConfigError("the model was loaded with a device_map over several devices; pie-rs needs one device")

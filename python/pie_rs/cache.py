@@ -371,7 +371,7 @@ class PieLayer(CacheLayerMixin):
     is_croppable = True
     supports_early_init = True
 
-    def __init__(self, shared: _Shared, layer_idx: int) -> None:  # noqa: D107 - no super().__init__: keys are properties
+    def __init__(self, shared: _Shared, layer_idx: int) -> None:
         self._shared = shared
         self.layer_idx = layer_idx
         self._e = shared.eidx[layer_idx]
@@ -490,10 +490,9 @@ class PieCache(Cache):
     """
 
     def __init__(self, pool: Pool, info: ModelInfo, max_length: int | None = None, batch_size: int | None = None):
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0):
-            raise ConfigError(f"max_length must be a positive int or None, got {max_length!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
-            raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive int or None, got {value!r}")
         self._pool = pool
         self._shared = _Shared(pool, info, max_length, batch_size)
         reference = reference_layers(info.text_config)

@@ -169,9 +169,7 @@ class Pool:
         for idx, module in enumerate(self.info.decoder_layers):
             if idx not in managed:
                 continue
-            self._handles.append(
-                module.register_forward_pre_hook(functools.partial(_pre_hook, idx), with_kwargs=True)
-            )
+            self._handles.append(module.register_forward_pre_hook(functools.partial(_pre_hook, idx), with_kwargs=True))
             self._handles.append(module.register_forward_hook(functools.partial(_post_hook, idx), with_kwargs=True))
         original = model.generate
         pool_ref = weakref.ref(self)
@@ -260,7 +258,7 @@ def _holds(out: Any, cache: PieCache) -> bool:
         try:
             if getattr(out, name, None) is cache:
                 return True
-        except Exception:  # noqa: BLE001 - deprecated aliases may warn or raise
+        except Exception:
             continue
     return False
 

@@ -471,9 +471,8 @@ impl<B: Backend> Engine<B> {
             std::thread::yield_now();
         }
         self.shared.backend.synchronize_queues()?;
-        self.shared.check()?;
-        self.pipeline.primed = false;
-        Ok(())
+        self.shared.check()
+
     }
 
     /// Ends a quiesce: staging contents are treated as stale and pooled layers
@@ -544,6 +543,7 @@ impl<B: Backend> Engine<B> {
 
     fn abort_step(&mut self) -> Result<()> {
         self.quiesce()?;
+        self.pipeline.primed = false;
         self.in_step = false;
         self.pipeline.epoch_step += 1;
         self.step += 1;

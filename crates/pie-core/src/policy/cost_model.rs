@@ -224,7 +224,8 @@ pub struct StepTiming {
     pub step_seconds: f64,
     /// Seconds the compute stream waited for prefetches during the step.
     pub stall_seconds: f64,
-    /// Bytes of prefetches issued during the step.
+    /// Bytes of prefetches issued during the step (the first step also counts
+    /// the start-up prefetches).
     pub h2d_bytes: u64,
     /// Bytes of write-backs issued during the step.
     pub d2h_bytes: u64,
@@ -279,6 +280,8 @@ struct Replay<'a> {
     link_free: [f64; 2],
     /// Completion time of the prefetch that last went into each staging slot.
     ready: Vec<f64>,
+    /// Bytes of the start-up prefetches, counted in the first step.
+    startup_h2d: u64,
 }
 
 impl<'a> Replay<'a> {
@@ -295,10 +298,12 @@ impl<'a> Replay<'a> {
             d2h_clock: 0.0,
             link_free: [0.0; 2],
             ready: vec![0.0; slots],
+            startup_h2d: 0,
         };
         for k in 0..slots {
             let bytes = inputs.valid_bytes[r.pooled[k]];
             r.ready[k] = r.copy(Dir::H2d, bytes);
+            r.startup_h2d += bytes;
         }
         r
     }
@@ -331,7 +336,7 @@ impl<'a> Replay<'a> {
         let p = self.pooled.len();
         let start_clock = self.compute_clock;
         let mut stall = 0.0;
-        let mut h2d_bytes = 0;
+        let mut h2d_bytes = std::mem::take(&mut self.startup_h2d);
         let mut d2h_bytes = 0;
         let mut k = 0;
         for (i, &c) in inputs.compute_seconds.iter().enumerate() {

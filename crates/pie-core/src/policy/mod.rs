@@ -21,7 +21,7 @@ pub mod static_policy;
 
 pub use adaptive::{AdaptiveConfig, AdaptivePolicy};
 pub use cost_model::{predict_step, LinkModel, PolicyInputs, Prediction};
-pub use search::{best_static_plan, transparent_fraction, Choice};
+pub use search::{best_static_plan, best_static_plan_in, transparent_fraction, Choice, SearchSpace};
 pub use static_policy::StaticPolicy;
 
 use crate::error::{PieError, Result};

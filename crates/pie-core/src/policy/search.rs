@@ -62,12 +62,40 @@ pub struct Choice {
 ///
 /// Errors with [`PieError::Budget`] when not even one staging slot fits.
 pub fn best_static_plan(inputs: &PolicyInputs) -> Result<Choice> {
+    best_static_plan_in(inputs, SearchSpace::Auto)
+}
+
+/// Which layer sets a search tries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SearchSpace {
+    /// Every subset up to [`EXHAUSTIVE_MAX_LAYERS`] layers, the restricted family beyond.
+    #[default]
+    Auto,
+    /// Every subset (at most [`EXHAUSTIVE_MAX_LAYERS`] layers, else an error).
+    Exhaustive,
+    /// The restricted family of placements (see the module docs), at any depth.
+    Restricted,
+}
+
+/// [`best_static_plan`] over an explicit [`SearchSpace`].
+pub fn best_static_plan_in(inputs: &PolicyInputs, space: SearchSpace) -> Result<Choice> {
     inputs.validate()?;
+    let exhaustive = match space {
+        SearchSpace::Auto => inputs.num_layers() <= EXHAUSTIVE_MAX_LAYERS,
+        SearchSpace::Exhaustive if inputs.num_layers() > EXHAUSTIVE_MAX_LAYERS => {
+            return Err(PieError::config(format!(
+                "an exhaustive search covers at most {EXHAUSTIVE_MAX_LAYERS} layers, not {}",
+                inputs.num_layers()
+            )))
+        }
+        SearchSpace::Exhaustive => true,
+        SearchSpace::Restricted => false,
+    };
     match inputs.objective {
-        Objective::Speed => search_speed(inputs),
-        Objective::Memory => match search_memory(inputs) {
+        Objective::Speed => search_speed(inputs, exhaustive),
+        Objective::Memory => match search_memory(inputs, exhaustive) {
             Some(c) => Ok(c),
-            None => search_speed(inputs),
+            None => search_speed(inputs, exhaustive),
         },
     }
 }
@@ -82,7 +110,8 @@ pub fn transparent_fraction(inputs: &PolicyInputs) -> Result<f64> {
         objective: Objective::Memory,
         ..inputs.clone()
     };
-    Ok(search_memory(&unlimited)
+    let exhaustive = inputs.num_layers() <= EXHAUSTIVE_MAX_LAYERS;
+    Ok(search_memory(&unlimited, exhaustive)
         .map(|c| c.prediction.offloaded_share.max(0.0))
         .unwrap_or(0.0))
 }
@@ -119,9 +148,9 @@ fn cheapest_copy_prefix(inputs: &PolicyInputs) -> Vec<f64> {
 }
 
 /// Calls `f` with every candidate layer set of size `p`.
-fn for_each_set(inputs: &PolicyInputs, p: usize, mut f: impl FnMut(&[usize])) {
+fn for_each_set(inputs: &PolicyInputs, p: usize, exhaustive: bool, mut f: impl FnMut(&[usize])) {
     let l = inputs.num_layers();
-    if l <= EXHAUSTIVE_MAX_LAYERS {
+    if exhaustive {
         // Gosper's hack: every l-bit mask with p bits set, in increasing order.
         let mut set = Vec::with_capacity(p);
         let mut mask: u32 = (1u32 << p) - 1;
@@ -244,7 +273,7 @@ fn fits(inputs: &PolicyInputs, plan: &Plan) -> bool {
         .is_none_or(|b| device_bytes(&inputs.layer_bytes, plan) <= b)
 }
 
-fn search_speed(inputs: &PolicyInputs) -> Result<Choice> {
+fn search_speed(inputs: &PolicyInputs, exhaustive: bool) -> Result<Choice> {
     let all = Plan::all_resident();
     if fits(inputs, &all) {
         let prediction = predict_unchecked(inputs, &all);
@@ -260,7 +289,7 @@ fn search_speed(inputs: &PolicyInputs) -> Result<Choice> {
                 break;
             }
         }
-        for_each_set(inputs, p, |set| {
+        for_each_set(inputs, p, exhaustive, |set| {
             let w = max_depth(inputs, set);
             if w == 0 {
                 return;
@@ -276,7 +305,7 @@ fn search_speed(inputs: &PolicyInputs) -> Result<Choice> {
 }
 
 /// The zero-stall plan with the least device memory that fits the budget, if any.
-fn search_memory(inputs: &PolicyInputs) -> Option<Choice> {
+fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
     let compute = inputs.compute_total();
     let prefix = cheapest_copy_prefix(inputs);
     let mut best: Option<Choice> = None;
@@ -289,7 +318,7 @@ fn search_memory(inputs: &PolicyInputs) -> Option<Choice> {
         if cheapest > compute * (1.0 + STALL_TOLERANCE) {
             break;
         }
-        for_each_set(inputs, p, |set| {
+        for_each_set(inputs, p, exhaustive, |set| {
             let w_max = max_depth(inputs, set);
             if w_max == 0 {
                 return;
@@ -349,7 +378,7 @@ mod tests {
         let mut n = 0;
         for p in 0..=6 {
             let mut seen = Vec::new();
-            for_each_set(&inputs, p, |s| {
+            for_each_set(&inputs, p, true, |s| {
                 assert_eq!(s.len(), p);
                 seen.push(s.to_vec());
             });

@@ -1,0 +1,164 @@
+//! The search for the best static plan.
+
+use pie_core::policy::cost_model::{device_bytes, LinkModel, PolicyInputs};
+use pie_core::policy::search::max_depth;
+use pie_core::policy::{best_static_plan, best_static_plan_in, predict_step, transparent_fraction, Objective, SearchSpace};
+use pie_core::{ErrorKind, Plan};
+use proptest::prelude::*;
+
+const LAYER: u64 = 4 << 20;
+
+fn inputs(layers: usize, compute: f64, bw: f64, budget_layers: Option<f64>, objective: Objective) -> PolicyInputs {
+    PolicyInputs::uniform(
+        layers,
+        compute,
+        LAYER,
+        8192,
+        LinkModel::symmetric(bw, 10e-6),
+        budget_layers.map(|b| (b * LAYER as f64) as u64),
+        objective,
+    )
+}
+
+#[test]
+fn everything_resident_when_it_fits() {
+    let i = inputs(12, 1e-3, 1e9, Some(12.0), Objective::Speed);
+    let c = best_static_plan(&i).unwrap();
+    assert_eq!(c.plan, Plan::all_resident());
+    assert_eq!(c.prediction.stall_seconds, 0.0);
+}
+
+#[test]
+fn speed_pools_only_what_the_budget_forces_when_it_hides() {
+    // 12 layers of 1 ms, 4 MiB per layer at 10 GB/s (0.43 ms a copy): a budget
+    // of 10 layers forces a deficit of 2, so 3 pooled layers through 1 slot,
+    // spread so every copy hides.
+    let i = inputs(12, 1e-3, 10e9, Some(10.0), Objective::Speed);
+    let c = best_static_plan(&i).unwrap();
+    assert_eq!(c.plan.pooled.len(), 3, "{c:?}");
+    assert_eq!(c.plan.staging_slots(), 1);
+    assert!(c.prediction.stall_seconds < 1e-12);
+    assert!(c.prediction.device_bytes <= i.budget_bytes.unwrap());
+}
+
+#[test]
+fn budget_below_one_slot_is_a_budget_error() {
+    let i = inputs(4, 1e-3, 10e9, Some(0.5), Objective::Speed);
+    assert_eq!(best_static_plan(&i).unwrap_err().kind(), ErrorKind::Budget);
+}
+
+#[test]
+fn memory_pools_as_much_as_hides() {
+    // 16 layers of 1 ms; copies of 0.43 ms: about two copies per three layers
+    // of compute hide, so the transparent share is large but below 1.
+    let i = inputs(16, 1e-3, 10e9, None, Objective::Memory);
+    let c = best_static_plan(&i).unwrap();
+    assert!(c.prediction.is_transparent(), "{c:?}");
+    assert!(c.prediction.offloaded_share > 0.5, "{c:?}");
+    let t = transparent_fraction(&i).unwrap();
+    assert!((t - c.prediction.offloaded_share).abs() < 1e-12);
+    // A link 100x slower hides nothing.
+    let slow = inputs(16, 1e-3, 1e8, None, Objective::Memory);
+    assert_eq!(transparent_fraction(&slow).unwrap(), 0.0);
+}
+
+#[test]
+fn restricted_search_matches_exhaustive() {
+    // Homogeneous layers (as in one model) across regimes: the restricted
+    // family finds the exhaustive optimum (to the tie tolerance).
+    for layers in [8usize, 11, 14] {
+        for bw in [2e9, 5e9, 10e9, 40e9] {
+            for budget in [0.3, 0.6, 0.85] {
+                for objective in [Objective::Speed, Objective::Memory] {
+                    let i = inputs(layers, 1e-3, bw, Some(budget * layers as f64), objective);
+                    let full = best_static_plan_in(&i, SearchSpace::Exhaustive).unwrap();
+                    let restricted = best_static_plan_in(&i, SearchSpace::Restricted).unwrap();
+                    let (f, r) = (full.prediction, restricted.prediction);
+                    match objective {
+                        Objective::Speed => assert!(
+                            r.step_seconds <= f.step_seconds * 1.002,
+                            "L={layers} bw={bw} budget={budget}: {restricted:?} vs {full:?}"
+                        ),
+                        Objective::Memory => {
+                            assert_eq!(r.is_transparent(), f.is_transparent());
+                            if f.is_transparent() {
+                                assert_eq!(r.device_bytes, f.device_bytes, "L={layers} bw={bw} budget={budget}");
+                            } else {
+                                assert!(r.step_seconds <= f.step_seconds * 1.002);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn arb_inputs() -> impl Strategy<Value = (PolicyInputs, Vec<bool>, usize)> {
+    (2usize..9, 1e8f64..5e10, 0.2f64..1.2, any::<bool>(), any::<bool>()).prop_flat_map(
+        |(l, bw, budget_frac, memory, shared)| {
+            (
+                prop::collection::vec(1e-4f64..2e-3, l),
+                prop::collection::vec(1u64..8_000_000, l),
+                prop::collection::vec(any::<bool>(), l),
+                1usize..8,
+            )
+                .prop_map(move |(compute, bytes, mask, w)| {
+                    let total: u64 = bytes.iter().sum();
+                    let inputs = PolicyInputs {
+                        compute_seconds: compute,
+                        valid_bytes: bytes.clone(),
+                        writeback_bytes: bytes.iter().map(|b| b / 1000).collect(),
+                        layer_bytes: bytes,
+                        link: LinkModel {
+                            h2d_bandwidth: bw,
+                            h2d_latency: 5e-6,
+                            d2h_bandwidth: bw,
+                            d2h_latency: 5e-6,
+                            shared,
+                        },
+                        budget_bytes: Some((total as f64 * budget_frac) as u64),
+                        objective: if memory { Objective::Memory } else { Objective::Speed },
+                    };
+                    (inputs, mask, w)
+                })
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// No plan that fits the budget beats the search (speed), and none frees
+    /// more memory without stalling (memory).
+    #[test]
+    fn no_random_plan_beats_the_search((inputs, mask, w) in arb_inputs()) {
+        let Ok(best) = best_static_plan(&inputs) else {
+            // Only a budget error is acceptable, and only if one slot does not fit.
+            let everything: Vec<usize> = (0..inputs.num_layers()).collect();
+            prop_assert_eq!(max_depth(&inputs, &everything), 0);
+            return Ok(());
+        };
+        let budget = inputs.budget_bytes.unwrap();
+        prop_assert!(best.prediction.device_bytes <= budget);
+        let plan = Plan { pooled: (0..inputs.num_layers()).filter(|&i| mask[i]).collect(), prefetch_depth: w };
+        if device_bytes(&inputs.layer_bytes, &plan) > budget {
+            return Ok(());
+        }
+        let p = predict_step(&inputs, &plan).unwrap();
+        match inputs.objective {
+            Objective::Speed => prop_assert!(p.step_seconds >= best.prediction.step_seconds * (1.0 - 1e-3) - 1e-12,
+                "{:?} beats {:?}", p, best),
+            Objective::Memory => {
+                if best.prediction.is_transparent() {
+                    if p.is_transparent() {
+                        prop_assert!(p.device_bytes >= best.prediction.device_bytes, "{:?} beats {:?}", p, best);
+                    }
+                } else {
+                    prop_assert!(!p.is_transparent());
+                    prop_assert!(p.step_seconds >= best.prediction.step_seconds * (1.0 - 1e-3) - 1e-12);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv (once), installs the Python dependencies (pip's cache is reused
+# across runs) and builds the extension in release mode into it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch from PyPI is large: it is installed once into .venv and then reused.
+python -m pip install -q "torch>=2.6" "transformers>=5.17" numpy tqdm matplotlib pytest ruff "maturin>=1.7,<2"
+# transformers 5.17 (the oldest supported, and the GPU machine's) beside the
+# newest, for the version matrix in scripts/test-all.sh.
+if [ ! -d .cache/transformers-5.17/transformers ]; then
+  python -m pip install -q --no-deps --target .cache/transformers-5.17 "transformers==5.17.0" "huggingface-hub>=1.5,<2" httpx httpcore
+fi
+maturin develop --release -q

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: lints, Rust tests (pie-core, pie-cuda), the Python
+# tests against the newest transformers and against 5.17.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1
+cargo fmt --all -- --check
+ruff check python tests benches
+cargo clippy --release --all-targets -- -D warnings
+cargo test --release -p pie-core -p pie-cuda
+python -m pytest -q
+# transformers 5.17 (keyword past_key_values only): the identity and API tests again.
+PYTHONPATH=.cache/transformers-5.17 python -m pytest -q -m "not slow" tests/test_identity.py tests/test_api.py
