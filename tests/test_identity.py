@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import pie_rs
-from pie_rs._model import inspect_model
+from pie_rs._model import cache_keyword, inspect_model
 
 from helpers import expanded_batch, generate, half_pooled_budget, sliding_bytes
 from models import FAMILIES, make_inputs, make_model
@@ -75,3 +76,31 @@ def test_generate_twice_and_longer_than_sized() -> None:
         assert torch.equal(got, exp_b)
         assert cache.max_cache_len >= PROMPT + 40 - 1
         assert pool.stats()["generations"] == 2
+
+
+def test_prompt_lookup_crops_through_the_engine() -> None:
+    """Prompt-lookup decoding crops the cache after rejected drafts; tokens still match."""
+    model = make_model("llama")
+    inputs = make_inputs(1, 12)
+    inputs["input_ids"][0, 6:12] = inputs["input_ids"][0, 0:6]
+    expected = generate(model, inputs, "greedy", prompt_lookup_num_tokens=3, max_new_tokens=20)
+    with pie_rs.attach(model, pooled_layers=[0, 2], prefetch_depth=1):
+        got = generate(model, inputs, "greedy", prompt_lookup_num_tokens=3, max_new_tokens=20)
+    assert torch.equal(got, expected)
+
+
+def test_continue_from_returned_cache() -> None:
+    """A cache returned by generate (return_dict_in_generate) stays open and continues identically."""
+    model = make_model("qwen2")
+    inputs = make_inputs(2, PROMPT)
+    kw = cache_keyword(model)
+    ref = DynamicCache(config=model.config)
+    first = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, **{kw: ref})
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 5, dtype=torch.long)], dim=1)
+    expected = model.generate(first.sequences, attention_mask=mask, max_new_tokens=5, do_sample=False, **{kw: ref})
+    with pie_rs.attach(model, pooled_layers=[1, 2, 3], prefetch_depth=1):
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        assert isinstance(cache, pie_rs.PieCache) and not cache.closed
+        got = model.generate(out.sequences, attention_mask=mask, max_new_tokens=5, do_sample=False, **{kw: cache})
+    assert torch.equal(got, expected)

@@ -60,13 +60,25 @@ class Engine:
         objective: str = "speed",
         pooled_layers: list[int] | None = None,
         prefetch_depth: int | None = None,
-    ) -> None: ...
+        faults: dict[str, int] | None = None,
+        wait_timeout: float | None = None,
+    ) -> None:
+        """``faults`` (host backend only) injects ``fail_copy_at``/``hang_copy_at`` (n-th copy)
+        or ``alloc_limit`` (bytes) for reliability tests; ``wait_timeout`` bounds every wait."""
     @property
     def backend(self) -> str: ...
     @property
     def num_layers(self) -> int: ...
     @property
     def capacity(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def will_rebuild(self) -> bool:
+        """Whether the next step begins with an arena rebuild (drop views first)."""
+    def flush_telemetry(self) -> None:
+        """Waits until the policy thread measured every finished step."""
+    def last_sample(self) -> dict[str, Any] | None:
+        """The latest per-step measurement (per-layer compute and stall, copy times)."""
     @property
     def generation(self) -> int:
         """Bumped whenever arenas are reallocated: views taken before must be dropped."""
@@ -101,3 +113,12 @@ class Engine:
     def stats(self) -> dict[str, Any]: ...
     def close(self) -> None:
         """Joins the engine's threads and frees its memory; further use raises StateError."""
+
+def simulate(request: dict[str, Any]) -> dict[str, Any]:
+    """Runs the engine's policy on the sim backend for a described machine and model."""
+
+def list_profiles() -> dict[str, dict[str, str]]:
+    """Named machine profiles and model shapes for ``simulate``."""
+
+def cuda_copy_bench(sizes: list[int], iters: int = 10, device_index: int = 0) -> list[dict[str, Any]]:
+    """The engine's own H2D, D2H and simultaneous copy bandwidth (GB/s) per size."""

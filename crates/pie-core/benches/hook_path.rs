@@ -52,7 +52,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 step(&mut e);
                 steps += 1;
-                if steps % 4096 == 0 {
+                if steps.is_multiple_of(4096) {
                     // Keep the KV short so copies stay small: crop back.
                     e.quiesce().unwrap();
                     for l in 0..LAYERS {

@@ -153,7 +153,9 @@ pub fn check_copy_bounds<B: Backend + ?Sized>(
             .checked_add(span)
             .is_some_and(|end| end <= m.buffer_len())
     };
-    if shape.width > shape.src_pitch.max(shape.width) || shape.width > shape.dst_pitch.max(shape.width) {
+    if shape.width > shape.src_pitch.max(shape.width)
+        || shape.width > shape.dst_pitch.max(shape.width)
+    {
         return Err(crate::PieError::config("copy width exceeds its pitch"));
     }
     if (shape.height > 1 && (shape.src_pitch < shape.width || shape.dst_pitch < shape.width))
@@ -201,8 +203,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Enqueues an asynchronous copy on `stream`. Either side may be device or
     /// host memory. Bounds are checked; the call returns once the copy is queued.
-    fn copy(&self, stream: Stream, src: Mem<'_, Self>, dst: Mem<'_, Self>, shape: CopyShape)
-        -> Result<()>;
+    fn copy(
+        &self,
+        stream: Stream,
+        src: Mem<'_, Self>,
+        dst: Mem<'_, Self>,
+        shape: CopyShape,
+    ) -> Result<()>;
 
     /// Records `event` on `stream`: it completes when all work enqueued on the
     /// stream before this call completes.

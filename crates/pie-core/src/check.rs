@@ -69,7 +69,11 @@ impl SlotAccess {
         } else {
             self.spec.v_token_bytes()
         };
-        let base = if kv == 0 { 0 } else { self.spec.k_bytes(self.capacity) };
+        let base = if kv == 0 {
+            0
+        } else {
+            self.spec.k_bytes(self.capacity)
+        };
         base + (r * self.capacity + t) * tok + i
     }
 
@@ -130,7 +134,11 @@ pub fn run_step(
             for t in start..start + new_tokens {
                 let id = token_id(l, r, t, salt);
                 for kv in 0..2 {
-                    let width = if kv == 0 { spec.k_token_bytes() } else { spec.v_token_bytes() };
+                    let width = if kv == 0 {
+                        spec.k_token_bytes()
+                    } else {
+                        spec.v_token_bytes()
+                    };
                     for i in 0..width {
                         // SAFETY: after layer_ready on the host backend the slot
                         // belongs to the caller until layer_done.
@@ -173,7 +181,11 @@ fn check_slot(slot: &SlotAccess, l: usize, reference: &Reference) -> Option<Mism
 }
 
 /// Crops every layer to `tokens` tokens, in the engine and the reference.
-pub fn crop(engine: &mut Engine<HostBackend>, reference: &mut Reference, tokens: usize) -> Result<()> {
+pub fn crop(
+    engine: &mut Engine<HostBackend>,
+    reference: &mut Reference,
+    tokens: usize,
+) -> Result<()> {
     for l in 0..engine.num_layers() {
         let keep = tokens.min(reference.len(l));
         engine.set_seq_len(l, keep)?;

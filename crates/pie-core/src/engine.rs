@@ -22,7 +22,7 @@ use crate::primitive::{AtomicBool, AtomicU64, Ordering};
 use crate::slots::ArenaLayout;
 use crate::swapper::{self, SwapOp};
 use crate::telemetry::{self, Counters, StepRecord, StepSample, TimingSet, TIMING_SETS};
-use arc_swap::{ArcSwapOption, ArcSwap};
+use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -123,7 +123,9 @@ impl<B: Backend> Shared<B> {
                 "the pool stopped after a failure ({why}); its KV may be incomplete: detach and attach again"
             )))
         } else if self.shutdown.load(Ordering::Acquire) {
-            Err(PieError::state("the engine is closed; attach again to use pie-rs"))
+            Err(PieError::state(
+                "the engine is closed; attach again to use pie-rs",
+            ))
         } else {
             Ok(())
         }
@@ -240,7 +242,11 @@ impl<B: Backend> Engine<B> {
         let plan = driver.initial_plan(&ctx)?;
         plan.validate(n)?;
         check_budget(&specs, options.capacity, &plan, options.device_budget)?;
-        let evs = |k: usize| (0..k).map(|_| backend.new_event()).collect::<Result<Vec<_>>>();
+        let evs = |k: usize| {
+            (0..k)
+                .map(|_| backend.new_event())
+                .collect::<Result<Vec<_>>>()
+        };
         let timing = (0..TIMING_SETS)
             .map(|_| TimingSet::new(&backend, n))
             .collect::<Result<Vec<_>>>()?;
@@ -472,7 +478,6 @@ impl<B: Backend> Engine<B> {
         }
         self.shared.backend.synchronize_queues()?;
         self.shared.check()
-
     }
 
     /// Ends a quiesce: staging contents are treated as stale and pooled layers
@@ -598,7 +603,9 @@ impl<B: Backend> Engine<B> {
                 if !self.shared.page_table.prefetch_hit(layer) {
                     let set = self.shared.timing_set(self.step);
                     self.shared.backend.record(&set.wait_start[layer], stream)?;
-                    self.shared.backend.wait(stream, &self.shared.ready[layer])?;
+                    self.shared
+                        .backend
+                        .wait(stream, &self.shared.ready[layer])?;
                 }
                 let slot = (seq % self.pipeline.w) as usize;
                 Ok(self.arenas().layout.staging[slot])
@@ -623,11 +630,12 @@ impl<B: Backend> Engine<B> {
         self.shared.page_table.set_seq_len(layer, start + n_new);
         if self.shared.page_table.residence(layer) == Residence::Pooled && n_new > 0 {
             let k = self.pipeline.pos_of[layer].expect("pooled layers have a position");
-            let seq = self
-                .pipeline
-                .seq_of(k)
-                .ok_or_else(|| PieError::state(format!("layer_written({layer}) before layer_ready")))?;
-            self.shared.backend.record(&self.shared.written[layer], stream)?;
+            let seq = self.pipeline.seq_of(k).ok_or_else(|| {
+                PieError::state(format!("layer_written({layer}) before layer_ready"))
+            })?;
+            self.shared
+                .backend
+                .record(&self.shared.written[layer], stream)?;
             let slot = (seq % self.pipeline.w) as usize;
             self.push_op(SwapOp::WriteBack {
                 layer,
@@ -652,9 +660,15 @@ impl<B: Backend> Engine<B> {
         }
         if self.shared.page_table.residence(layer) == Residence::Pooled {
             let k = self.pipeline.pos_of[layer].expect("pooled layers have a position");
-            if let Some(seq) = self.pipeline.seq_of(k).filter(|s| *s < self.pipeline.pushed) {
+            if let Some(seq) = self
+                .pipeline
+                .seq_of(k)
+                .filter(|s| *s < self.pipeline.pushed)
+            {
                 let slot = (seq % self.pipeline.w) as usize;
-                self.shared.backend.record(&self.shared.done[layer], stream)?;
+                self.shared
+                    .backend
+                    .record(&self.shared.done[layer], stream)?;
                 self.push_op(SwapOp::Release { layer, slot })?;
                 let next = seq + self.pipeline.w;
                 if next == self.pipeline.pushed {
@@ -670,7 +684,9 @@ impl<B: Backend> Engine<B> {
 
     fn end_step(&mut self, stream: Stream) -> Result<()> {
         let set = self.shared.timing_set(self.step);
-        self.shared.backend.record(&set.begin[self.num_layers()], stream)?;
+        self.shared
+            .backend
+            .record(&set.begin[self.num_layers()], stream)?;
         let record = StepRecord {
             step: self.step,
             plan: self.pipeline.plan.clone(),
@@ -736,7 +752,14 @@ impl<B: Backend> Engine<B> {
             )));
         }
         let mut plan = (*self.pipeline.plan).clone();
-        if check_budget(&self.shared.specs, capacity, &plan, self.shared.device_budget).is_err() {
+        if check_budget(
+            &self.shared.specs,
+            capacity,
+            &plan,
+            self.shared.device_budget,
+        )
+        .is_err()
+        {
             // Mandatory expansion: the current plan no longer fits.
             plan = crate::policy_driver::budget_plan(
                 &self.shared.specs,
@@ -759,7 +782,12 @@ impl<B: Backend> Engine<B> {
     pub fn set_plan(&mut self, plan: Plan) -> Result<()> {
         self.shared.check()?;
         plan.validate(self.num_layers())?;
-        check_budget(&self.shared.specs, self.capacity(), &plan, self.shared.device_budget)?;
+        check_budget(
+            &self.shared.specs,
+            self.capacity(),
+            &plan,
+            self.shared.device_budget,
+        )?;
         self.shared.pending_plan.store(Some(Arc::new(plan)));
         Ok(())
     }
@@ -782,11 +810,18 @@ impl<B: Backend> Engine<B> {
     /// before the new one is allocated, so the budget holds throughout), and
     /// fills the new resident slots. Costs a full sync; plans change rarely.
     fn transition(&mut self, plan: &Arc<Plan>, capacity: usize) -> Result<()> {
-        check_budget(&self.shared.specs, capacity, plan, self.shared.device_budget)?;
+        check_budget(
+            &self.shared.specs,
+            capacity,
+            plan,
+            self.shared.device_budget,
+        )?;
         self.quiesce()?;
         let result = self.transition_inner(plan, capacity);
         if let Err(e) = &result {
-            self.shared.poison(PieError::state(format!("rebuilding the arenas failed: {e}")));
+            self.shared.poison(PieError::state(format!(
+                "rebuilding the arenas failed: {e}"
+            )));
         }
         result
     }
@@ -871,7 +906,9 @@ impl<B: Backend> Engine<B> {
             .counters
             .peak_device_bytes
             .fetch_max(new_layout.device_bytes as u64, Ordering::Relaxed);
-        self.shared.capacity.store(capacity as u64, Ordering::Relaxed);
+        self.shared
+            .capacity
+            .store(capacity as u64, Ordering::Relaxed);
         self.shared.arenas.store(Some(Arc::new(Arenas {
             layout: new_layout,
             device,
@@ -934,7 +971,10 @@ impl<B: Backend> Engine<B> {
         while self.shared.records_done.load(Ordering::Acquire) < self.records_pushed {
             self.shared.check()?;
             if Instant::now() > deadline {
-                return Err(PieError::backend("telemetry", "the policy thread stopped draining its ring"));
+                return Err(PieError::backend(
+                    "telemetry",
+                    "the policy thread stopped draining its ring",
+                ));
             }
             if let Some(t) = &self.policy {
                 t.thread().unpark();
@@ -956,7 +996,10 @@ impl<B: Backend> Engine<B> {
         }
         let _ = self.quiesce();
         self.shared.shutdown.store(true, Ordering::SeqCst);
-        for t in [self.swapper.take(), self.policy.take()].into_iter().flatten() {
+        for t in [self.swapper.take(), self.policy.take()]
+            .into_iter()
+            .flatten()
+        {
             t.thread().unpark();
             let _ = t.join();
         }

@@ -48,10 +48,7 @@ pub fn ring<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
         head: AtomicUsize::new(0),
         tail: AtomicUsize::new(0),
     });
-    (
-        Producer { ring: ring.clone() },
-        Consumer { ring },
-    )
+    (Producer { ring: ring.clone() }, Consumer { ring })
 }
 
 impl<T> Producer<T> {
@@ -140,7 +137,10 @@ mod tests {
         assert_eq!(p.push(9), Err(9));
         assert_eq!(c.pop(), Some(0));
         p.push(3).unwrap();
-        assert_eq!((1..=3).map(|_| c.pop().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            (1..=3).map(|_| c.pop().unwrap()).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert!(c.is_empty());
     }
 

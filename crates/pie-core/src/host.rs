@@ -65,7 +65,12 @@ impl Drop for HostMem {
     fn drop(&mut self) {
         if !self.ptr.is_null() {
             // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout.
-            unsafe { dealloc(self.ptr, Layout::from_size_align_unchecked(self.len, HOST_ALIGN)) };
+            unsafe {
+                dealloc(
+                    self.ptr,
+                    Layout::from_size_align_unchecked(self.len, HOST_ALIGN),
+                )
+            };
         }
     }
 }
@@ -345,7 +350,13 @@ impl Backend for HostBackend {
         Ok(HostEvent::default())
     }
 
-    fn copy(&self, stream: Stream, src: Mem<'_, Self>, dst: Mem<'_, Self>, shape: CopyShape) -> Result<()> {
+    fn copy(
+        &self,
+        stream: Stream,
+        src: Mem<'_, Self>,
+        dst: Mem<'_, Self>,
+        shape: CopyShape,
+    ) -> Result<()> {
         self.check_failure()?;
         check_copy_bounds(&src, &dst, &shape)?;
         let index = self.copies.fetch_add(1, Ordering::Relaxed) + 1;
@@ -359,7 +370,10 @@ impl Backend for HostBackend {
             }),
             None => {
                 if self.faults.fail_copy_at == Some(index) {
-                    return Err(PieError::backend("host copy", format!("injected fault: copy #{index} failed")));
+                    return Err(PieError::backend(
+                        "host copy",
+                        format!("injected fault: copy #{index} failed"),
+                    ));
                 }
                 // SAFETY: bounds checked above; on the compute stream the copy runs
                 // synchronously on the caller's thread, which owns the compute order.
@@ -397,7 +411,10 @@ impl Backend for HostBackend {
                     self.check_failure()?;
                     Err(PieError::backend(
                         "wait for copy",
-                        format!("a copy did not complete within {:?}; the copy engine is stuck", self.timeout),
+                        format!(
+                            "a copy did not complete within {:?}; the copy engine is stuck",
+                            self.timeout
+                        ),
                     ))
                 }
             }
@@ -415,15 +432,24 @@ impl Backend for HostBackend {
             self.check_failure()
         } else {
             self.check_failure()?;
-            Err(PieError::backend("event synchronize", format!("timed out after {:?}", self.timeout)))
+            Err(PieError::backend(
+                "event synchronize",
+                format!("timed out after {:?}", self.timeout),
+            ))
         }
     }
 
     fn elapsed(&self, start: &HostEvent, end: &HostEvent) -> Result<f64> {
         let a = *start.inner.state.lock();
         let b = *end.inner.state.lock();
-        if a.completed < a.recorded || b.completed < b.recorded || a.recorded == 0 || b.recorded == 0 {
-            return Err(PieError::state("elapsed() needs two recorded, completed events"));
+        if a.completed < a.recorded
+            || b.completed < b.recorded
+            || a.recorded == 0
+            || b.recorded == 0
+        {
+            return Err(PieError::state(
+                "elapsed() needs two recorded, completed events",
+            ));
         }
         Ok(b.time - a.time)
     }
@@ -456,10 +482,22 @@ mod tests {
             }
         }
         let ev = b.new_event().unwrap();
-        b.copy(Stream::H2D, Mem::Host(&host, 0), Mem::Device(&dev, 0), CopyShape::contiguous(1 << 20)).unwrap();
+        b.copy(
+            Stream::H2D,
+            Mem::Host(&host, 0),
+            Mem::Device(&dev, 0),
+            CopyShape::contiguous(1 << 20),
+        )
+        .unwrap();
         b.record(&ev, Stream::H2D).unwrap();
         b.wait(Stream::D2H, &ev).unwrap();
-        b.copy(Stream::D2H, Mem::Device(&dev, 0), Mem::Host(&back, 0), CopyShape::contiguous(1 << 20)).unwrap();
+        b.copy(
+            Stream::D2H,
+            Mem::Device(&dev, 0),
+            Mem::Host(&back, 0),
+            CopyShape::contiguous(1 << 20),
+        )
+        .unwrap();
         b.synchronize_queues().unwrap();
         // SAFETY: both queues are drained; the buffers are live and 1 MiB long.
         let (a, c) = unsafe {
@@ -477,7 +515,12 @@ mod tests {
         let h = b.alloc_host(100).unwrap();
         let d = b.alloc_device(100).unwrap();
         assert!(b
-            .copy(Stream::H2D, Mem::Host(&h, 50), Mem::Device(&d, 0), CopyShape::contiguous(60))
+            .copy(
+                Stream::H2D,
+                Mem::Host(&h, 50),
+                Mem::Device(&d, 0),
+                CopyShape::contiguous(60)
+            )
             .is_err());
     }
 
@@ -490,7 +533,13 @@ mod tests {
         .unwrap();
         let h = b.alloc_host(64).unwrap();
         let d = b.alloc_device(64).unwrap();
-        b.copy(Stream::H2D, Mem::Host(&h, 0), Mem::Device(&d, 0), CopyShape::contiguous(64)).unwrap();
+        b.copy(
+            Stream::H2D,
+            Mem::Host(&h, 0),
+            Mem::Device(&d, 0),
+            CopyShape::contiguous(64),
+        )
+        .unwrap();
         assert!(b.synchronize_queues().is_err());
     }
 }

@@ -88,7 +88,9 @@ impl PageTable {
 
     /// Records whether the latest prefetch of `layer` was a hit (no copy issued).
     pub fn set_prefetch_hit(&self, layer: usize, hit: bool) {
-        self.layers[layer].prefetch_hit.store(hit, Ordering::Release);
+        self.layers[layer]
+            .prefetch_hit
+            .store(hit, Ordering::Release);
     }
 
     /// Whether the latest prefetch of `layer` was a hit.
@@ -103,10 +105,15 @@ impl PageTable {
                 let r = *e.residence.lock();
                 match (r, layout.device_slot[i]) {
                     (Residence::Resident { device_offset }, Some(o)) => {
-                        debug_assert_eq!(device_offset, o, "layer {i} slot disagrees with the layout")
+                        debug_assert_eq!(
+                            device_offset, o,
+                            "layer {i} slot disagrees with the layout"
+                        )
                     }
                     (Residence::Pooled, None) => {}
-                    _ => debug_assert!(false, "layer {i} residence {r:?} disagrees with the layout"),
+                    _ => {
+                        debug_assert!(false, "layer {i} residence {r:?} disagrees with the layout")
+                    }
                 }
                 debug_assert!(
                     e.seq_len.load(Ordering::Relaxed) <= layout.capacity,

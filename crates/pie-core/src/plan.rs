@@ -108,9 +108,29 @@ mod tests {
 
     #[test]
     fn validate_rejects_bad_plans() {
-        assert!(Plan { pooled: vec![3], prefetch_depth: 1 }.validate(3).is_err());
-        assert!(Plan { pooled: vec![1, 1], prefetch_depth: 1 }.validate(3).is_err());
-        assert!(Plan { pooled: vec![1], prefetch_depth: 0 }.validate(3).is_err());
-        assert!(Plan { pooled: vec![0, 2], prefetch_depth: 5 }.validate(3).is_ok());
+        assert!(Plan {
+            pooled: vec![3],
+            prefetch_depth: 1
+        }
+        .validate(3)
+        .is_err());
+        assert!(Plan {
+            pooled: vec![1, 1],
+            prefetch_depth: 1
+        }
+        .validate(3)
+        .is_err());
+        assert!(Plan {
+            pooled: vec![1],
+            prefetch_depth: 0
+        }
+        .validate(3)
+        .is_err());
+        assert!(Plan {
+            pooled: vec![0, 2],
+            prefetch_depth: 5
+        }
+        .validate(3)
+        .is_ok());
     }
 }

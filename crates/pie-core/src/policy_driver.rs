@@ -8,6 +8,9 @@ use crate::error::{PieError, Result};
 use crate::fifo::Consumer;
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
+use crate::policy::{
+    AdaptiveConfig, AdaptivePolicy, KvShape, Objective, Policy, StepSample as PolicySample,
+};
 use crate::primitive::Ordering;
 use crate::slots::ArenaLayout;
 use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
@@ -121,7 +124,10 @@ pub(crate) fn run<B: Backend>(
             continue;
         };
         if let Some(sample) = measure(shared, &record) {
-            Counters::add(&shared.counters.stall_ns, (sample.stall_seconds() * 1e9) as u64);
+            Counters::add(
+                &shared.counters.stall_ns,
+                (sample.stall_seconds() * 1e9) as u64,
+            );
             Counters::add(&shared.counters.step_ns, (sample.step_seconds * 1e9) as u64);
             Counters::add(&shared.counters.timed_steps, 1);
             let seq_lens: Vec<usize> = (0..shared.specs.len())
@@ -168,7 +174,9 @@ fn measure<B: Backend>(shared: &Shared<B>, record: &StepRecord) -> Option<StepSa
     }
     let mut sample = StepSample {
         step: record.step,
-        layer_compute: (0..n).map(|l| event_span(b, &set.begin[l], &set.begin[l + 1])).collect(),
+        layer_compute: (0..n)
+            .map(|l| event_span(b, &set.begin[l], &set.begin[l + 1]))
+            .collect(),
         layer_stall: vec![0.0; n],
         step_seconds: event_span(b, &set.begin[0], &set.begin[n]),
         plan: (*record.plan).clone(),
@@ -201,11 +209,87 @@ pub(crate) fn last_sample<B: Backend>(shared: &Shared<B>) -> Option<StepSample> 
     shared.last_sample.lock().clone()
 }
 
-/// The adaptive policy for `objective` ("speed" or "memory").
+/// Adapts the adaptive policy ([`crate::policy::AdaptivePolicy`]) to the engine.
+pub struct AdaptiveDriver {
+    policy: AdaptivePolicy,
+}
+
+fn kv_shape(ctx: &PolicyContext<'_>) -> KvShape {
+    KvShape {
+        layer_bytes: ctx
+            .specs
+            .iter()
+            .map(|s| s.bytes(ctx.capacity) as u64)
+            .collect(),
+        valid_bytes: ctx
+            .specs
+            .iter()
+            .zip(ctx.seq_lens)
+            .map(|(s, &n)| s.valid_bytes(n) as u64)
+            .collect(),
+        // Decode writes one token per step per sequence.
+        writeback_bytes: ctx.specs.iter().map(|s| s.valid_bytes(1) as u64).collect(),
+    }
+}
+
+fn policy_sample(s: &StepSample) -> PolicySample {
+    let prefetched = s.plan.pooled.len() as u64;
+    PolicySample {
+        compute_seconds: s
+            .layer_compute
+            .iter()
+            .zip(&s.layer_stall)
+            .map(|(c, st)| (c - st).max(0.0))
+            .collect(),
+        stall_seconds: s.layer_stall.clone(),
+        h2d_bytes: s.h2d_bytes,
+        h2d_seconds: s.h2d_seconds,
+        // K and V are one copy each per layer.
+        h2d_copies: if s.h2d_bytes > 0 { 2 * prefetched } else { 0 },
+        d2h_bytes: s.d2h_bytes,
+        d2h_seconds: s.d2h_seconds,
+        d2h_copies: if s.d2h_bytes > 0 { 2 * prefetched } else { 0 },
+        step_seconds: s.step_seconds,
+    }
+}
+
+impl PolicyDriver for AdaptiveDriver {
+    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan> {
+        self.policy.set_budget(ctx.device_budget.map(|b| b as u64));
+        self.policy.set_kv(&kv_shape(ctx));
+        Ok(self
+            .policy
+            .decide()?
+            .unwrap_or_else(|| self.policy.current().clone()))
+    }
+
+    fn observe(&mut self, sample: &StepSample, ctx: &PolicyContext<'_>) -> Option<Plan> {
+        self.policy.set_kv(&kv_shape(ctx));
+        self.policy.observe(&policy_sample(sample));
+        self.policy.decide().ok().flatten()
+    }
+}
+
+/// The adaptive policy for `objective` ("speed" or "memory"), starting from
+/// `prefetch_depth` if given (the policy may change it).
 pub fn adaptive_driver(
     objective: &str,
     prefetch_depth: Option<usize>,
 ) -> Result<Box<dyn PolicyDriver>> {
-    let _ = objective;
-    Ok(Box::new(StaticDriver::budget_fit(prefetch_depth.unwrap_or(2))))
+    let objective = match objective {
+        "speed" => Objective::Speed,
+        "memory" => Objective::Memory,
+        other => {
+            return Err(PieError::config(format!(
+                "objective {other:?} is not known; use \"speed\" or \"memory\""
+            )))
+        }
+    };
+    let _ = prefetch_depth;
+    Ok(Box::new(AdaptiveDriver {
+        policy: AdaptivePolicy::new(AdaptiveConfig {
+            objective,
+            ..AdaptiveConfig::default()
+        }),
+    }))
 }

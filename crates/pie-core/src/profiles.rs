@@ -181,7 +181,8 @@ const MACHINES: &[MachineProfile] = &[
     },
     MachineProfile {
         name: "rtx4090-pcie-gen4",
-        description: "GeForce RTX 4090 24 GB on PCIe Gen4 x16 (~20 GB/s, one shared link), GDDR6X 1.008 TB/s",
+        description:
+            "GeForce RTX 4090 24 GB on PCIe Gen4 x16 (~20 GB/s, one shared link), GDDR6X 1.008 TB/s",
         h2d_gbps: 20.0,
         d2h_gbps: 20.0,
         copy_latency_us: 10.0,
@@ -196,15 +197,60 @@ const MACHINES: &[MachineProfile] = &[
 
 const MODELS: &[ModelShape] = &[
     // meta-llama/Meta-Llama-3-8B config.json
-    ModelShape { name: "llama-3-8b", layers: 32, hidden: 4096, intermediate: 14336, heads: 32, kv_heads: 8, head_dim: 128, elem_size: 2 },
+    ModelShape {
+        name: "llama-3-8b",
+        layers: 32,
+        hidden: 4096,
+        intermediate: 14336,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        elem_size: 2,
+    },
     // meta-llama/Meta-Llama-3-70B config.json
-    ModelShape { name: "llama-3-70b", layers: 80, hidden: 8192, intermediate: 28672, heads: 64, kv_heads: 8, head_dim: 128, elem_size: 2 },
+    ModelShape {
+        name: "llama-3-70b",
+        layers: 80,
+        hidden: 8192,
+        intermediate: 28672,
+        heads: 64,
+        kv_heads: 8,
+        head_dim: 128,
+        elem_size: 2,
+    },
     // Qwen/Qwen2-7B config.json
-    ModelShape { name: "qwen2-7b", layers: 28, hidden: 3584, intermediate: 18944, heads: 28, kv_heads: 4, head_dim: 128, elem_size: 2 },
+    ModelShape {
+        name: "qwen2-7b",
+        layers: 28,
+        hidden: 3584,
+        intermediate: 18944,
+        heads: 28,
+        kv_heads: 4,
+        head_dim: 128,
+        elem_size: 2,
+    },
     // meta-llama/Llama-2-7b-hf config.json (multi-head attention: a large KV per token)
-    ModelShape { name: "llama-2-7b", layers: 32, hidden: 4096, intermediate: 11008, heads: 32, kv_heads: 32, head_dim: 128, elem_size: 2 },
+    ModelShape {
+        name: "llama-2-7b",
+        layers: 32,
+        hidden: 4096,
+        intermediate: 11008,
+        heads: 32,
+        kv_heads: 32,
+        head_dim: 128,
+        elem_size: 2,
+    },
     // Qwen/Qwen2.5-0.5B config.json (small enough for CPU demos)
-    ModelShape { name: "qwen2.5-0.5b", layers: 24, hidden: 896, intermediate: 4864, heads: 14, kv_heads: 2, head_dim: 64, elem_size: 2 },
+    ModelShape {
+        name: "qwen2.5-0.5b",
+        layers: 24,
+        hidden: 896,
+        intermediate: 4864,
+        heads: 14,
+        kv_heads: 2,
+        head_dim: 64,
+        elem_size: 2,
+    },
 ];
 
 /// Every machine profile.
@@ -225,7 +271,10 @@ pub fn machine(name: &str) -> Result<MachineProfile> {
         .copied()
         .ok_or_else(|| {
             let names: Vec<&str> = MACHINES.iter().map(|m| m.name).collect();
-            PieError::config(format!("unknown machine {name:?}; choose one of {}", names.join(", ")))
+            PieError::config(format!(
+                "unknown machine {name:?}; choose one of {}",
+                names.join(", ")
+            ))
         })
 }
 
@@ -237,7 +286,10 @@ pub fn model(name: &str) -> Result<ModelShape> {
         .copied()
         .ok_or_else(|| {
             let names: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
-            PieError::config(format!("unknown model {name:?}; choose one of {}", names.join(", ")))
+            PieError::config(format!(
+                "unknown model {name:?}; choose one of {}",
+                names.join(", ")
+            ))
         })
 }
 
@@ -251,7 +303,10 @@ mod tests {
         // 4096*4096*2 + 2*4096*1024 + 3*4096*14336 = 218,103,808 parameters.
         assert_eq!(m.weight_bytes_per_layer(), 218_103_808 * 2);
         assert_eq!(m.kv_bytes_per_token(), 4096);
-        let w = Workload { batch: 2, context: 1000 };
+        let w = Workload {
+            batch: 2,
+            context: 1000,
+        };
         assert_eq!(w.capacity(), 1024);
         assert_eq!(m.layer_kv_bytes(&w), 4096 * 2 * 1024);
         assert!(machine("nope").is_err());

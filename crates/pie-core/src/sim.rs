@@ -94,10 +94,14 @@ impl SimConfig {
     pub fn validate(&self) -> Result<()> {
         self.link_model().validate()?;
         if self.copy_engines == 0 {
-            return Err(PieError::config("a simulated GPU needs at least one copy engine"));
+            return Err(PieError::config(
+                "a simulated GPU needs at least one copy engine",
+            ));
         }
         if !(self.local_bandwidth.is_finite() && self.local_bandwidth > 0.0) {
-            return Err(PieError::config("local copy bandwidth must be positive and finite"));
+            return Err(PieError::config(
+                "local copy bandwidth must be positive and finite",
+            ));
         }
         Ok(())
     }
@@ -210,7 +214,12 @@ impl SimBackend {
 
     /// The virtual clock of `stream` (0 before its first command).
     pub fn stream_clock(&self, stream: Stream) -> f64 {
-        self.state.lock().clocks.get(&stream).copied().unwrap_or(0.0)
+        self.state
+            .lock()
+            .clocks
+            .get(&stream)
+            .copied()
+            .unwrap_or(0.0)
     }
 
     /// Cumulative copy counters.
@@ -247,7 +256,13 @@ impl Backend for SimBackend {
         Ok(SimEvent::default())
     }
 
-    fn copy(&self, stream: Stream, src: Mem<'_, Self>, dst: Mem<'_, Self>, shape: CopyShape) -> Result<()> {
+    fn copy(
+        &self,
+        stream: Stream,
+        src: Mem<'_, Self>,
+        dst: Mem<'_, Self>,
+        shape: CopyShape,
+    ) -> Result<()> {
         check_copy_bounds(&src, &dst, &shape)?;
         let bytes = shape.bytes() as u64;
         let mut st = self.state.lock();
@@ -255,7 +270,11 @@ impl Backend for SimBackend {
         let link = cfg.link_model();
         // (duration, link index if the copy crosses the interconnect, is h2d)
         let (dur, link_index, h2d) = match (src.is_device(), dst.is_device()) {
-            (false, true) => (copy_seconds(bytes, cfg.h2d_bandwidth, cfg.h2d_latency), Some(0), Some(true)),
+            (false, true) => (
+                copy_seconds(bytes, cfg.h2d_bandwidth, cfg.h2d_latency),
+                Some(0),
+                Some(true),
+            ),
             (true, false) => (
                 copy_seconds(bytes, cfg.d2h_bandwidth, cfg.d2h_latency),
                 Some(if link.shared { 0 } else { 1 }),
@@ -386,8 +405,13 @@ impl PipelineSpec {
                 "a pipeline needs at least one layer and one compute time, size, valid size and write-back size per layer",
             ));
         }
-        if (0..l).any(|i| self.valid_bytes[i] > self.layer_bytes[i] || self.writeback_bytes[i] > self.layer_bytes[i]) {
-            return Err(PieError::config("valid and write-back bytes cannot exceed a layer's capacity bytes"));
+        if (0..l).any(|i| {
+            self.valid_bytes[i] > self.layer_bytes[i]
+                || self.writeback_bytes[i] > self.layer_bytes[i]
+        }) {
+            return Err(PieError::config(
+                "valid and write-back bytes cannot exceed a layer's capacity bytes",
+            ));
         }
         Ok(())
     }
@@ -444,7 +468,12 @@ impl Pipeline {
 
     /// (Re)allocates the fake arenas when the layout or the staging slots changed.
     fn ensure_memory(&mut self, spec: &PipelineSpec, plan: &Plan) -> Result<()> {
-        let slot = plan.pooled.iter().map(|&i| slot_bytes(spec.layer_bytes[i])).max().unwrap_or(0) as usize;
+        let slot = plan
+            .pooled
+            .iter()
+            .map(|&i| slot_bytes(spec.layer_bytes[i]))
+            .max()
+            .unwrap_or(0) as usize;
         let dev_bytes = slot * plan.staging_slots();
         if self.layout != spec.layer_bytes {
             let mut offsets = Vec::with_capacity(spec.num_layers());
@@ -561,7 +590,12 @@ impl Pipeline {
 
 /// Runs `steps` steps of `plan` on a fresh simulated machine and returns each
 /// step's telemetry.
-pub fn run_pipeline(config: &SimConfig, spec: &PipelineSpec, plan: &Plan, steps: usize) -> Result<Vec<StepSample>> {
+pub fn run_pipeline(
+    config: &SimConfig,
+    spec: &PipelineSpec,
+    plan: &Plan,
+    steps: usize,
+) -> Result<Vec<StepSample>> {
     let mut pipe = Pipeline::new(*config)?;
     (0..steps).map(|_| pipe.run_step(spec, plan)).collect()
 }
@@ -591,7 +625,8 @@ pub struct SimulateRequest {
     pub h2d_gbps: Option<f64>,
     /// Override: device-to-host bandwidth, GB/s.
     pub d2h_gbps: Option<f64>,
-    /// Device budget for the KV, MiB (default: half the KV).
+    /// Device budget for the KV, MiB (default: half the KV under the speed
+    /// objective, the whole KV under the memory objective).
     pub gpu_budget_mib: Option<f64>,
     /// What to optimise.
     pub objective: Objective,
@@ -686,7 +721,9 @@ struct Resolved {
 
 fn positive(name: &str, v: Option<f64>) -> Result<Option<f64>> {
     match v {
-        Some(x) if !(x.is_finite() && x > 0.0) => Err(PieError::config(format!("{name} must be a positive number (got {x})"))),
+        Some(x) if !(x.is_finite() && x > 0.0) => Err(PieError::config(format!(
+            "{name} must be a positive number (got {x})"
+        ))),
         other => Ok(other),
     }
 }
@@ -706,11 +743,15 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
     let budget_mib = positive("gpu_budget_mib", req.gpu_budget_mib)?;
     let layers = req.layers.unwrap_or(shape.layers);
     if layers == 0 || layers > 4096 {
-        return Err(PieError::config(format!("layers must be between 1 and 4096 (got {layers})")));
+        return Err(PieError::config(format!(
+            "layers must be between 1 and 4096 (got {layers})"
+        )));
     }
     let steps = req.steps.unwrap_or(30);
     if steps == 0 || steps > 100_000 {
-        return Err(PieError::config(format!("steps must be between 1 and 100000 (got {steps})")));
+        return Err(PieError::config(format!(
+            "steps must be between 1 and 100000 (got {steps})"
+        )));
     }
     let (layer_bytes, valid_bytes, writeback) = match layer_kv_mib {
         Some(mib) => {
@@ -719,7 +760,11 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
         }
         None => {
             let w = crate::profiles::Workload { batch, context };
-            (shape.layer_kv_bytes(&w), shape.valid_kv_bytes(&w), shape.writeback_bytes(&w))
+            (
+                shape.layer_kv_bytes(&w),
+                shape.valid_kv_bytes(&w),
+                shape.writeback_bytes(&w),
+            )
         }
     };
     let compute = match layer_compute_ms {
@@ -727,9 +772,10 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
         None => machine.layer_compute_seconds(&shape, valid_bytes),
     };
     let total = slot_bytes(layer_bytes) * layers as u64;
-    let budget = match budget_mib {
-        Some(mib) => (mib * MIB).round() as u64,
-        None => total / 2,
+    let budget = match (budget_mib, req.objective) {
+        (Some(mib), _) => (mib * MIB).round() as u64,
+        (None, Objective::Speed) => total / 2,
+        (None, Objective::Memory) => total,
     };
     let sim = SimConfig {
         h2d_bandwidth: h2d * 1e9,
@@ -747,8 +793,20 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
     };
     inputs.validate()?;
     let custom = req.layers.is_some() || layer_kv_mib.is_some() || layer_compute_ms.is_some();
-    let model_name = if custom { format!("{} (overridden)", shape.name) } else { shape.name.to_string() };
-    Ok(Resolved { machine, model_name, batch, context, inputs, sim, steps })
+    let model_name = if custom {
+        format!("{} (overridden)", shape.name)
+    } else {
+        shape.name.to_string()
+    };
+    Ok(Resolved {
+        machine,
+        model_name,
+        batch,
+        context,
+        inputs,
+        sim,
+        steps,
+    })
 }
 
 /// Answers a what-if question: runs the adaptive policy on the simulated
@@ -836,14 +894,24 @@ mod tests {
         let dev = b.alloc_device(1_000_000).unwrap();
         assert_ne!(host.addr(), dev.addr());
         let e = b.new_event().unwrap();
-        b.copy(Stream::H2D, Mem::Host(&host, 0), Mem::Device(&dev, 0), CopyShape::contiguous(1_000_000))
-            .unwrap();
+        b.copy(
+            Stream::H2D,
+            Mem::Host(&host, 0),
+            Mem::Device(&dev, 0),
+            CopyShape::contiguous(1_000_000),
+        )
+        .unwrap();
         b.record(&e, Stream::H2D).unwrap();
         assert!((e.time().unwrap() - (1e-5 + 1e-3)).abs() < 1e-15);
         b.wait(Stream::Foreign(0), &e).unwrap();
         assert_eq!(b.now(), e.time().unwrap());
         assert!(b
-            .copy(Stream::H2D, Mem::Host(&host, 1), Mem::Device(&dev, 0), CopyShape::contiguous(1_000_000))
+            .copy(
+                Stream::H2D,
+                Mem::Host(&host, 1),
+                Mem::Device(&dev, 0),
+                CopyShape::contiguous(1_000_000)
+            )
             .is_err());
     }
 
@@ -860,12 +928,40 @@ mod tests {
         let b = SimBackend::new(cfg).unwrap();
         let host = b.alloc_host(1000).unwrap();
         let dev = b.alloc_device(1000).unwrap();
-        b.copy(Stream::H2D, Mem::Host(&host, 0), Mem::Device(&dev, 0), CopyShape::contiguous(1000)).unwrap();
-        b.copy(Stream::D2H, Mem::Device(&dev, 0), Mem::Host(&host, 0), CopyShape::contiguous(1000)).unwrap();
+        b.copy(
+            Stream::H2D,
+            Mem::Host(&host, 0),
+            Mem::Device(&dev, 0),
+            CopyShape::contiguous(1000),
+        )
+        .unwrap();
+        b.copy(
+            Stream::D2H,
+            Mem::Device(&dev, 0),
+            Mem::Host(&host, 0),
+            CopyShape::contiguous(1000),
+        )
+        .unwrap();
         assert!((b.stream_clock(Stream::D2H) - 2e-6).abs() < 1e-18);
-        let full = SimBackend::new(SimConfig { full_duplex: true, ..cfg }).unwrap();
-        full.copy(Stream::H2D, Mem::Host(&host, 0), Mem::Device(&dev, 0), CopyShape::contiguous(1000)).unwrap();
-        full.copy(Stream::D2H, Mem::Device(&dev, 0), Mem::Host(&host, 0), CopyShape::contiguous(1000)).unwrap();
+        let full = SimBackend::new(SimConfig {
+            full_duplex: true,
+            ..cfg
+        })
+        .unwrap();
+        full.copy(
+            Stream::H2D,
+            Mem::Host(&host, 0),
+            Mem::Device(&dev, 0),
+            CopyShape::contiguous(1000),
+        )
+        .unwrap();
+        full.copy(
+            Stream::D2H,
+            Mem::Device(&dev, 0),
+            Mem::Host(&host, 0),
+            CopyShape::contiguous(1000),
+        )
+        .unwrap();
         assert!((full.stream_clock(Stream::D2H) - 1e-6).abs() < 1e-18);
     }
 }

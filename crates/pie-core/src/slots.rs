@@ -91,7 +91,9 @@ impl ArenaLayout {
 
 fn checked_add(a: usize, b: usize) -> Result<usize> {
     a.checked_add(b).ok_or_else(|| {
-        PieError::config("the KV cache size overflows the address space; lower the capacity or batch")
+        PieError::config(
+            "the KV cache size overflows the address space; lower the capacity or batch",
+        )
     })
 }
 

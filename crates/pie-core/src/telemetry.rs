@@ -69,7 +69,11 @@ pub struct TimingSet<B: Backend> {
 impl<B: Backend> TimingSet<B> {
     /// Creates the events of one set for `layers` layers.
     pub fn new(backend: &B, layers: usize) -> Result<Self> {
-        let evs = |n: usize| (0..n).map(|_| backend.new_event()).collect::<Result<Vec<_>>>();
+        let evs = |n: usize| {
+            (0..n)
+                .map(|_| backend.new_event())
+                .collect::<Result<Vec<_>>>()
+        };
         Ok(TimingSet {
             begin: evs(layers + 1)?,
             wait_start: evs(layers)?,

@@ -31,7 +31,12 @@ fn op(layers: usize, batch: usize) -> impl Strategy<Value = Op> {
 
 fn plan_of(mask: &[bool], depth: usize) -> Plan {
     Plan {
-        pooled: mask.iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i).collect(),
+        pooled: mask
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p)
+            .map(|(i, _)| i)
+            .collect(),
         prefetch_depth: depth,
     }
 }
@@ -54,7 +59,12 @@ fn run(specs: Vec<LayerSpec>, initial: Plan, ops: Vec<Op>) -> Result<(), TestCas
             Op::Step(n) => {
                 salt += 1;
                 let bad = run_step(&mut engine, &mut reference, n, salt).unwrap();
-                prop_assert!(bad.is_none(), "KV mismatch {:?} after {:?}", bad, engine.plan());
+                prop_assert!(
+                    bad.is_none(),
+                    "KV mismatch {:?} after {:?}",
+                    bad,
+                    engine.plan()
+                );
             }
             Op::Plan(mask, depth) => engine.set_plan(plan_of(&mask, depth)).unwrap(),
             Op::Grow(extra) => {
@@ -108,18 +118,29 @@ proptest! {
 #[test]
 fn interrupted_step_keeps_the_pool_usable() {
     let specs = vec![
-        LayerSpec { batch: 2, kv_heads: 2, k_dim: 4, v_dim: 4, elem_size: 2 };
+        LayerSpec {
+            batch: 2,
+            kv_heads: 2,
+            k_dim: 4,
+            v_dim: 4,
+            elem_size: 2
+        };
         6
     ];
     let mut engine = Engine::new(
         HostBackend::new().unwrap(),
         specs.clone(),
-        EngineOptions { capacity: 8, ..Default::default() },
+        EngineOptions {
+            capacity: 8,
+            ..Default::default()
+        },
         Box::new(StaticDriver::pinned(Plan::spread(6, 4, 2))),
     )
     .unwrap();
     let mut reference = Reference::new(&specs);
-    assert!(run_step(&mut engine, &mut reference, 3, 1).unwrap().is_none());
+    assert!(run_step(&mut engine, &mut reference, 3, 1)
+        .unwrap()
+        .is_none());
     // A step that stops after layer 2 (an exception in the model): its layers
     // 0..=2 hold the new token, the others do not, as with DynamicCache.
     let s = pie_core::Stream::Foreign(0);
@@ -128,14 +149,24 @@ fn interrupted_step_keeps_the_pool_usable() {
         engine.layer_ready(l, s).unwrap();
     }
     // Roll back to the consistent state: nothing was written in that step.
-    assert!(run_step(&mut engine, &mut reference, 1, 2).unwrap().is_none());
-    assert!(run_step(&mut engine, &mut reference, 1, 3).unwrap().is_none());
+    assert!(run_step(&mut engine, &mut reference, 1, 2)
+        .unwrap()
+        .is_none());
+    assert!(run_step(&mut engine, &mut reference, 1, 3)
+        .unwrap()
+        .is_none());
 }
 
 #[test]
 fn budget_is_never_exceeded_and_too_small_a_budget_is_refused() {
     let specs = vec![
-        LayerSpec { batch: 1, kv_heads: 2, k_dim: 8, v_dim: 8, elem_size: 2 };
+        LayerSpec {
+            batch: 1,
+            kv_heads: 2,
+            k_dim: 8,
+            v_dim: 8,
+            elem_size: 2
+        };
         8
     ];
     let one = specs[0].bytes(64);
@@ -143,7 +174,11 @@ fn budget_is_never_exceeded_and_too_small_a_budget_is_refused() {
     let mut engine = Engine::new(
         HostBackend::new().unwrap(),
         specs.clone(),
-        EngineOptions { capacity: 64, device_budget: Some(budget), ..Default::default() },
+        EngineOptions {
+            capacity: 64,
+            device_budget: Some(budget),
+            ..Default::default()
+        },
         Box::new(StaticDriver::budget_fit(2)),
     )
     .unwrap();
@@ -151,15 +186,24 @@ fn budget_is_never_exceeded_and_too_small_a_budget_is_refused() {
     assert!(!engine.plan().pooled.is_empty());
     let mut reference = Reference::new(&specs);
     for salt in 0..20 {
-        assert!(run_step(&mut engine, &mut reference, 4, salt).unwrap().is_none());
+        assert!(run_step(&mut engine, &mut reference, 4, salt)
+            .unwrap()
+            .is_none());
         assert!(engine.device_bytes() <= budget);
     }
-    let peak = engine.counters().peak_device_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let peak = engine
+        .counters()
+        .peak_device_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(peak as usize <= budget, "peak {peak} above budget {budget}");
     let err = Engine::new(
         HostBackend::new().unwrap(),
         specs,
-        EngineOptions { capacity: 64, device_budget: Some(one / 2), ..Default::default() },
+        EngineOptions {
+            capacity: 64,
+            device_budget: Some(one / 2),
+            ..Default::default()
+        },
         Box::new(StaticDriver::budget_fit(2)),
     )
     .err()
@@ -171,13 +215,22 @@ fn budget_is_never_exceeded_and_too_small_a_budget_is_refused() {
 #[test]
 fn prefetch_bytes_match_the_plan() {
     let specs = vec![
-        LayerSpec { batch: 1, kv_heads: 1, k_dim: 4, v_dim: 4, elem_size: 4 };
+        LayerSpec {
+            batch: 1,
+            kv_heads: 1,
+            k_dim: 4,
+            v_dim: 4,
+            elem_size: 4
+        };
         6
     ];
     let mut engine = Engine::new(
         HostBackend::new().unwrap(),
         specs.clone(),
-        EngineOptions { capacity: 64, ..Default::default() },
+        EngineOptions {
+            capacity: 64,
+            ..Default::default()
+        },
         Box::new(StaticDriver::pinned(Plan::spread(6, 3, 1))),
     )
     .unwrap();
@@ -189,7 +242,10 @@ fn prefetch_bytes_match_the_plan() {
     assert_eq!(predicted, 3 * specs[0].bytes(5) as u64);
     run_step(&mut engine, &mut reference, 1, 1).unwrap();
     engine.quiesce().unwrap();
-    let moved = engine.counters().h2d_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let moved = engine
+        .counters()
+        .h2d_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     // Each prefetch moves a layer's tokens before that step's own write: the
     // decode step moved exactly the prediction (5 tokens per pooled layer),
     // plus the W = 1 prefetch already issued for the next step (6 tokens).

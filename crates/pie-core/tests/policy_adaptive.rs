@@ -7,7 +7,9 @@
 //! learns the truth from the simulated telemetry.
 
 use pie_core::policy::cost_model::{device_bytes, predict_step, PolicyInputs, Prediction};
-use pie_core::policy::{best_static_plan, AdaptiveConfig, AdaptivePolicy, KvShape, Objective, Policy};
+use pie_core::policy::{
+    best_static_plan, AdaptiveConfig, AdaptivePolicy, KvShape, Objective, Policy,
+};
 use pie_core::profiles::{machine, model, Workload};
 use pie_core::sim::{Pipeline, PipelineSpec, SimConfig};
 use pie_core::Plan;
@@ -20,7 +22,14 @@ struct Case {
     inputs: PolicyInputs,
 }
 
-fn case(machine_name: &str, model_name: &str, batch: usize, context: usize, budget_share: Option<f64>, objective: Objective) -> Case {
+fn case(
+    machine_name: &str,
+    model_name: &str,
+    batch: usize,
+    context: usize,
+    budget_share: Option<f64>,
+    objective: Objective,
+) -> Case {
     let m = machine(machine_name).unwrap();
     let shape = model(model_name).unwrap();
     let w = Workload { batch, context };
@@ -39,7 +48,10 @@ fn case(machine_name: &str, model_name: &str, batch: usize, context: usize, budg
         objective,
     };
     Case {
-        name: format!("{machine_name} {model_name} b{batch} ctx{context} budget {budget_share:?} {}", objective.name()),
+        name: format!(
+            "{machine_name} {model_name} b{batch} ctx{context} budget {budget_share:?} {}",
+            objective.name()
+        ),
         sim,
         inputs,
     }
@@ -60,7 +72,12 @@ fn policy_for(c: &Case) -> AdaptivePolicy {
 
 /// Runs `steps` steps under `policy`, checking the budget before every step.
 /// Returns the plan and simulated step time of each step.
-fn run(pipe: &mut Pipeline, c: &Case, policy: &mut AdaptivePolicy, steps: usize) -> Vec<(Plan, f64)> {
+fn run(
+    pipe: &mut Pipeline,
+    c: &Case,
+    policy: &mut AdaptivePolicy,
+    steps: usize,
+) -> Vec<(Plan, f64)> {
     let spec = PipelineSpec::from_inputs(&c.inputs);
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
@@ -73,7 +90,11 @@ fn run(pipe: &mut Pipeline, c: &Case, policy: &mut AdaptivePolicy, steps: usize)
         let plan = policy.current().clone();
         if let Some(b) = c.inputs.budget_bytes {
             let need = device_bytes(&c.inputs.layer_bytes, &plan);
-            assert!(need <= b, "{}: plan {plan:?} needs {need} > budget {b}", c.name);
+            assert!(
+                need <= b,
+                "{}: plan {plan:?} needs {need} > budget {b}",
+                c.name
+            );
         }
         let sample = pipe.run_step(&spec, &plan).unwrap();
         policy.observe(&sample);
@@ -86,7 +107,11 @@ fn run(pipe: &mut Pipeline, c: &Case, policy: &mut AdaptivePolicy, steps: usize)
 fn check_steady(c: &Case, plan: &Plan, last_step: f64) -> (Prediction, Prediction) {
     let best = best_static_plan(&c.inputs).unwrap().prediction;
     let ours = predict_step(&c.inputs, plan).unwrap();
-    assert!((last_step - ours.step_seconds).abs() < 1e-9, "{}: the last simulated step is not the steady state", c.name);
+    assert!(
+        (last_step - ours.step_seconds).abs() < 1e-9,
+        "{}: the last simulated step is not the steady state",
+        c.name
+    );
     match c.inputs.objective {
         Objective::Speed => assert!(
             ours.step_seconds <= best.step_seconds * 1.05,
@@ -96,7 +121,11 @@ fn check_steady(c: &Case, plan: &Plan, last_step: f64) -> (Prediction, Predictio
             best.step_seconds * 1e3
         ),
         Objective::Memory => {
-            assert!(ours.is_transparent(), "{}: adaptive plan stalls: {ours:?}", c.name);
+            assert!(
+                ours.is_transparent(),
+                "{}: adaptive plan stalls: {ours:?}",
+                c.name
+            );
             assert!(
                 ours.offloaded_share >= best.offloaded_share * 0.9 - 1e-12,
                 "{}: adaptive frees {:.3} of the KV, search {:.3}",
@@ -114,19 +143,68 @@ fn cases() -> Vec<Case> {
         // GH200, 8B, 90% budget: the forced pooling hides (transparent).
         case("gh200", "llama-3-8b", 8, 8192, Some(0.9), Objective::Speed),
         // GH200, 70B, half the KV on the GPU: link-bound.
-        case("gh200", "llama-3-70b", 8, 16384, Some(0.5), Objective::Speed),
+        case(
+            "gh200",
+            "llama-3-70b",
+            8,
+            16384,
+            Some(0.5),
+            Objective::Speed,
+        ),
         // H100 PCIe Gen5, 8B, 90%: link-bound on PCIe.
-        case("h100-pcie-gen5", "llama-3-8b", 8, 4096, Some(0.9), Objective::Speed),
+        case(
+            "h100-pcie-gen5",
+            "llama-3-8b",
+            8,
+            4096,
+            Some(0.9),
+            Objective::Speed,
+        ),
         // H200 PCIe Gen5, Qwen2-7B, 70%: link-bound, fast HBM.
-        case("h200-pcie-gen5", "qwen2-7b", 32, 8192, Some(0.7), Objective::Speed),
+        case(
+            "h200-pcie-gen5",
+            "qwen2-7b",
+            32,
+            8192,
+            Some(0.7),
+            Objective::Speed,
+        ),
         // A100 PCIe Gen4, 70B, 95%: a small deficit on a slow link (the weights dominate compute).
-        case("a100-pcie-gen4", "llama-3-70b", 4, 8192, Some(0.95), Objective::Speed),
+        case(
+            "a100-pcie-gen4",
+            "llama-3-70b",
+            4,
+            8192,
+            Some(0.95),
+            Objective::Speed,
+        ),
         // RTX 4090 Gen4 (shared link), Qwen2-7B, 75%.
-        case("rtx4090-pcie-gen4", "qwen2-7b", 4, 4096, Some(0.75), Objective::Speed),
+        case(
+            "rtx4090-pcie-gen4",
+            "qwen2-7b",
+            4,
+            4096,
+            Some(0.75),
+            Objective::Speed,
+        ),
         // Memory objective: how much hides on GH200 and on PCIe Gen5 / Gen4.
         case("gh200", "qwen2-7b", 64, 4096, None, Objective::Memory),
-        case("h100-pcie-gen5", "llama-3-70b", 16, 2048, None, Objective::Memory),
-        case("a100-pcie-gen4", "llama-3-70b", 8, 1024, Some(0.9), Objective::Memory),
+        case(
+            "h100-pcie-gen5",
+            "llama-3-70b",
+            16,
+            2048,
+            None,
+            Objective::Memory,
+        ),
+        case(
+            "a100-pcie-gen4",
+            "llama-3-70b",
+            8,
+            1024,
+            Some(0.9),
+            Objective::Memory,
+        ),
     ]
 }
 
@@ -159,15 +237,38 @@ fn adaptive_steady_state_matches_best_static_plan() {
 fn kv_growth_across_the_budget_expands_at_once_and_shrink_contracts() {
     // Llama-3-8B on H100 PCIe Gen5; the budget holds the KV at 4096 tokens
     // but only 70% of it at 8192.
-    let small = case("h100-pcie-gen5", "llama-3-8b", 8, 4096, None, Objective::Speed);
-    let mut big = case("h100-pcie-gen5", "llama-3-8b", 8, 8192, Some(0.7), Objective::Speed);
+    let small = case(
+        "h100-pcie-gen5",
+        "llama-3-8b",
+        8,
+        4096,
+        None,
+        Objective::Speed,
+    );
+    let mut big = case(
+        "h100-pcie-gen5",
+        "llama-3-8b",
+        8,
+        8192,
+        Some(0.7),
+        Objective::Speed,
+    );
     let budget = big.inputs.budget_bytes;
-    let small = Case { inputs: PolicyInputs { budget_bytes: budget, ..small.inputs }, ..small };
+    let small = Case {
+        inputs: PolicyInputs {
+            budget_bytes: budget,
+            ..small.inputs
+        },
+        ..small
+    };
     big.inputs.budget_bytes = budget;
     let mut pipe = Pipeline::new(small.sim).unwrap();
     let mut policy = policy_for(&small);
     let log = run(&mut pipe, &small, &mut policy, 10);
-    assert!(log.last().unwrap().0.pooled.is_empty(), "everything fits at first");
+    assert!(
+        log.last().unwrap().0.pooled.is_empty(),
+        "everything fits at first"
+    );
     // The KV grows past the budget: the first step at the new size already
     // fits (checked inside `run`), and the steady state follows within 20 steps.
     let log = run(&mut pipe, &big, &mut policy, 20);
@@ -185,7 +286,14 @@ fn halved_link_bandwidth_is_followed_within_20_steps() {
         // Transparent at full speed (5 pooled, 1 slot); at half speed a sixth
         // pooled layer and a second slot hide almost everything.
         case("gh200", "llama-3-8b", 4, 8192, Some(0.9), Objective::Speed),
-        case("h100-pcie-gen5", "llama-3-70b", 16, 2048, None, Objective::Memory),
+        case(
+            "h100-pcie-gen5",
+            "llama-3-70b",
+            16,
+            2048,
+            None,
+            Objective::Memory,
+        ),
     ] {
         let mut pipe = Pipeline::new(c.sim).unwrap();
         let mut policy = policy_for(&c);
@@ -198,7 +306,11 @@ fn halved_link_bandwidth_is_followed_within_20_steps() {
         slow.name += " (link halved)";
         pipe.backend().set_config(slow.sim).unwrap();
         let best_after = best_static_plan(&slow.inputs).unwrap().plan;
-        assert_ne!(best_after, before, "{}: a case where the plan must change", slow.name);
+        assert_ne!(
+            best_after, before,
+            "{}: a case where the plan must change",
+            slow.name
+        );
         let log = run(&mut pipe, &slow, &mut policy, 20);
         let (plan, last) = log.last().cloned().unwrap();
         check_steady(&slow, &plan, last);
@@ -208,8 +320,22 @@ fn halved_link_bandwidth_is_followed_within_20_steps() {
 #[test]
 fn doubled_compute_is_followed_within_20_steps() {
     for c in [
-        case("h100-pcie-gen5", "llama-3-8b", 8, 4096, Some(0.9), Objective::Speed),
-        case("h100-pcie-gen5", "llama-3-70b", 16, 2048, None, Objective::Memory),
+        case(
+            "h100-pcie-gen5",
+            "llama-3-8b",
+            8,
+            4096,
+            Some(0.9),
+            Objective::Speed,
+        ),
+        case(
+            "h100-pcie-gen5",
+            "llama-3-70b",
+            16,
+            2048,
+            None,
+            Objective::Memory,
+        ),
     ] {
         let mut pipe = Pipeline::new(c.sim).unwrap();
         let mut policy = policy_for(&c);
@@ -221,7 +347,11 @@ fn doubled_compute_is_followed_within_20_steps() {
         }
         slower.name += " (compute doubled)";
         let best_after = best_static_plan(&slower.inputs).unwrap().plan;
-        assert_ne!(best_after, before, "{}: a case where the plan must change", slower.name);
+        assert_ne!(
+            best_after, before,
+            "{}: a case where the plan must change",
+            slower.name
+        );
         let log = run(&mut pipe, &slower, &mut policy, 20);
         let (plan, last) = log.last().cloned().unwrap();
         check_steady(&slower, &plan, last);
@@ -230,11 +360,21 @@ fn doubled_compute_is_followed_within_20_steps() {
 
 #[test]
 fn steady_inputs_do_not_flap() {
-    let c = case("h200-pcie-gen5", "qwen2-7b", 32, 8192, Some(0.7), Objective::Speed);
+    let c = case(
+        "h200-pcie-gen5",
+        "qwen2-7b",
+        32,
+        8192,
+        Some(0.7),
+        Objective::Speed,
+    );
     let mut pipe = Pipeline::new(c.sim).unwrap();
     let mut policy = policy_for(&c);
     let log = run(&mut pipe, &c, &mut policy, 40);
     let changes = log.windows(2).filter(|w| w[0].0 != w[1].0).count();
     assert!(changes <= 3, "{changes} plan changes under constant inputs");
-    assert!(log[15..].windows(2).all(|w| w[0].0 == w[1].0), "plan still changing after 15 steps");
+    assert!(
+        log[15..].windows(2).all(|w| w[0].0 == w[1].0),
+        "plan still changing after 15 steps"
+    );
 }

@@ -2,13 +2,22 @@
 
 use pie_core::policy::cost_model::{device_bytes, LinkModel, PolicyInputs};
 use pie_core::policy::search::max_depth;
-use pie_core::policy::{best_static_plan, best_static_plan_in, predict_step, transparent_fraction, Objective, SearchSpace};
+use pie_core::policy::{
+    best_static_plan, best_static_plan_in, predict_step, transparent_fraction, Objective,
+    SearchSpace,
+};
 use pie_core::{ErrorKind, Plan};
 use proptest::prelude::*;
 
 const LAYER: u64 = 4 << 20;
 
-fn inputs(layers: usize, compute: f64, bw: f64, budget_layers: Option<f64>, objective: Objective) -> PolicyInputs {
+fn inputs(
+    layers: usize,
+    compute: f64,
+    bw: f64,
+    budget_layers: Option<f64>,
+    objective: Objective,
+) -> PolicyInputs {
     PolicyInputs::uniform(
         layers,
         compute,
@@ -82,7 +91,10 @@ fn restricted_search_matches_exhaustive() {
                         Objective::Memory => {
                             assert_eq!(r.is_transparent(), f.is_transparent());
                             if f.is_transparent() {
-                                assert_eq!(r.device_bytes, f.device_bytes, "L={layers} bw={bw} budget={budget}");
+                                assert_eq!(
+                                    r.device_bytes, f.device_bytes,
+                                    "L={layers} bw={bw} budget={budget}"
+                                );
                             } else {
                                 assert!(r.step_seconds <= f.step_seconds * 1.002);
                             }
@@ -95,8 +107,14 @@ fn restricted_search_matches_exhaustive() {
 }
 
 fn arb_inputs() -> impl Strategy<Value = (PolicyInputs, Vec<bool>, usize)> {
-    (2usize..9, 1e8f64..5e10, 0.2f64..1.2, any::<bool>(), any::<bool>()).prop_flat_map(
-        |(l, bw, budget_frac, memory, shared)| {
+    (
+        2usize..9,
+        1e8f64..5e10,
+        0.2f64..1.2,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_flat_map(|(l, bw, budget_frac, memory, shared)| {
             (
                 prop::collection::vec(1e-4f64..2e-3, l),
                 prop::collection::vec(1u64..8_000_000, l),
@@ -118,12 +136,15 @@ fn arb_inputs() -> impl Strategy<Value = (PolicyInputs, Vec<bool>, usize)> {
                             shared,
                         },
                         budget_bytes: Some((total as f64 * budget_frac) as u64),
-                        objective: if memory { Objective::Memory } else { Objective::Speed },
+                        objective: if memory {
+                            Objective::Memory
+                        } else {
+                            Objective::Speed
+                        },
                     };
                     (inputs, mask, w)
                 })
-        },
-    )
+        })
 }
 
 proptest! {

@@ -18,7 +18,13 @@ fn copies_that_fit_under_compute_never_stall() {
     let link = LinkModel::symmetric(10e9, 10e-6);
     let inputs = uniform(8, 1e-3, 5_000_000, 4096, link);
     let plan = Plan::spread(8, 4, 2);
-    let samples = run_pipeline(&SimConfig::from_link(link), &PipelineSpec::from_inputs(&inputs), &plan, 6).unwrap();
+    let samples = run_pipeline(
+        &SimConfig::from_link(link),
+        &PipelineSpec::from_inputs(&inputs),
+        &plan,
+        6,
+    )
+    .unwrap();
     for s in &samples[1..] {
         assert_eq!(s.stall_total(), 0.0, "{s:?}");
         assert!((s.step_seconds - 8e-3).abs() < 1e-12);
@@ -36,11 +42,20 @@ fn copies_longer_than_compute_stall_by_the_predicted_amount() {
     let link = LinkModel::symmetric(1e9, 10e-6);
     let inputs = uniform(8, 1e-3, 5_000_000, 4096, link);
     let plan = Plan::spread(8, 4, 2);
-    let samples = run_pipeline(&SimConfig::from_link(link), &PipelineSpec::from_inputs(&inputs), &plan, 8).unwrap();
+    let samples = run_pipeline(
+        &SimConfig::from_link(link),
+        &PipelineSpec::from_inputs(&inputs),
+        &plan,
+        8,
+    )
+    .unwrap();
     let p = predict_step(&inputs, &plan).unwrap();
     let last = samples.last().unwrap();
     assert!(p.stall_seconds > 10e-3, "{p:?}");
-    assert!((last.stall_total() - p.stall_seconds).abs() < 1e-9, "{last:?} vs {p:?}");
+    assert!(
+        (last.stall_total() - p.stall_seconds).abs() < 1e-9,
+        "{last:?} vs {p:?}"
+    );
     assert!((last.step_seconds - p.step_seconds).abs() < 1e-9);
     // Link-bound: the H2D queue is the bottleneck. Each prefetch waits for its
     // slot (freed when the layer W=2 pooled layers earlier finishes, plus its
@@ -70,8 +85,14 @@ fn a_plan_switch_reissues_the_first_prefetches() {
 }
 
 fn arb_case() -> impl Strategy<Value = (PolicyInputs, Plan, usize)> {
-    (1usize..12, any::<bool>(), 0.0f64..20e-6, 1e8f64..1e11, 1e8f64..1e11).prop_flat_map(
-        |(l, shared, lat, bw_h, bw_d)| {
+    (
+        1usize..12,
+        any::<bool>(),
+        0.0f64..20e-6,
+        1e8f64..1e11,
+        1e8f64..1e11,
+    )
+        .prop_flat_map(|(l, shared, lat, bw_h, bw_d)| {
             (
                 prop::collection::vec(1e-5f64..2e-3, l),
                 prop::collection::vec(1u64..4_000_000, l),
@@ -100,10 +121,16 @@ fn arb_case() -> impl Strategy<Value = (PolicyInputs, Plan, usize)> {
                         objective: Objective::Speed,
                     };
                     let pooled: Vec<usize> = (0..l).filter(|&i| mask[i]).collect();
-                    (inputs, Plan { pooled, prefetch_depth: w }, steps)
+                    (
+                        inputs,
+                        Plan {
+                            pooled,
+                            prefetch_depth: w,
+                        },
+                        steps,
+                    )
                 })
-        },
-    )
+        })
 }
 
 proptest! {

@@ -21,7 +21,10 @@ fn every_profile_pair_simulates() {
             assert_eq!(r.steps.len(), 12);
             assert!(r.device_kv_mib <= r.gpu_budget_mib + 1e-9, "{r:?}");
             assert!(r.predicted_step_ms >= r.all_gpu_step_ms - 1e-9);
-            assert!(r.best_static_step_ms <= r.predicted_step_ms * 1.05 + 1e-9, "{r:?}");
+            assert!(
+                r.best_static_step_ms <= r.predicted_step_ms * 1.05 + 1e-9,
+                "{r:?}"
+            );
             assert!((0.0..=1.0).contains(&r.transparent_fraction));
             assert_eq!(r.layers, md.layers);
         }
@@ -53,7 +56,10 @@ fn explicit_numbers_override_profiles() {
     })
     .unwrap();
     assert!(mem.offloaded_share > 0.0);
-    assert!((mem.offloaded_share - mem.transparent_fraction).abs() < 1e-9, "{mem:?}");
+    assert!(
+        (mem.offloaded_share - mem.transparent_fraction).abs() < 1e-9,
+        "{mem:?}"
+    );
 }
 
 /// Ten uniform layers given by explicit numbers.
@@ -71,11 +77,23 @@ fn custom() -> SimulateRequest {
 
 #[test]
 fn bad_requests_say_what_to_change() {
-    let e = simulate(&SimulateRequest { machine: Some("tpu".into()), ..SimulateRequest::default() }).unwrap_err();
+    let e = simulate(&SimulateRequest {
+        machine: Some("tpu".into()),
+        ..SimulateRequest::default()
+    })
+    .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config);
     assert!(e.to_string().contains("gh200"));
-    let e = simulate(&SimulateRequest { h2d_gbps: Some(-1.0), ..SimulateRequest::default() }).unwrap_err();
+    let e = simulate(&SimulateRequest {
+        h2d_gbps: Some(-1.0),
+        ..SimulateRequest::default()
+    })
+    .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config);
-    let e = simulate(&SimulateRequest { gpu_budget_mib: Some(1.0), ..SimulateRequest::default() }).unwrap_err();
+    let e = simulate(&SimulateRequest {
+        gpu_budget_mib: Some(1.0),
+        ..SimulateRequest::default()
+    })
+    .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Budget);
 }

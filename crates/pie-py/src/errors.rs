@@ -73,7 +73,12 @@ pub fn register<'py>(m: &Bound<'py, PyModule>) -> PyResult<()> {
         vec![py.get_type::<PyException>().into_any()],
     )?;
     let sub = |name: &str, doc: &str, extra: Bound<'py, PyType>| {
-        make_class(py, name, doc, vec![base.clone().into_any(), extra.into_any()])
+        make_class(
+            py,
+            name,
+            doc,
+            vec![base.clone().into_any(), extra.into_any()],
+        )
     };
     let budget = make_class(
         py,

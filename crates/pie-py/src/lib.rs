@@ -3,10 +3,11 @@
 
 mod dlpack;
 mod errors;
-// mod simulate;
+mod simulate;
 
 use dlpack::{Region, StreamSync};
 use errors::{config_error, state_error, to_py};
+use pie_core::host::FaultConfig;
 use pie_core::page_table::Residence;
 use pie_core::policy_driver::PolicyDriver;
 use pie_core::telemetry::Counters;
@@ -65,9 +66,12 @@ fn make_driver(
                 prefetch_depth: depth,
             })))
         }
-        (None, "static") => Ok(Box::new(StaticDriver::budget_fit(prefetch_depth.unwrap_or(2)))),
-        (None, "adaptive") => pie_core::policy_driver::adaptive_driver(objective, prefetch_depth)
-            .map_err(to_py),
+        (None, "static") => Ok(Box::new(StaticDriver::budget_fit(
+            prefetch_depth.unwrap_or(2),
+        ))),
+        (None, "adaptive") => {
+            pie_core::policy_driver::adaptive_driver(objective, prefetch_depth).map_err(to_py)
+        }
         (None, other) => Err(config_error(format!(
             "policy {other:?} is not known; use \"adaptive\" or \"static\""
         ))),
@@ -117,7 +121,7 @@ fn stats_dict<'py, B: Backend>(py: Python<'py>, e: &Engine<B>) -> PyResult<Bound
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None))]
+    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None, faults=None, wait_timeout=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -130,6 +134,8 @@ impl PyEngine {
         objective: &str,
         pooled_layers: Option<Vec<usize>>,
         prefetch_depth: Option<usize>,
+        faults: Option<&Bound<'_, PyDict>>,
+        wait_timeout: Option<f64>,
     ) -> PyResult<Self> {
         let specs: Vec<LayerSpec> = layers
             .into_iter()
@@ -151,16 +157,35 @@ impl PyEngine {
                 "objective {objective:?} is not known; use \"speed\" or \"memory\""
             )));
         }
-        let options = EngineOptions {
+        let mut options = EngineOptions {
             capacity,
             device_budget: budget_bytes,
             ..Default::default()
         };
+        if let Some(t) = wait_timeout {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(config_error(format!(
+                    "wait_timeout must be a positive number of seconds, not {t}"
+                )));
+            }
+            options.wait_timeout = std::time::Duration::from_secs_f64(t);
+        }
+        let faults = parse_faults(faults)?;
+        if faults.is_some() && backend != "host" {
+            return Err(config_error(
+                "fault injection exists only on the host backend; pass backend=\"host\"",
+            ));
+        }
         let driver = make_driver(policy, objective, pooled_layers, prefetch_depth)?;
         let (inner, name) = match backend {
             "host" => {
+                let timeout = options.wait_timeout;
                 let e = py
-                    .detach(move || Engine::new(HostBackend::new()?, specs, options, driver))
+                    .detach(move || {
+                        let mut b = HostBackend::with_faults(faults.unwrap_or_default())?;
+                        b.set_timeout(timeout);
+                        Engine::new(b, specs, options, driver)
+                    })
                     .map_err(to_py)?;
                 (AnyEngine::Host(e), "host")
             }
@@ -279,9 +304,15 @@ impl PyEngine {
             Some(AnyEngine::Cuda(e)) => {
                 let sync = e.stream_sync();
                 let sync: StreamSync = Arc::new(move |h| sync(Stream::Foreign(h)));
-                Ok(region::<CudaBackend>(&e.arenas().device, Some(dev), Some(sync)))
+                Ok(region::<CudaBackend>(
+                    &e.arenas().device,
+                    Some(dev),
+                    Some(sync),
+                ))
             }
-            None => Err(state_error("the engine is closed; attach again to use pie-rs")),
+            None => Err(state_error(
+                "the engine is closed; attach again to use pie-rs",
+            )),
         }
     }
 
@@ -351,11 +382,39 @@ impl PyEngine {
     fn __repr__(&mut self) -> String {
         let backend = self.backend;
         match self.inner.as_mut() {
-            Some(AnyEngine::Host(e)) => format!("Engine(backend={backend}, layers={}, pooled={:?})", e.num_layers(), e.plan().pooled),
-            Some(AnyEngine::Cuda(e)) => format!("Engine(backend={backend}, layers={}, pooled={:?})", e.num_layers(), e.plan().pooled),
+            Some(AnyEngine::Host(e)) => format!(
+                "Engine(backend={backend}, layers={}, pooled={:?})",
+                e.num_layers(),
+                e.plan().pooled
+            ),
+            Some(AnyEngine::Cuda(e)) => format!(
+                "Engine(backend={backend}, layers={}, pooled={:?})",
+                e.num_layers(),
+                e.plan().pooled
+            ),
             None => format!("Engine(backend={backend}, closed)"),
         }
     }
+}
+
+/// Reads `{"fail_copy_at": n, "hang_copy_at": n, "alloc_limit": bytes}`.
+fn parse_faults(faults: Option<&Bound<'_, PyDict>>) -> PyResult<Option<FaultConfig>> {
+    let Some(d) = faults else { return Ok(None) };
+    let mut f = FaultConfig::default();
+    for (k, v) in d.iter() {
+        let key: String = k.extract()?;
+        match key.as_str() {
+            "fail_copy_at" => f.fail_copy_at = Some(v.extract()?),
+            "hang_copy_at" => f.hang_copy_at = Some(v.extract()?),
+            "alloc_limit" => f.alloc_limit = Some(v.extract()?),
+            other => {
+                return Err(config_error(format!(
+                    "unknown fault {other:?}; use fail_copy_at, hang_copy_at or alloc_limit"
+                )))
+            }
+        }
+    }
+    Ok(Some(f))
 }
 
 fn host_region_of<B: Backend>(e: &Engine<B>) -> Region {
@@ -417,6 +476,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_probe, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_copy_bench, m)?)?;
-    // simulate::register(m)?;
+    simulate::register(m)?;
     Ok(())
 }

@@ -38,7 +38,9 @@ where
         Some(v) if v.is_none() => Ok(None),
         Some(v) => v.extract::<T>().map(Some).map_err(|e| {
             let e: PyErr = e.into();
-            to_py(PieError::config(format!("simulate: {key} has the wrong type ({e})")))
+            to_py(PieError::config(format!(
+                "simulate: {key} has the wrong type ({e})"
+            )))
         }),
     }
 }
@@ -96,7 +98,10 @@ fn report_to_dict<'py>(py: Python<'py>, r: &SimulateReport) -> PyResult<Bound<'p
     d.set_item("stall_ms_per_step", r.stall_ms_per_step)?;
     d.set_item("offloaded_share", r.offloaded_share)?;
     d.set_item("transparent_fraction", r.transparent_fraction)?;
-    d.set_item("best_static_pooled_layers", r.best_static_pooled_layers.clone())?;
+    d.set_item(
+        "best_static_pooled_layers",
+        r.best_static_pooled_layers.clone(),
+    )?;
     d.set_item("best_static_prefetch_depth", r.best_static_prefetch_depth)?;
     d.set_item("best_static_step_ms", r.best_static_step_ms)?;
     let steps = PyList::empty(py);

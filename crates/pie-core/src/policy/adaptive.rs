@@ -75,7 +75,10 @@ struct Estimate {
 
 impl Estimate {
     const fn new() -> Self {
-        Estimate { value: None, departures: 0 }
+        Estimate {
+            value: None,
+            departures: 0,
+        }
     }
 
     fn update(&mut self, sample: f64, cfg: &AdaptiveConfig) {
@@ -151,10 +154,9 @@ impl AdaptivePolicy {
 
     /// The current estimates as cost-model inputs (errors before [`Policy::set_kv`]).
     pub fn estimates(&self) -> Result<PolicyInputs> {
-        let kv = self
-            .kv
-            .as_ref()
-            .ok_or_else(|| PieError::state("the adaptive policy needs the KV shape (set_kv) before it can plan"))?;
+        let kv = self.kv.as_ref().ok_or_else(|| {
+            PieError::state("the adaptive policy needs the KV shape (set_kv) before it can plan")
+        })?;
         let l = kv.num_layers();
         let compute = if self.compute.len() == l {
             self.compute.clone()
@@ -220,7 +222,10 @@ impl AdaptivePolicy {
         if let Some((old, choice)) = &self.cache {
             if similar(old, inputs) {
                 let prediction = predict_unchecked(inputs, &choice.plan);
-                return Ok(Choice { plan: choice.plan.clone(), prediction });
+                return Ok(Choice {
+                    plan: choice.plan.clone(),
+                    prediction,
+                });
             }
         }
         let choice = best_static_plan(inputs)?;
@@ -275,14 +280,22 @@ fn similar(a: &PolicyInputs, b: &PolicyInputs) -> bool {
         && close(a.link.h2d_latency, b.link.h2d_latency)
         && close(a.link.d2h_latency, b.link.d2h_latency)
         && a.compute_seconds.len() == b.compute_seconds.len()
-        && a.compute_seconds.iter().zip(&b.compute_seconds).all(|(&x, &y)| close(x, y))
-        && a.valid_bytes.iter().zip(&b.valid_bytes).all(|(&x, &y)| close(x as f64, y as f64))
+        && a.compute_seconds
+            .iter()
+            .zip(&b.compute_seconds)
+            .all(|(&x, &y)| close(x, y))
+        && a.valid_bytes
+            .iter()
+            .zip(&b.valid_bytes)
+            .all(|(&x, &y)| close(x as f64, y as f64))
 }
 
 impl Policy for AdaptivePolicy {
     fn observe(&mut self, sample: &StepSample) {
         let expected = self.kv.as_ref().map(KvShape::num_layers);
-        if expected.is_none_or(|l| l == sample.compute_seconds.len()) && !sample.compute_seconds.is_empty() {
+        if expected.is_none_or(|l| l == sample.compute_seconds.len())
+            && !sample.compute_seconds.is_empty()
+        {
             self.update_compute(&sample.compute_seconds);
         }
         let cfg = self.config;
@@ -290,10 +303,20 @@ impl Policy for AdaptivePolicy {
             let busy = seconds - copies as f64 * latency;
             (bytes > 0 && copies > 0 && busy > 0.0).then(|| bytes as f64 / busy)
         };
-        if let Some(b) = bw(sample.h2d_bytes, sample.h2d_seconds, sample.h2d_copies, cfg.link_prior.h2d_latency) {
+        if let Some(b) = bw(
+            sample.h2d_bytes,
+            sample.h2d_seconds,
+            sample.h2d_copies,
+            cfg.link_prior.h2d_latency,
+        ) {
             self.h2d_bandwidth.update(b, &cfg);
         }
-        if let Some(b) = bw(sample.d2h_bytes, sample.d2h_seconds, sample.d2h_copies, cfg.link_prior.d2h_latency) {
+        if let Some(b) = bw(
+            sample.d2h_bytes,
+            sample.d2h_seconds,
+            sample.d2h_copies,
+            cfg.link_prior.d2h_latency,
+        ) {
             self.d2h_bandwidth.update(b, &cfg);
         }
     }

@@ -159,7 +159,9 @@ impl PolicyInputs {
         if l == 0 {
             return Err(PieError::config("the model must have at least one layer"));
         }
-        if self.layer_bytes.len() != l || self.valid_bytes.len() != l || self.writeback_bytes.len() != l
+        if self.layer_bytes.len() != l
+            || self.valid_bytes.len() != l
+            || self.writeback_bytes.len() != l
         {
             return Err(PieError::config(format!(
                 "per-layer inputs disagree in length: {} compute times, {} layer sizes, {} valid sizes, {} write-back sizes",
@@ -169,7 +171,11 @@ impl PolicyInputs {
                 self.writeback_bytes.len()
             )));
         }
-        if let Some(bad) = self.compute_seconds.iter().find(|c| !(c.is_finite() && **c >= 0.0)) {
+        if let Some(bad) = self
+            .compute_seconds
+            .iter()
+            .find(|c| !(c.is_finite() && **c >= 0.0))
+        {
             return Err(PieError::config(format!(
                 "layer compute times must be finite and non-negative (got {bad})"
             )));
@@ -411,8 +417,10 @@ pub(crate) fn predict_unchecked(inputs: &PolicyInputs, plan: &Plan) -> Predictio
         let n = history.len();
         if n >= MIN_PREDICT_STEPS {
             let prev = history[n - 2];
-            let close = (t.step_seconds - prev.step_seconds).abs() <= 1e-12 * t.step_seconds.max(1e-300)
-                && (t.stall_seconds - prev.stall_seconds).abs() <= 1e-12 * t.step_seconds.max(1e-300);
+            let close = (t.step_seconds - prev.step_seconds).abs()
+                <= 1e-12 * t.step_seconds.max(1e-300)
+                && (t.stall_seconds - prev.stall_seconds).abs()
+                    <= 1e-12 * t.step_seconds.max(1e-300);
             if close {
                 break t;
             }
@@ -476,7 +484,10 @@ mod tests {
         // is issued when the other pooled layer finishes and hides under the one
         // resident layer between them (1 ms). A 5 ms copy stalls 4 ms twice a step.
         let i = inputs(4, 1e-3, 5_000_000, 1e9);
-        let plan = Plan { pooled: vec![1, 3], prefetch_depth: 1 };
+        let plan = Plan {
+            pooled: vec![1, 3],
+            prefetch_depth: 1,
+        };
         let p = predict_step(&i, &plan).unwrap();
         assert!((p.stall_seconds - 8e-3).abs() < 1e-12, "{p:?}");
         assert!((p.step_seconds - 12e-3).abs() < 1e-12);
@@ -486,14 +497,24 @@ mod tests {
         let p = predict_step(&i, &plan).unwrap();
         assert!(p.stall_seconds.abs() < 1e-15, "{p:?}");
         // One pooled layer in one slot stays there: nothing moves.
-        let p = predict_step(&i, &Plan { pooled: vec![3], prefetch_depth: 1 }).unwrap();
+        let p = predict_step(
+            &i,
+            &Plan {
+                pooled: vec![3],
+                prefetch_depth: 1,
+            },
+        )
+        .unwrap();
         assert_eq!(p.h2d_bytes, 0);
     }
 
     #[test]
     fn pooled_layers_within_slots_move_nothing_in_steady_state() {
         let i = inputs(4, 1e-3, 5_000_000, 1e9);
-        let plan = Plan { pooled: vec![1, 3], prefetch_depth: 2 };
+        let plan = Plan {
+            pooled: vec![1, 3],
+            prefetch_depth: 2,
+        };
         let t = timeline(&i, &plan, 3).unwrap();
         assert!(t[0].stall_seconds > 0.0);
         assert_eq!(t[2].h2d_bytes, 0);

@@ -21,7 +21,9 @@ pub mod static_policy;
 
 pub use adaptive::{AdaptiveConfig, AdaptivePolicy};
 pub use cost_model::{predict_step, LinkModel, PolicyInputs, Prediction};
-pub use search::{best_static_plan, best_static_plan_in, transparent_fraction, Choice, SearchSpace};
+pub use search::{
+    best_static_plan, best_static_plan_in, transparent_fraction, Choice, SearchSpace,
+};
 pub use static_policy::StaticPolicy;
 
 use crate::error::{PieError, Result};
@@ -111,7 +113,12 @@ pub struct KvShape {
 
 impl KvShape {
     /// `layers` identical layers.
-    pub fn uniform(layers: usize, layer_bytes: u64, valid_bytes: u64, writeback_bytes: u64) -> Self {
+    pub fn uniform(
+        layers: usize,
+        layer_bytes: u64,
+        valid_bytes: u64,
+        writeback_bytes: u64,
+    ) -> Self {
         KvShape {
             layer_bytes: vec![layer_bytes; layers],
             valid_bytes: vec![valid_bytes; layers],

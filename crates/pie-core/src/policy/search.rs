@@ -119,7 +119,10 @@ pub fn transparent_fraction(inputs: &PolicyInputs) -> Result<f64> {
 /// The largest prefetch depth the budget allows for pooling `set`, clamped to
 /// `set.len()`; 0 when not even one staging slot fits.
 pub fn max_depth(inputs: &PolicyInputs, set: &[usize]) -> usize {
-    let probe = Plan { pooled: set.to_vec(), prefetch_depth: 1 };
+    let probe = Plan {
+        pooled: set.to_vec(),
+        prefetch_depth: 1,
+    };
     let Some(budget) = inputs.budget_bytes else {
         return set.len();
     };
@@ -127,7 +130,11 @@ pub fn max_depth(inputs: &PolicyInputs, set: &[usize]) -> usize {
     if one > budget {
         return 0;
     }
-    let slot = set.iter().map(|&i| slot_bytes(inputs.layer_bytes[i])).max().unwrap_or(0);
+    let slot = set
+        .iter()
+        .map(|&i| slot_bytes(inputs.layer_bytes[i]))
+        .max()
+        .unwrap_or(0);
     if slot == 0 {
         return set.len();
     }
@@ -137,7 +144,11 @@ pub fn max_depth(inputs: &PolicyInputs, set: &[usize]) -> usize {
 
 /// Prefix sums of the `P` cheapest prefetch durations, `P = 0..=L`.
 fn cheapest_copy_prefix(inputs: &PolicyInputs) -> Vec<f64> {
-    let mut d: Vec<f64> = inputs.valid_bytes.iter().map(|&b| inputs.link.h2d_seconds(b)).collect();
+    let mut d: Vec<f64> = inputs
+        .valid_bytes
+        .iter()
+        .map(|&b| inputs.link.h2d_seconds(b))
+        .collect();
     d.sort_by(f64::total_cmp);
     let mut prefix = Vec::with_capacity(d.len() + 1);
     prefix.push(0.0);
@@ -259,7 +270,13 @@ fn memory_better(new: &Prediction, old: &Prediction) -> bool {
 }
 
 fn budget_error(inputs: &PolicyInputs) -> PieError {
-    let smallest = inputs.layer_bytes.iter().copied().max().map(slot_bytes).unwrap_or(0);
+    let smallest = inputs
+        .layer_bytes
+        .iter()
+        .copied()
+        .max()
+        .map(slot_bytes)
+        .unwrap_or(0);
     PieError::budget(format!(
         "a device budget of {} bytes cannot hold even one staging slot of {} bytes; raise the budget",
         inputs.budget_bytes.unwrap_or(u64::MAX),
@@ -277,7 +294,10 @@ fn search_speed(inputs: &PolicyInputs, exhaustive: bool) -> Result<Choice> {
     let all = Plan::all_resident();
     if fits(inputs, &all) {
         let prediction = predict_unchecked(inputs, &all);
-        return Ok(Choice { plan: all, prediction });
+        return Ok(Choice {
+            plan: all,
+            prediction,
+        });
     }
     let compute = inputs.compute_total();
     let prefix = cheapest_copy_prefix(inputs);
@@ -294,9 +314,15 @@ fn search_speed(inputs: &PolicyInputs, exhaustive: bool) -> Result<Choice> {
             if w == 0 {
                 return;
             }
-            let plan = Plan { pooled: set.to_vec(), prefetch_depth: w };
+            let plan = Plan {
+                pooled: set.to_vec(),
+                prefetch_depth: w,
+            };
             let prediction = predict_unchecked(inputs, &plan);
-            if best.as_ref().is_none_or(|b| speed_better(&prediction, &b.prediction)) {
+            if best
+                .as_ref()
+                .is_none_or(|b| speed_better(&prediction, &b.prediction))
+            {
                 best = Some(Choice { plan, prediction });
             }
         });
@@ -312,7 +338,10 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
     let all = Plan::all_resident();
     if fits(inputs, &all) {
         let prediction = predict_unchecked(inputs, &all);
-        best = Some(Choice { plan: all, prediction });
+        best = Some(Choice {
+            plan: all,
+            prediction,
+        });
     }
     for (p, &cheapest) in prefix.iter().enumerate().skip(1) {
         if cheapest > compute * (1.0 + STALL_TOLERANCE) {
@@ -324,12 +353,24 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
                 return;
             }
             // The least device memory this set could reach (one staging slot).
-            let floor = device_bytes(&inputs.layer_bytes, &Plan { pooled: set.to_vec(), prefetch_depth: 1 });
-            if best.as_ref().is_some_and(|b| floor > b.prediction.device_bytes) {
+            let floor = device_bytes(
+                &inputs.layer_bytes,
+                &Plan {
+                    pooled: set.to_vec(),
+                    prefetch_depth: 1,
+                },
+            );
+            if best
+                .as_ref()
+                .is_some_and(|b| floor > b.prediction.device_bytes)
+            {
                 return;
             }
             let eval = |w: usize| {
-                let plan = Plan { pooled: set.to_vec(), prefetch_depth: w };
+                let plan = Plan {
+                    pooled: set.to_vec(),
+                    prefetch_depth: w,
+                };
                 let pred = predict_unchecked(inputs, &plan);
                 (plan, pred)
             };
@@ -351,7 +392,10 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
                 }
             }
             let (plan, prediction) = found;
-            if best.as_ref().is_none_or(|b| memory_better(&prediction, &b.prediction)) {
+            if best
+                .as_ref()
+                .is_none_or(|b| memory_better(&prediction, &b.prediction))
+            {
                 best = Some(Choice { plan, prediction });
             }
         });

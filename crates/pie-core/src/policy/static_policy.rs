@@ -77,7 +77,10 @@ mod tests {
 
     #[test]
     fn returns_plan_once_and_checks_budget() {
-        let plan = Plan { pooled: vec![1, 3], prefetch_depth: 1 };
+        let plan = Plan {
+            pooled: vec![1, 3],
+            prefetch_depth: 1,
+        };
         let mut p = StaticPolicy::new(plan.clone());
         p.set_kv(&KvShape::uniform(4, 1024, 512, 8));
         p.set_budget(Some(3 * 1024));
