@@ -10,6 +10,8 @@ cargo fmt --all -- --check
 ruff check python tests benches
 cargo clippy --release --all-targets -- -D warnings
 cargo test --release -p pie-core -p pie-cuda
+# The lock-free ring, model-checked with loom (its own target dir: other cfg).
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -q --release -p pie-core --test loom
 python -m pytest -q
 # transformers 5.17 (keyword past_key_values only): the identity and API tests again.
 PYTHONPATH=.cache/transformers-5.17 python -m pytest -q -m "not slow" tests/test_identity.py tests/test_api.py

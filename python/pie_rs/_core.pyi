@@ -102,8 +102,10 @@ class Engine:
     def is_pooled(self, layer: int) -> bool: ...
     def device_offset(self, layer: int) -> int | None:
         """Byte offset of a resident layer's slot in the device arena (None if pooled)."""
-    def host_offset(self, layer: int) -> int:
-        """Byte offset of the layer's buffer in the host arena."""
+    def host_offset(self, layer: int) -> int | None:
+        """Byte offset of a pooled layer's buffer in the host arena (None if resident)."""
+    def reset(self) -> None:
+        """Empties every layer for a new sequence, keeping arenas and what the policy learned."""
     def device_region(self) -> Region: ...
     def host_region(self) -> Region: ...
     def set_plan(self, pooled_layers: list[int], prefetch_depth: int) -> None:

@@ -212,7 +212,8 @@ pub fn reorder(
                 arenas.device.addr() as usize + device_offset
             }
             crate::page_table::Residence::Pooled => {
-                arenas.host.addr() as usize + arenas.layout.host_slot[l]
+                arenas.host.addr() as usize
+                    + arenas.layout.host_slot[l].expect("pooled layers have a host buffer")
             }
         };
         let cap = arenas.layout.capacity;

@@ -15,13 +15,16 @@ use crate::backend::{Backend, Mem, Stream};
 use crate::error::{PieError, Result};
 use crate::fifo::{ring, Producer};
 use crate::layout::LayerSpec;
+use crate::layout::{align_up, SLOT_ALIGN};
 use crate::page_table::{PageTable, Residence};
 use crate::plan::Plan;
 use crate::policy_driver::{PolicyContext, PolicyDriver};
 use crate::primitive::{AtomicBool, AtomicU64, Ordering};
 use crate::slots::ArenaLayout;
 use crate::swapper::{self, SwapOp};
-use crate::telemetry::{self, Counters, StepRecord, StepSample, TimingSet, TIMING_SETS};
+use crate::telemetry::{
+    self, Counters, StepRecord, StepSample, TimingSet, TIMING_EVERY, TIMING_SETS,
+};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -100,8 +103,12 @@ pub(crate) struct Shared<B: Backend> {
 }
 
 impl<B: Backend> Shared<B> {
-    pub(crate) fn timing_set(&self, step: u64) -> &TimingSet<B> {
-        &self.timing[(step % TIMING_SETS as u64) as usize]
+    /// The timing set of `step`, if the step is one of the sampled ones.
+    pub(crate) fn timing_set(&self, step: u64) -> Option<&TimingSet<B>> {
+        if step % TIMING_EVERY != 0 {
+            return None;
+        }
+        Some(&self.timing[((step / TIMING_EVERY) % TIMING_SETS as u64) as usize])
     }
 
     pub(crate) fn is_poisoned(&self) -> bool {
@@ -526,8 +533,10 @@ impl<B: Backend> Engine<B> {
             let k0 = self.next_pooled_index();
             self.prime(k0)?;
         }
-        let set = self.shared.timing_set(self.step);
-        self.shared.backend.record(&set.begin[layer], stream)
+        match self.shared.timing_set(self.step) {
+            Some(set) => self.shared.backend.record(&set.begin[layer], stream),
+            None => Ok(()),
+        }
     }
 
     fn begin_step(&mut self) -> Result<()> {
@@ -535,7 +544,9 @@ impl<B: Backend> Engine<B> {
         self.step_complete = true;
         self.cursor = None;
         self.shared.current_step.store(self.step, Ordering::Release);
-        self.shared.timing_set(self.step).reset_counters();
+        if let Some(set) = self.shared.timing_set(self.step) {
+            set.reset_counters();
+        }
         if let Some(plan) = self.shared.pending_plan.swap(None) {
             if *plan != *self.pipeline.plan {
                 let cap = self.capacity();
@@ -601,8 +612,9 @@ impl<B: Backend> Engine<B> {
                 }
                 self.shared.check()?;
                 if !self.shared.page_table.prefetch_hit(layer) {
-                    let set = self.shared.timing_set(self.step);
-                    self.shared.backend.record(&set.wait_start[layer], stream)?;
+                    if let Some(set) = self.shared.timing_set(self.step) {
+                        self.shared.backend.record(&set.wait_start[layer], stream)?;
+                    }
                     self.shared
                         .backend
                         .wait(stream, &self.shared.ready[layer])?;
@@ -683,23 +695,24 @@ impl<B: Backend> Engine<B> {
     }
 
     fn end_step(&mut self, stream: Stream) -> Result<()> {
-        let set = self.shared.timing_set(self.step);
-        self.shared
-            .backend
-            .record(&set.begin[self.num_layers()], stream)?;
-        let record = StepRecord {
-            step: self.step,
-            plan: self.pipeline.plan.clone(),
-            ops_pushed: self.ops_pushed,
-            complete: self.step_complete,
-        };
-        // A full ring means the policy thread lags: drop the sample, never block.
-        if self.telemetry.push(record).is_ok() {
-            self.records_pushed += 1;
-        }
-        if self.shared.policy_sleeping.load(Ordering::SeqCst) {
-            if let Some(t) = &self.policy {
-                t.thread().unpark();
+        if let Some(set) = self.shared.timing_set(self.step) {
+            self.shared
+                .backend
+                .record(&set.begin[self.num_layers()], stream)?;
+            let record = StepRecord {
+                step: self.step,
+                plan: self.pipeline.plan.clone(),
+                ops_pushed: self.ops_pushed,
+                complete: self.step_complete,
+            };
+            // A full ring means the policy thread lags: drop the sample, never block.
+            if self.telemetry.push(record).is_ok() {
+                self.records_pushed += 1;
+            }
+            if self.shared.policy_sleeping.load(Ordering::SeqCst) {
+                if let Some(t) = &self.policy {
+                    t.thread().unpark();
+                }
             }
         }
         Counters::add(&self.shared.counters.steps, 1);
@@ -831,68 +844,111 @@ impl<B: Backend> Engine<B> {
         let specs = &self.shared.specs;
         let new_layout = ArenaLayout::new(specs, capacity, plan)?;
         let old = self.shared.arenas.swap(None);
-        // 1. Host arena: reuse if the capacity is unchanged, else relayout.
-        let host = match &old {
-            Some(old) if old.layout.capacity == capacity => None,
-            _ => Some(b.alloc_host(new_layout.host_bytes.max(1))?),
+        let tokens: Vec<usize> = (0..specs.len())
+            .map(|l| self.shared.page_table.seq_len(l))
+            .collect();
+        // 1. Spill every resident layer into a temporary host buffer: the old
+        //    device arena is freed before the new one is allocated, so the
+        //    budget holds throughout.
+        let mut spill_at = vec![None; specs.len()];
+        let spill = match &old {
+            Some(old) => {
+                let mut off = 0usize;
+                for (l, spec) in specs.iter().enumerate() {
+                    if old.layout.device_slot[l].is_some() && tokens[l] > 0 {
+                        spill_at[l] = Some(off);
+                        off += align_up(spec.bytes(old.layout.capacity), SLOT_ALIGN);
+                    }
+                }
+                if off == 0 {
+                    None
+                } else {
+                    let spill = b.alloc_host(off)?;
+                    for (l, spec) in specs.iter().enumerate() {
+                        if let (Some(dev), Some(at)) = (old.layout.device_slot[l], spill_at[l]) {
+                            for (o, shape) in
+                                spec.token_range_copies(old.layout.capacity, 0, tokens[l])
+                            {
+                                if shape.bytes() > 0 {
+                                    b.copy(
+                                        Stream::D2H,
+                                        Mem::Device(&*old.device, dev + o),
+                                        Mem::Host(&spill, at + o),
+                                        shape,
+                                    )?;
+                                    Counters::add(
+                                        &self.shared.counters.d2h_bytes,
+                                        shape.bytes() as u64,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    b.synchronize_queues()?;
+                    Some(spill)
+                }
+            }
+            None => None,
         };
-        if let Some(old) = &old {
-            // Spill resident layers into their (old) host buffers.
+        // Where layer l's valid tokens are now, on the host: (buffer, offset).
+        let source = |l: usize| -> Option<(&B::HostBuffer, usize)> {
+            let old = old.as_ref()?;
+            match (spill_at[l], old.layout.host_slot[l]) {
+                (Some(at), _) => spill.as_ref().map(|s| (s, at)),
+                (None, Some(at)) => Some((&*old.host, at)),
+                (None, None) => None,
+            }
+        };
+        let old_cap = old.as_ref().map_or(capacity, |o| o.layout.capacity);
+        // 2. Host arena for the new pooled set: reused when neither the pooled
+        //    set nor the capacity changed, else rebuilt from the old one and the spill.
+        let reuse_host = old.as_ref().is_some_and(|o| {
+            o.layout.capacity == capacity && o.layout.host_slot == new_layout.host_slot
+        });
+        let host = if reuse_host {
+            old.as_ref().expect("checked above").host.clone()
+        } else {
+            let host = b.alloc_host(new_layout.host_bytes.max(1))?;
             for (l, spec) in specs.iter().enumerate() {
-                if let Some(dev_off) = old.layout.device_slot[l] {
-                    let tokens = self.shared.page_table.seq_len(l);
-                    for (off, shape) in spec.token_range_copies(old.layout.capacity, 0, tokens) {
+                if let (Some(dst), Some((src, at))) = (new_layout.host_slot[l], source(l)) {
+                    for (so, d_o, shape) in spec.relayout_copies(old_cap, capacity, tokens[l]) {
                         if shape.bytes() > 0 {
                             b.copy(
                                 Stream::D2H,
-                                Mem::Device(&*old.device, dev_off + off),
-                                Mem::Host(&*old.host, old.layout.host_slot[l] + off),
+                                Mem::Host(src, at + so),
+                                Mem::Host(&host, dst + d_o),
                                 shape,
                             )?;
-                            Counters::add(&self.shared.counters.d2h_bytes, shape.bytes() as u64);
                         }
                     }
                 }
             }
             b.synchronize_queues()?;
-            if let Some(new_host) = &host {
-                for (l, spec) in specs.iter().enumerate() {
-                    let tokens = self.shared.page_table.seq_len(l);
-                    for (so, d_o, shape) in
-                        spec.relayout_copies(old.layout.capacity, capacity, tokens)
-                    {
-                        if shape.bytes() > 0 {
-                            b.copy(
-                                Stream::D2H,
-                                Mem::Host(&*old.host, old.layout.host_slot[l] + so),
-                                Mem::Host(new_host, new_layout.host_slot[l] + d_o),
-                                shape,
-                            )?;
-                        }
-                    }
-                }
-                b.synchronize_queues()?;
-            }
-        }
-        let host = match (host, &old) {
-            (Some(h), _) => Arc::new(h),
-            (None, Some(old)) => old.host.clone(),
-            (None, None) => unreachable!("a new host arena is allocated when there is no old one"),
+            Arc::new(host)
         };
-        // 2. Device arena: let go of the old one first so the budget holds
-        //    (zero-copy views still held elsewhere keep it alive until dropped).
+        // 3. Device arena: let go of the old one (zero-copy views still held
+        //    elsewhere keep it alive until dropped), allocate the new one and
+        //    fill its resident slots.
+        let old_host = old.as_ref().map(|o| o.host.clone());
+        let old_host_slots = old.as_ref().map(|o| o.layout.host_slot.clone());
         drop(old);
         let device = Arc::new(b.alloc_device(new_layout.device_bytes.max(1))?);
-        // 3. Fill the new resident slots from host memory.
         for (l, spec) in specs.iter().enumerate() {
-            if let Some(dev_off) = new_layout.device_slot[l] {
-                let tokens = self.shared.page_table.seq_len(l);
-                for (off, shape) in spec.token_range_copies(capacity, 0, tokens) {
+            let Some(dev_off) = new_layout.device_slot[l] else {
+                continue;
+            };
+            let src: Option<(&B::HostBuffer, usize)> = match (spill_at[l], &old_host_slots) {
+                (Some(at), _) => spill.as_ref().map(|s| (s, at)),
+                (None, Some(slots)) => slots[l].and_then(|at| old_host.as_deref().map(|h| (h, at))),
+                _ => None,
+            };
+            if let Some((src, at)) = src {
+                for (so, d_o, shape) in spec.relayout_copies(old_cap, capacity, tokens[l]) {
                     if shape.bytes() > 0 {
                         b.copy(
                             Stream::H2D,
-                            Mem::Host(&*host, new_layout.host_slot[l] + off),
-                            Mem::Device(&*device, dev_off + off),
+                            Mem::Host(src, at + so),
+                            Mem::Device(&*device, dev_off + d_o),
                             shape,
                         )?;
                         Counters::add(&self.shared.counters.h2d_bytes, shape.bytes() as u64);
@@ -901,6 +957,8 @@ impl<B: Backend> Engine<B> {
             }
         }
         b.synchronize_queues()?;
+        drop(spill);
+        drop(old_host);
         self.shared.page_table.apply_layout(&new_layout);
         self.shared
             .counters
@@ -917,6 +975,20 @@ impl<B: Backend> Engine<B> {
         self.shared.current_plan.store(plan.clone());
         self.pipeline = Pipeline::new(plan.clone(), specs.len());
         self.generation += 1;
+        Ok(())
+    }
+
+    /// Empties every layer (a new sequence), keeping the arenas and what the
+    /// policy learned.
+    pub fn reset(&mut self) -> Result<()> {
+        self.shared.check()?;
+        self.quiesce()?;
+        for l in 0..self.num_layers() {
+            self.shared.page_table.set_seq_len(l, 0);
+        }
+        self.in_step = false;
+        self.cursor = None;
+        self.pipeline.primed = false;
         Ok(())
     }
 
@@ -959,9 +1031,16 @@ impl<B: Backend> Engine<B> {
         self.shared.device_budget
     }
 
-    /// Total stall measured so far, in seconds.
+    /// Total stall, in seconds: measured on the sampled steps (every
+    /// [`TIMING_EVERY`]-th) and scaled to all steps.
     pub fn stall_seconds(&self) -> f64 {
-        Counters::get(&self.shared.counters.stall_ns) as f64 * 1e-9
+        let c = &self.shared.counters;
+        let timed = Counters::get(&c.timed_steps);
+        if timed == 0 {
+            return 0.0;
+        }
+        let measured = Counters::get(&c.stall_ns) as f64 * 1e-9;
+        measured * Counters::get(&c.steps) as f64 / timed as f64
     }
 
     /// Blocks until the policy thread has measured every completed step (tests

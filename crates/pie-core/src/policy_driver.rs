@@ -13,7 +13,7 @@ use crate::policy::{
 };
 use crate::primitive::Ordering;
 use crate::slots::ArenaLayout;
-use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
+use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_EVERY, TIMING_SETS};
 use crate::Backend;
 use std::sync::Arc;
 use std::time::Duration;
@@ -165,7 +165,7 @@ fn measure<B: Backend>(shared: &Shared<B>, record: &StepRecord) -> Option<StepSa
         return None;
     }
     let b = &shared.backend;
-    let set = shared.timing_set(record.step);
+    let set = shared.timing_set(record.step)?;
     let n = shared.specs.len();
     b.synchronize(&set.begin[n]).ok()?;
     for l in &record.plan.pooled {
@@ -198,7 +198,7 @@ fn measure<B: Backend>(shared: &Shared<B>, record: &StepRecord) -> Option<StepSa
     // Events of this set are reused TIMING_SETS steps later (copy-side ones a
     // step earlier still): if the caller got that far, the readings may mix steps.
     let now = shared.current_step.load(Ordering::Acquire);
-    if now + 2 > record.step + TIMING_SETS as u64 {
+    if now + 2 > record.step + TIMING_SETS as u64 * TIMING_EVERY {
         return None;
     }
     Some(sample)

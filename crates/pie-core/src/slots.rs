@@ -24,8 +24,10 @@ pub struct ArenaLayout {
     pub staging_bytes: usize,
     /// Total bytes of the device arena.
     pub device_bytes: usize,
-    /// Per layer: byte offset of its backing buffer in the host arena.
-    pub host_slot: Vec<usize>,
+    /// Per layer: byte offset of its buffer in the host arena, if pooled
+    /// (resident layers have no host copy: pinned memory is spent only on
+    /// what is pooled).
+    pub host_slot: Vec<Option<usize>>,
     /// Total bytes of the host arena.
     pub host_bytes: usize,
 }
@@ -54,14 +56,11 @@ impl ArenaLayout {
             off = checked_add(off, staging_bytes)?;
         }
         let mut host_off = 0usize;
-        let host_slot = specs
-            .iter()
-            .map(|s| {
-                let here = host_off;
-                host_off = checked_add(host_off, align_up(s.bytes(capacity), SLOT_ALIGN))?;
-                Ok(here)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut host_slot = vec![None; specs.len()];
+        for &l in &plan.pooled {
+            host_slot[l] = Some(host_off);
+            host_off = checked_add(host_off, align_up(specs[l].bytes(capacity), SLOT_ALIGN))?;
+        }
         Ok(ArenaLayout {
             capacity,
             device_slot,

@@ -112,8 +112,14 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
             let tokens = shared.page_table.seq_len(layer);
             b.wait(Stream::H2D, &shared.slot_freed[slot])?;
             b.wait(Stream::H2D, &shared.written_back[layer])?;
-            b.record(&set.h2d_start[layer], Stream::H2D)?;
-            let host_off = layout.host_slot[layer];
+            if let Some(set) = set {
+                b.record(&set.h2d_start[layer], Stream::H2D)?;
+            }
+            let host_off = layout.host_slot[layer].ok_or_else(|| {
+                crate::PieError::state(format!(
+                    "layer {layer} has no host buffer but was queued for a copy"
+                ))
+            })?;
             let dev_off = layout.staging[slot];
             for (off, shape) in spec.token_range_copies(layout.capacity, 0, tokens) {
                 if shape.bytes() > 0 {
@@ -125,10 +131,12 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
                     )?;
                 }
             }
-            b.record(&set.h2d_end[layer], Stream::H2D)?;
-            b.record(&shared.ready[layer], Stream::H2D)?;
             let bytes = spec.valid_bytes(tokens) as u64;
-            set.h2d_bytes[layer].store(bytes, Ordering::Relaxed);
+            if let Some(set) = set {
+                b.record(&set.h2d_end[layer], Stream::H2D)?;
+                set.h2d_bytes[layer].store(bytes, Ordering::Relaxed);
+            }
+            b.record(&shared.ready[layer], Stream::H2D)?;
             Counters::add(&shared.counters.h2d_bytes, bytes);
             Counters::add(&shared.counters.prefetches, 1);
         }
@@ -142,8 +150,14 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
             let set = shared.timing_set(step);
             let spec = &shared.specs[layer];
             b.wait(Stream::D2H, &shared.written[layer])?;
-            b.record(&set.d2h_start[layer], Stream::D2H)?;
-            let host_off = layout.host_slot[layer];
+            if let Some(set) = set {
+                b.record(&set.d2h_start[layer], Stream::D2H)?;
+            }
+            let host_off = layout.host_slot[layer].ok_or_else(|| {
+                crate::PieError::state(format!(
+                    "layer {layer} has no host buffer but was queued for a copy"
+                ))
+            })?;
             let dev_off = layout.staging[slot];
             for (off, shape) in spec.token_range_copies(layout.capacity, start, n) {
                 if shape.bytes() > 0 {
@@ -155,10 +169,12 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
                     )?;
                 }
             }
-            b.record(&set.d2h_end[layer], Stream::D2H)?;
-            b.record(&shared.written_back[layer], Stream::D2H)?;
             let bytes = spec.valid_bytes(n) as u64;
-            set.d2h_bytes[layer].fetch_add(bytes, Ordering::Relaxed);
+            if let Some(set) = set {
+                b.record(&set.d2h_end[layer], Stream::D2H)?;
+                set.d2h_bytes[layer].fetch_add(bytes, Ordering::Relaxed);
+            }
+            b.record(&shared.written_back[layer], Stream::D2H)?;
             Counters::add(&shared.counters.d2h_bytes, bytes);
         }
         SwapOp::Release { layer, slot } => {

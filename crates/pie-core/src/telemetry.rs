@@ -9,8 +9,12 @@ use crate::plan::Plan;
 use crate::primitive::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// How many steps of timing events exist at once; a set is reused every
-/// `TIMING_SETS` steps, so the policy thread may lag that many steps behind.
+/// Every how many steps one is timed. Timing costs event records on the
+/// caller's thread; the policy needs a sample now and then, not every step.
+pub const TIMING_EVERY: u64 = 4;
+
+/// How many timed steps' events exist at once; a set is reused every
+/// `TIMING_SETS` timed steps, so the policy thread may lag that far behind.
 pub const TIMING_SETS: usize = 8;
 
 /// What one step measured.

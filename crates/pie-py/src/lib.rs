@@ -288,13 +288,17 @@ impl PyEngine {
         }))
     }
 
-    fn host_offset(&mut self, layer: usize) -> PyResult<usize> {
+    fn host_offset(&mut self, layer: usize) -> PyResult<Option<usize>> {
         with_engine!(self, e => {
             if layer >= e.num_layers() {
                 return Err(config_error(format!("layer {layer} is out of range; the engine manages {} layers", e.num_layers())));
             }
             Ok(e.arenas().layout.host_slot[layer])
         })
+    }
+
+    fn reset(&mut self, py: Python<'_>) -> PyResult<()> {
+        with_engine!(self, e => py.detach(|| e.reset()).map_err(to_py))
     }
 
     fn device_region(&mut self) -> PyResult<Region> {
