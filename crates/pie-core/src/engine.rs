@@ -105,7 +105,7 @@ pub(crate) struct Shared<B: Backend> {
 impl<B: Backend> Shared<B> {
     /// The timing set of `step`, if the step is one of the sampled ones.
     pub(crate) fn timing_set(&self, step: u64) -> Option<&TimingSet<B>> {
-        if step % TIMING_EVERY != 0 {
+        if !step.is_multiple_of(TIMING_EVERY) {
             return None;
         }
         Some(&self.timing[((step / TIMING_EVERY) % TIMING_SETS as u64) as usize])
