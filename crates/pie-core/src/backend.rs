@@ -232,4 +232,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A monotonic clock in seconds (virtual time on the sim backend).
     fn now(&self) -> f64;
+
+    /// Waits (bounded) until no copy is running on the backend's queues and
+    /// says whether that happened, even if some copy failed: the engine frees
+    /// its buffers only then.
+    fn wait_idle(&self) -> bool {
+        self.synchronize_queues().is_ok()
+    }
 }

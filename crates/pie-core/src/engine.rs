@@ -211,6 +211,8 @@ pub struct Engine<B: Backend> {
     epoch_start_step: u64,
     in_step: bool,
     step_complete: bool,
+    /// The most tokens any layer received in the current step.
+    step_tokens: usize,
     /// Last layer that began in this step.
     cursor: Option<usize>,
     generation: u64,
@@ -308,6 +310,7 @@ impl<B: Backend> Engine<B> {
             epoch_start_step: 0,
             in_step: false,
             step_complete: false,
+            step_tokens: 0,
             cursor: None,
             generation: 0,
             swapper: Some(swapper),
@@ -541,6 +544,7 @@ impl<B: Backend> Engine<B> {
 
     fn begin_step(&mut self) -> Result<()> {
         self.in_step = true;
+        self.step_tokens = 0;
         self.step_complete = true;
         self.cursor = None;
         self.shared.current_step.store(self.step, Ordering::Release);
@@ -640,6 +644,7 @@ impl<B: Backend> Engine<B> {
             )));
         }
         self.shared.page_table.set_seq_len(layer, start + n_new);
+        self.step_tokens = self.step_tokens.max(n_new);
         if self.shared.page_table.residence(layer) == Residence::Pooled && n_new > 0 {
             let k = self.pipeline.pos_of[layer].expect("pooled layers have a position");
             let seq = self.pipeline.seq_of(k).ok_or_else(|| {
@@ -704,6 +709,7 @@ impl<B: Backend> Engine<B> {
                 plan: self.pipeline.plan.clone(),
                 ops_pushed: self.ops_pushed,
                 complete: self.step_complete,
+                new_tokens: self.step_tokens,
             };
             // A full ring means the policy thread lags: drop the sample, never block.
             if self.telemetry.push(record).is_ok() {
@@ -1074,6 +1080,8 @@ impl<B: Backend> Engine<B> {
             return;
         }
         let _ = self.quiesce();
+        // The swapper drains what is left (skipping it once poisoned) before it
+        // sees the shutdown flag on an empty FIFO.
         self.shared.shutdown.store(true, Ordering::SeqCst);
         for t in [self.swapper.take(), self.policy.take()]
             .into_iter()
@@ -1082,7 +1090,12 @@ impl<B: Backend> Engine<B> {
             t.thread().unpark();
             let _ = t.join();
         }
-        self.shared.arenas.store(None);
+        let arenas = self.shared.arenas.swap(None);
+        if !self.shared.backend.wait_idle() {
+            // A copy may still be running against these buffers (a stuck copy
+            // engine): leaking them is the only memory-safe choice.
+            std::mem::forget(arenas);
+        }
     }
 
     /// Test hook: the sample the policy thread would compute for `step`, if its

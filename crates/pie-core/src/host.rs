@@ -463,6 +463,10 @@ impl Backend for HostBackend {
     fn now(&self) -> f64 {
         self.start.elapsed().as_secs_f64()
     }
+
+    fn wait_idle(&self) -> bool {
+        self.h2d.synchronize(self.timeout).is_ok() && self.d2h.synchronize(self.timeout).is_ok()
+    }
 }
 
 #[cfg(test)]

@@ -139,7 +139,14 @@ pub(crate) fn run<B: Backend>(
                 seq_lens: &seq_lens,
                 device_budget: shared.device_budget,
             };
-            if let Some(plan) = driver.observe(&sample, &ctx) {
+            // Prefill steps say little about decode steps: the policy plans
+            // for decode, so it only sees those.
+            let decision = if record.new_tokens <= 1 {
+                driver.observe(&sample, &ctx)
+            } else {
+                None
+            };
+            if let Some(plan) = decision {
                 let valid = plan.validate(ctx.specs.len()).is_ok()
                     && check_budget(ctx.specs, ctx.capacity, &plan, ctx.device_budget).is_ok();
                 if valid && plan != **shared.current_plan.load() {

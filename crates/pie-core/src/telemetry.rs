@@ -110,6 +110,9 @@ pub struct StepRecord {
     /// Whether the compute-side events of this step were all recorded (false
     /// for a step interrupted or restarted midway).
     pub complete: bool,
+    /// The most tokens any layer received in this step: more than one means a
+    /// prefill (or a chunk), whose timings do not describe decode steps.
+    pub new_tokens: usize,
 }
 
 /// Running totals, readable at any time from any thread.

@@ -338,7 +338,13 @@ impl Policy for AdaptivePolicy {
     }
 
     fn decide(&mut self) -> Result<Option<Plan>> {
-        let inputs = self.estimates()?;
+        let mut inputs = self.estimates()?;
+        if !self.compute_measured {
+            // Until compute is measured, pool only what the budget forces: a
+            // prior that overstates compute would otherwise pool layers whose
+            // copies cannot hide, which "memory" promises never to do.
+            inputs.objective = Objective::Speed;
+        }
         self.decisions += 1;
         let l = inputs.num_layers();
         let over_budget = self.current.validate(l).is_err()
