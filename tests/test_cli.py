@@ -1,34 +1,64 @@
-"""The pie-rs command line."""
+"""The pie-rs command line: ``demo`` and ``bench`` in their reduced (``--quick``) modes."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from pie_rs.bench import StepClock, percentile
 from pie_rs.cli import main
+from pie_rs.plots import reconstruct_timeline
 
-SMALL = ["--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "128", "--batch", "2"]
-SHORT = ["--prompt-len", "8", "--new-tokens", "8", "--device", "cpu"]
+QUICK = ["--quick", "--device", "cpu", "--no-progress"]
 
 
-def test_demo_prints_identity(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", *SMALL, *SHORT]) == 0
+def _png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", *QUICK, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "tokens identical to DynamicCache: yes" in out
-    assert "pooled" in out
-
-
-def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", *SMALL, *SHORT, "--repeats", "1", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    for label in ("decode tokens/s", "peak device KV", "bytes host->device", "stall", "plan"):
+        assert label in out
+    result = json.loads((tmp_path / "demo.json").read_text())
     assert result["identical"] is True
-    assert result["stats"]["pooled_layers"] >= 2
-    assert result["pie_tokens_per_s"] > 0
+    pie = result["pie"]
+    assert pie["pooled_layers"] >= 1
+    assert pie["peak_device_kv_bytes"] < result["baseline"]["peak_device_kv_bytes"]
+    assert pie["h2d_bytes"] > 0 and pie["decode_tok_s"] > 0
+    assert len(pie["step_ms"]) == result["new_tokens"] - 1
+    assert result["timeline_samples"], "the engine's per-step samples feed the timeline"
+    assert _png(tmp_path / "demo_timeline.png")
 
 
-def test_demo_bad_budget(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", *SMALL, *SHORT, "--budget", "nonsense"]) == 1
+def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *QUICK, "--out", str(tmp_path), "--batches", "2", "--contexts", "16,48"]) == 0
+    out = capsys.readouterr().out
+    assert "| DynamicCache |" in out and "| pie-rs speed 50% |" in out
+    assert "needs CUDA: skipped on CPU" in out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["all_identical"] is True
+    kinds = {r["kind"] for r in result["rows"]}
+    assert {"dynamic", "static", "pie"} <= kinds
+    assert {r["objective"] for r in result["rows"] if r["kind"] == "pie"} == {"speed", "memory"}
+    for row in result["rows"]:
+        assert row["error"] is None, row
+        assert row["step_median_ms"] > 0 and row["step_p99_ms"] >= row["step_median_ms"]
+    half = next(r for r in result["rows"] if r["method"] == "pie-rs speed 50%")
+    assert half["kv_ratio"] < 1.0 and half["pooled_layers"] >= 1
+    (cap,) = result["capacity"]
+    assert cap["capacity_ratio"] >= 1.5
+    assert (tmp_path / "bench.md").is_file()
+    for name in ("bench_throughput.png", "bench_latency.png", "bench_memory.png", "bench_capacity.png"):
+        assert _png(tmp_path / name), name
+
+
+def test_demo_bad_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", *QUICK, "--out", str(tmp_path), "--budget", "nonsense"]) == 1
     assert "ConfigError" in capsys.readouterr().err
 
 
@@ -36,3 +66,36 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert "pie-rs" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_step_clock_and_percentile() -> None:
+    import torch
+
+    clock = StepClock(torch.device("cpu"))
+    clock.begin()
+    scores = torch.zeros(1, 4)
+    for _ in range(3):
+        assert clock(torch.zeros(1, 1, dtype=torch.long), scores) is scores
+    assert len(clock.step_seconds) == 2 and clock.prefill_seconds >= 0
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0
+    assert percentile([1.0, 2.0], 100) == 2.0
+
+
+def test_timeline_places_copies_after_the_compute_that_frees_a_slot() -> None:
+    sample = {
+        "step": 5,
+        "layer_compute": [1.0, 1.0, 1.0, 1.0],
+        "layer_stall": [0.0, 0.5, 0.0, 0.0],
+        "pooled_layers": [1, 3],
+        "h2d_seconds": 0.4,
+        "d2h_seconds": 0.2,
+    }
+    bars = reconstruct_timeline([sample], prefetch_depth=1)
+    compute = [b for b in bars if b["lane"] == "compute"]
+    assert [b["layer"] for b in compute] == [0, 1, 2, 3]
+    assert compute[1]["start"] == pytest.approx(1.5)  # after layer 1's stall
+    h2d = {b["layer"]: b for b in bars if b["lane"] == "H2D"}
+    assert h2d[3]["start"] == pytest.approx(compute[1]["end"])  # slot of layer 1 frees
+    assert h2d[3]["end"] - h2d[3]["start"] == pytest.approx(0.2)
+    d2h = {b["layer"]: b for b in bars if b["lane"] == "D2H"}
+    assert d2h[1]["start"] == pytest.approx(compute[1]["end"])

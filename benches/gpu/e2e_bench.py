@@ -1,114 +1,133 @@
-"""End-to-end decode on the GPU: a bf16 model with Llama-3-8B layer shapes
-(random weights, fewer layers), generated with DynamicCache, transformers'
-offloaded cache and pie-rs at several budgets, all in one process.
-Per-token decode latency = (T(new=N) - T(new=1)) / (N - 1), median of runs.
+"""End-to-end decode on the GPU: DynamicCache, transformers' offloading and pie-rs, one process.
+
+A bf16 model with Llama-3-8B layer shapes (random weights built on the device, 8 layers) generates
+with DynamicCache, transformers' offloaded cache and pie-rs (resident, half pooled, all pooled,
+objective memory) on the same inputs; then the largest batch each of DynamicCache and pie-rs runs
+at one fixed device KV budget.
+
+Per-token latency is measured per decode step (a LogitsProcessor stamps time.perf_counter() after
+torch.cuda.synchronize() once per step): median and p99 over all steps of all runs. It reuses
+pie_rs.bench, so it needs the pie_rs wheel built from this tree. Usage:
+    python benches/gpu/e2e_bench.py [out.json]
+PIE_E2E_SMOKE=1 runs the same code on the CPU with a tiny model, to check the script without a GPU.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
+import os
 import sys
 import time
 import warnings
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-import pie_rs
+from pie_rs.bench import (
+    LLAMA3_8B_SHAPE,
+    Method,
+    ModelShape,
+    add_ratios,
+    build_model,
+    capacity_search,
+    dynamic_kv_bytes,
+    format_capacity,
+    format_table,
+    make_inputs,
+    measure,
+    merge_rows,
+)
 
 warnings.filterwarnings("ignore")
-LAYERS, BATCH, PROMPT, NEW, RUNS = 8, 16, 2048, 32, 3
-
-
-def build() -> torch.nn.Module:
-    cfg = AutoConfig.for_model(
-        "llama",
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-    )
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    return model.eval()
-
-
-def timed_generate(model, inputs, new: int, **kw) -> float:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
-def per_token(model, inputs, **kw) -> float:
-    timed_generate(model, inputs, 2, **kw)  # warm-up
-    samples = []
-    for _ in range(RUNS):
-        t_n = timed_generate(model, inputs, NEW, **kw)
-        t_1 = timed_generate(model, inputs, 1, **kw)
-        samples.append((t_n - t_1) / (NEW - 1))
-    return statistics.median(samples)
+BATCH, PROMPT, NEW, REPEATS = 16, 2048, 32, 2
+CAP_CONTEXT, CAP_BASE_BATCH, CAP_MAX_FACTOR, CAP_NEW = 2048, 8, 4, 8
+SMOKE = os.environ.get("PIE_E2E_SMOKE") == "1"
+if SMOKE:
+    BATCH, PROMPT, NEW, REPEATS = 2, 32, 6, 1
+    torch.set_num_threads(1)
+    CAP_CONTEXT, CAP_BASE_BATCH, CAP_NEW = 32, 2, 4
 
 
 def main() -> int:
-    model = build()
-    inputs = {
-        "input_ids": torch.randint(0, 32000, (BATCH, PROMPT), device="cuda"),
-        "attention_mask": torch.ones(BATCH, PROMPT, dtype=torch.long, device="cuda"),
-    }
-    kv_per_layer = BATCH * 8 * (PROMPT + NEW) * 128 * 2 * 2
-    rows = []
-    base = per_token(model, inputs)
-    rows.append({"method": "DynamicCache", "ms_per_token": base * 1e3, "device_kv_mib": LAYERS * kv_per_layer / 2**20})
-    try:
-        t = per_token(model, inputs, cache_implementation="offloaded")
-        rows.append({"method": "HF offloaded", "ms_per_token": t * 1e3, "device_kv_mib": 2 * kv_per_layer / 2**20})
-    except Exception as e:
-        rows.append({"method": "HF offloaded", "error": repr(e)[:120]})
-    configs = [
-        ("pie-rs resident", {}),
-        ("pie-rs half pooled", {"pooled_layers": list(range(1, LAYERS, 2)), "prefetch_depth": 2}),
-        ("pie-rs all pooled", {"pooled_layers": list(range(LAYERS)), "prefetch_depth": 2}),
-        ("pie-rs memory", {"objective": "memory", "gpu_budget": LAYERS * kv_per_layer}),
+    t0 = time.perf_counter()
+    device = torch.device("cpu" if SMOKE else "cuda")
+    shape = ModelShape(layers=4, hidden=64, heads=4, kv_heads=2, vocab=128) if SMOKE else LLAMA3_8B_SHAPE
+    model = build_model(shape, device, torch.float32 if SMOKE else torch.bfloat16, seed=0)
+    ids = make_inputs(shape.vocab, BATCH, PROMPT, device, seed=1)
+    methods = [
+        Method("DynamicCache", "dynamic"),
+        Method("HF offloaded", "offloaded"),
+        Method("pie-rs resident", "pie"),
+        Method("pie-rs half pooled", "pie", pinned="half", prefetch_depth=2),
+        Method("pie-rs all pooled", "pie", pinned="all", prefetch_depth=2),
+        Method("pie-rs objective memory", "pie", objective="memory"),
     ]
-    for name, kw in configs:
-        try:
-            with pie_rs.attach(model, **kw) as pool:
-                t = per_token(model, inputs)
-                s = pool.stats()
-            rows.append(
-                {
-                    "method": name,
-                    "ms_per_token": t * 1e3,
-                    "device_kv_mib": s["device_kv_bytes"] / 2**20,
-                    "pooled": s["pooled_layers"],
-                    "stall_s": s["stall_seconds"],
-                    "h2d_gib": s["h2d_bytes"] / 2**30,
-                }
-            )
-        except Exception as e:
-            rows.append({"method": name, "error": repr(e)[:160]})
-    print(f"model: Llama-3-8B layer shapes, {LAYERS} layers, bf16, batch {BATCH}, prompt {PROMPT}, {NEW} new tokens")
-    print("| method | ms/token | vs DynamicCache | device KV MiB | pooled | stall s | H2D GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['method']} | error: {r['error']} | | | | | |")
-            continue
-        print(
-            f"| {r['method']} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / (base * 1e3):.2f}x "
-            f"| {r['device_kv_mib']:.0f} "
-            f"| {r.get('pooled', '-')} | {r.get('stall_s', 0):.3f} | {r.get('h2d_gib', 0):.2f} |"
-        )
+    warm = make_inputs(shape.vocab, 2, 64, device, seed=2)
+    for method in (methods[0], methods[2]):
+        measure(model, warm, 2, method)
+    runs: dict[str, list] = {m.name: [] for m in methods}
+    reference = None
+    for _ in range(REPEATS):
+        for method in methods:
+            row, out = measure(model, ids, NEW, method, reference)
+            if method.kind == "dynamic" and reference is None:
+                reference = out
+            runs[method.name].append(row)
+            print(f"  {method.name}: {row.step_median_ms:.2f} ms/token {row.error or ''}", file=sys.stderr)
+    rows = [merge_rows(runs[m.name]).as_dict(with_steps=False) for m in methods]
+    add_ratios(rows)
+    budget = dynamic_kv_bytes(model, CAP_BASE_BATCH, CAP_CONTEXT + CAP_NEW - 1)
+    capacity = capacity_search(
+        model, device, [CAP_CONTEXT], CAP_NEW, budget, CAP_MAX_FACTOR, "speed", shape.vocab, seed=3
+    )
+
+    by = {r["method"]: r for r in rows}
+
+    def ratio(a: str, b: str) -> float | None:
+        ra, rb = by.get(a, {}), by.get(b, {})
+        if ra.get("error") or rb.get("error") or not ra.get("step_median_ms") or not rb.get("step_median_ms"):
+            return None
+        return ra["step_median_ms"] / rb["step_median_ms"]
+
+    checks = [
+        ("pie-rs all pooled vs HF offloaded (ms/token)", ratio("pie-rs all pooled", "HF offloaded"), "<=", 0.6),
+        (
+            "pie-rs objective memory vs DynamicCache (ms/token)",
+            ratio("pie-rs objective memory", "DynamicCache"),
+            "<=",
+            1.05,
+        ),
+        ("pie-rs resident vs DynamicCache (ms/token)", ratio("pie-rs resident", "DynamicCache"), "<=", 1.10),
+        ("batch x context at a fixed budget, pie-rs vs DynamicCache", capacity[0]["capacity_ratio"], ">=", 1.5),
+    ]
+    print(
+        f"model: {'tiny, float32 (smoke)' if SMOKE else 'Llama-3-8B layer shapes, bf16'}, {shape.layers} layers, "
+        f"random weights; batch {BATCH}, "
+        f"prompt {PROMPT}, {NEW} new tokens, {REPEATS} interleaved runs each; "
+        f"{'CPU smoke run' if SMOKE else torch.cuda.get_device_name()}"
+    )
+    print(format_table(rows))
+    print()
+    print(
+        f"Largest batch at a fixed device KV budget of {budget / 2**30:.2f} GiB (DynamicCache at batch "
+        f"{CAP_BASE_BATCH}); pie-rs searched up to {CAP_MAX_FACTOR}x:"
+    )
+    print(format_capacity(capacity))
+    print()
+    print("| target | measured | goal | met |")
+    print("|---|---|---|---|")
+    results = []
+    for name, value, op, goal in checks:
+        met = None if value is None else (value <= goal if op == "<=" else value >= goal)
+        results.append({"target": name, "value": value, "goal": f"{op} {goal}", "met": met})
+        shown = "n/a" if value is None else f"{value:.2f}x"
+        print(f"| {name} | {shown} | {op} {goal}x | {'-' if met is None else 'yes' if met else 'NO'} |")
+    identical = [r["identical"] for r in rows if r.get("identical") is not None]
+    print(
+        f"tokens identical to DynamicCache: {sum(identical)}/{len(identical)} methods; {time.perf_counter() - t0:.0f} s"
+    )
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"rows": rows, "capacity": capacity, "targets": results}, f, indent=1, default=str)
     return 0
 
 

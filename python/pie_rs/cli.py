@@ -10,7 +10,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .demo import add_arguments
+    from . import bench, demo
 
     parser = argparse.ArgumentParser(
         prog="pie-rs",
@@ -18,11 +18,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench,simulate}")
-    demo = sub.add_parser("demo", help="generate with and without pie-rs and check the tokens match")
-    add_arguments(demo)
-    bench = sub.add_parser("bench", help="compare throughput with and without pie-rs")
-    add_arguments(bench)
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3)")
+    demo.add_arguments(
+        sub.add_parser(
+            "demo",
+            help="generate with DynamicCache and with pie-rs, check the tokens match, draw a timeline",
+            description=demo.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    bench.add_arguments(
+        sub.add_parser(
+            "bench",
+            help="DynamicCache, transformers' caches and pie-rs over budgets, batches and contexts",
+            description=bench.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     sub.add_parser("simulate", help="what-if runs of the engine in virtual time (see pie-rs simulate --help)")
     return parser
 
@@ -48,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from . import PieError
-    from .demo import run_bench, run_demo
+    from .bench import run_bench
+    from .demo import run_demo
 
     try:
         return run_demo(args) if args.command == "demo" else run_bench(args)

@@ -1,82 +1,54 @@
-"""A small real run: a tiny Llama generates with transformers' DynamicCache and with pie-rs.
+"""``pie-rs demo``: a Llama-architecture model generates with DynamicCache and with pie-rs.
 
-``pie-rs demo`` checks the tokens are identical with about half the layers pooled in host
-memory and prints throughput and the engine's statistics; ``pie-rs bench`` repeats the
-comparison and reports the ratio. Both build the model from a config (no downloads).
+No downloads: the model is built from a config with fixed-seed random weights, small on CPU (the
+host backend: the CPU stands in for the device, real copies by threads) and larger on CUDA. pie-rs
+runs at a budget that pools about half the layers in host memory. The demo checks that the tokens
+are identical (exit status 1 if not), prints a small table (tokens/s, latency, peak device KV
+against the baseline's, bytes moved each way, stall time, the plan the policy chose) and writes a
+step timeline (PNG) and every figure (JSON) into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import math
+import sys
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._model import MANAGED, inspect_model
-from .cache import _round_capacity
-from .pool import attach
+from .bench import (
+    Method,
+    add_model_arguments,
+    build_model,
+    cpu_threads,
+    make_inputs,
+    measure,
+    pie_slot_bytes,
+    resolve_device,
+    resolve_shape,
+)
 
-__all__ = ["DemoResult", "add_arguments", "build_model", "half_pooled_budget", "run_bench", "run_demo"]
-
-_SLOT_ALIGN = 256
-
-
-@dataclass
-class DemoResult:
-    """What one comparison measured."""
-
-    identical: bool
-    baseline_tokens_per_s: float
-    pie_tokens_per_s: float
-    stats: dict[str, Any]
-    budget_bytes: int | None
+__all__ = ["add_arguments", "half_pooled_budget", "run_demo"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options shared by ``demo`` and ``bench``."""
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the tiny Llama (default 8)")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
-    parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default 4)")
-    parser.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    parser.add_argument(
+    """The options of ``pie-rs demo``."""
+    add_model_arguments(parser)
+    g = parser.add_argument_group("run")
+    g.add_argument("--batch", type=int, default=None, help="batch size (CPU default 4, CUDA 8)")
+    g.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (CPU default 64, CUDA 1024)")
+    g.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (CPU default 64, CUDA 128)")
+    g.add_argument(
         "--budget",
         default=None,
         help="gpu_budget for pie-rs (bytes, '6GiB', a fraction); default: pool about half the layers",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
-def build_model(
-    layers: int = 8, hidden: int = 256, heads: int = 8, kv_heads: int = 4, vocab: int = 256, seed: int = 0
-) -> torch.nn.Module:
-    """A randomly initialised tiny Llama, built from a config (no download)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
+    g.add_argument("--trace-steps", type=int, default=4, help="decode steps drawn in the timeline (default 4)")
 
 
 def half_pooled_budget(model: torch.nn.Module, batch: int, max_length: int) -> int:
@@ -84,33 +56,9 @@ def half_pooled_budget(model: torch.nn.Module, batch: int, max_length: int) -> i
 
     Pooling ``c`` of ``M`` layers through one staging slot takes ``M - c + 1`` layer slots.
     """
-    info = inspect_model(model)
-    layer = next(li for li in info.layers if li.kind == MANAGED)
-    elem = torch.empty((), dtype=info.dtype).element_size()
-    raw = batch * layer.kv_heads * _round_capacity(max_length) * (layer.k_dim + layer.v_dim) * elem
-    slot = -(-raw // _SLOT_ALIGN) * _SLOT_ALIGN
-    managed = len(info.managed)
+    managed = len([li for li in inspect_model(model).layers if li.kind == MANAGED])
     pooled = max(1, managed // 2)
-    return (managed - pooled + 1) * slot
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
-    _sync(ids.device)
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    _sync(ids.device)
-    return out, time.perf_counter() - start
+    return (managed - pooled + 1) * pie_slot_bytes(model, batch, max_length)
 
 
 def _parse_budget_arg(text: str | None) -> int | float | str | None:
@@ -123,69 +71,144 @@ def _parse_budget_arg(text: str | None) -> int | float | str | None:
     return value if "." in text or "e" in text.lower() else int(value)
 
 
-def compare(args: argparse.Namespace, repeats: int = 1) -> DemoResult:
-    """Runs the DynamicCache baseline and pie-rs ``repeats`` times each; returns medians."""
-    device = _device(args.device)
-    model = build_model(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, args.seed).to(device)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    ids = torch.randint(3, args.vocab, (args.batch, args.prompt_len), generator=gen).to(device)
-    tokens = args.batch * args.new_tokens
-    budget = _parse_budget_arg(args.budget)
-    if budget is None:
-        budget = half_pooled_budget(model, args.batch, args.prompt_len + args.new_tokens)
-
-    _timed_generate(model, ids, 2)  # warm-up
-    base_times, expected = [], None
-    for _ in range(repeats):
-        expected, seconds = _timed_generate(model, ids, args.new_tokens)
-        base_times.append(seconds)
-    with attach(model, gpu_budget=budget) as pool:
-        _timed_generate(model, ids, 2)
-        pie_times, got = [], None
-        for _ in range(repeats):
-            got, seconds = _timed_generate(model, ids, args.new_tokens)
-            pie_times.append(seconds)
-        stats = pool.stats()
-    assert expected is not None and got is not None
-    return DemoResult(
-        identical=bool(torch.equal(expected, got)),
-        baseline_tokens_per_s=tokens / statistics.median(base_times),
-        pie_tokens_per_s=tokens / statistics.median(pie_times),
-        stats=stats,
-        budget_bytes=stats.get("budget_bytes"),
-    )
-
-
-def _report(result: DemoResult, args: argparse.Namespace, title: str) -> None:
-    if args.json:
-        print(json.dumps({**result.__dict__}, default=str, sort_keys=True))
-        return
-    s = result.stats
-    print(f"{title}: tiny Llama, {args.layers} layers, batch {args.batch}, {args.prompt_len}+{args.new_tokens} tokens")
-    print(f"  tokens identical to DynamicCache: {'yes' if result.identical else 'NO'}")
-    print(f"  DynamicCache: {result.baseline_tokens_per_s:10.1f} tokens/s")
-    ratio = result.pie_tokens_per_s / result.baseline_tokens_per_s
-    print(f"  pie-rs:       {result.pie_tokens_per_s:10.1f} tokens/s ({ratio:.2f}x)")
-    print(
-        f"  layers: {s.get('resident_layers')} resident, {s.get('pooled_layers')} pooled; "
-        f"budget {result.budget_bytes} B, peak device KV {s.get('peak_device_kv_bytes')} B, "
-        f"host KV {s.get('host_kv_bytes')} B"
-    )
-    print(
-        f"  moved: {s.get('h2d_bytes')} B host->device, {s.get('d2h_bytes')} B device->host; "
-        f"stall {float(s.get('stall_seconds', 0.0)):.4f} s over {s.get('steps')} steps ({s.get('backend')} backend)"
-    )
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{value / 2**20:.2f} MiB"
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """``pie-rs demo``: one comparison; exit status 1 if the tokens differ."""
-    result = compare(args, repeats=1)
-    _report(result, args, "pie-rs demo")
-    return 0 if result.identical else 1
+    device = resolve_device(args.device)
+    with cpu_threads(device, args.threads) as threads:
+        return _run_demo(args, device, threads)
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """``pie-rs bench``: the comparison repeated ``--repeats`` times, medians reported."""
-    result = compare(args, repeats=args.repeats)
-    _report(result, args, f"pie-rs bench (median of {args.repeats})")
-    return 0 if result.identical else 1
+def _run_demo(args: argparse.Namespace, device: torch.device, threads: int) -> int:
+    from tqdm.auto import tqdm
+
+    from . import plots
+
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype)
+    shape = resolve_shape(args, device)
+    quick = args.quick
+    batch = args.batch or (8 if cuda else 2 if quick else 4)
+    prompt = args.prompt_len or (1024 if cuda else 8 if quick else 64)
+    new = args.new_tokens or (128 if cuda else 8 if quick else 64)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    model = build_model(shape, device, dtype, args.seed)
+    ids = make_inputs(shape.vocab, batch, prompt, device, args.seed + 1)
+    budget = _parse_budget_arg(args.budget)
+    if budget is None:
+        budget = half_pooled_budget(model, batch, prompt + new)
+
+    bar = tqdm(
+        total=2 * new + 2, desc="pie-rs demo", unit="tok", disable=args.no_progress, file=sys.stderr, leave=False
+    )
+    # The engine times every 4th step (TIMING_EVERY), so look that much further back.
+    trace_from = max(1, new - 4 * max(0, args.trace_steps))
+    samples: list[dict[str, Any]] = []
+
+    def tick(step: int, cache: Any) -> None:
+        bar.update(1)
+        if cache is not None and step >= trace_from and cache.engine is not None:
+            cache.engine.flush_telemetry()  # the sample of the step that just finished
+            sample = cache.engine.last_sample()
+            if sample is not None and (not samples or samples[-1].get("step") != sample.get("step")):
+                samples.append(dict(sample))
+                del samples[: -max(1, args.trace_steps)]
+
+    warm = make_inputs(shape.vocab, 1, 4, device, args.seed)
+    bar.set_postfix_str("warm-up")
+    measure(model, warm, 2, Method("warm-up", "dynamic"), raise_errors=True)
+    measure(model, warm, 2, Method("warm-up", "pie", budget_fraction=0.5), raise_errors=True)
+    bar.update(2)
+    bar.set_postfix_str("DynamicCache")
+    base, expected = measure(model, ids, new, Method("DynamicCache", "dynamic"), on_step=tick, raise_errors=True)
+    bar.set_postfix_str("pie-rs")
+    pie, _ = measure(
+        model, ids, new, Method("pie-rs", "pie", budget_bytes=budget), expected, on_step=tick, raise_errors=True
+    )
+    bar.close()
+    identical = bool(pie.identical)
+
+    pngs = []
+    if samples:
+        pngs.append(
+            plots.timeline(
+                samples,
+                out_dir / "demo_timeline.png",
+                pie.prefetch_depth or 1,
+                title=(
+                    f"pie-rs, {len(samples)} sampled decode steps: {pie.resident_layers} resident / "
+                    f"{pie.pooled_layers} pooled layers, prefetch depth {pie.prefetch_depth} ({device.type})"
+                ),
+            )
+        )
+    seconds = time.perf_counter() - t0
+    result = {
+        "model": shape.describe(),
+        "device": str(device),
+        "backend": "cuda" if cuda else "host",
+        "dtype": args.dtype,
+        "threads": threads,
+        "batch": batch,
+        "prompt_len": prompt,
+        "new_tokens": new,
+        "identical": identical,
+        "budget_bytes": pie.budget_bytes,
+        "baseline": base.as_dict(),
+        "pie": pie.as_dict(),
+        "kv_ratio": (pie.peak_device_kv_bytes or 0) / base.peak_device_kv_bytes if base.peak_device_kv_bytes else None,
+        "speed_ratio": pie.decode_tok_s / base.decode_tok_s if base.decode_tok_s else None,
+        "timeline_samples": samples,
+        "timeline_note": (
+            "compute and stall per layer are measured by the engine; copy bars are placed from the "
+            "step's total H2D/D2H seconds by the FIFO rule (the engine does not expose per-copy times)"
+        ),
+        "seconds": seconds,
+        "plots": [str(p) for p in pngs],
+    }
+    json_path = out_dir / "demo.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        _print_table(result, base, pie, shape.describe(), json_path, pngs)
+    return 0 if identical else 1
+
+
+def _print_table(result: dict[str, Any], base: Any, pie: Any, model: str, json_path: Path, pngs: list[Path]) -> None:
+    def num(value: float, spec: str) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    plan = (
+        f"{pie.resident_layers} resident, {pie.pooled_layers} pooled {pie.pooled}, prefetch depth {pie.prefetch_depth}"
+    )
+    print(
+        f"pie-rs demo: {model}; {result['device']} ({result['backend']} backend, {result['threads']} torch threads), "
+        f"batch {result['batch']}, "
+        f"{result['prompt_len']}+{result['new_tokens']} tokens"
+    )
+    print(f"  tokens identical to DynamicCache: {'yes' if result['identical'] else 'NO'}")
+    rows = [
+        ("", "DynamicCache", "pie-rs"),
+        ("decode tokens/s", num(base.decode_tok_s, ".1f"), num(pie.decode_tok_s, ".1f")),
+        ("ms/token median", num(base.step_median_ms, ".2f"), num(pie.step_median_ms, ".2f")),
+        ("ms/token p99", num(base.step_p99_ms, ".2f"), num(pie.step_p99_ms, ".2f")),
+        ("end-to-end s", num(base.e2e_s, ".3f"), num(pie.e2e_s, ".3f")),
+        ("peak device KV", _mib(base.peak_device_kv_bytes), _mib(pie.peak_device_kv_bytes)),
+        ("  vs DynamicCache", "1.00x", num(result["kv_ratio"], ".2f") + "x"),
+        ("budget", "-", _mib(pie.budget_bytes) if isinstance(pie.budget_bytes, int) else str(pie.budget_bytes)),
+        ("bytes host->device", "-", _mib(pie.h2d_bytes)),
+        ("bytes device->host", "-", _mib(pie.d2h_bytes)),
+        ("stall", "-", f"{pie.stall_s * 1e3:.2f} ms"),
+        ("plan", "all on the device", plan),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    w1 = max(len(r[1]) for r in rows) + 2
+    for label, a, b in rows:
+        print(f"  {label:<{width}}{a:<{w1}}{b}")
+    print(f"  wrote {json_path}" + "".join(f", {p}" for p in pngs))

@@ -189,6 +189,18 @@ fn measure<B: Backend>(shared: &Shared<B>, record: &StepRecord) -> Option<StepSa
         plan: (*record.plan).clone(),
         ..Default::default()
     };
+    let at = |e: &B::Event| b.elapsed(&set.begin[0], e).ok();
+    sample.layer_start = (0..n).map(|l| at(&set.begin[l]).unwrap_or(0.0)).collect();
+    sample.h2d_spans = vec![None; n];
+    sample.d2h_spans = vec![None; n];
+    for &l in &record.plan.pooled {
+        if set.h2d_bytes[l].load(Ordering::Relaxed) > 0 {
+            sample.h2d_spans[l] = at(&set.h2d_start[l]).zip(at(&set.h2d_end[l]));
+        }
+        if set.d2h_bytes[l].load(Ordering::Relaxed) > 0 {
+            sample.d2h_spans[l] = at(&set.d2h_start[l]).zip(at(&set.d2h_end[l]));
+        }
+    }
     for &l in &record.plan.pooled {
         let h = set.h2d_bytes[l].load(Ordering::Relaxed);
         if h > 0 {

@@ -40,6 +40,13 @@ pub struct StepSample {
     pub step_seconds: f64,
     /// The plan the step ran under.
     pub plan: Plan,
+    /// Per layer: when it began, in seconds from the step's start.
+    pub layer_start: Vec<f64>,
+    /// Per layer: when its prefetch for this step ran (start, end), in seconds
+    /// from the step's start (negative: during the previous step).
+    pub h2d_spans: Vec<Option<(f64, f64)>>,
+    /// Per layer: when its write-back ran (start, end), from the step's start.
+    pub d2h_spans: Vec<Option<(f64, f64)>>,
 }
 
 impl StepSample {
