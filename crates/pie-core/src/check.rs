@@ -197,43 +197,15 @@ pub fn crop(
 }
 
 /// Reorders the batch of every layer as beam search does (`new[b] = old[idx[b]]`),
-/// in the engine's memory and in the reference.
+/// in the engine (through [`Engine::reorder`]) and in the reference.
 pub fn reorder(
     engine: &mut Engine<HostBackend>,
     reference: &mut Reference,
     idx: &[usize],
 ) -> Result<()> {
-    engine.quiesce()?;
-    let arenas = engine.arenas();
-    for l in 0..engine.num_layers() {
-        let spec = engine.specs()[l];
-        let base = match engine.residence(l)? {
-            crate::page_table::Residence::Resident { device_offset } => {
-                arenas.device.addr() as usize + device_offset
-            }
-            crate::page_table::Residence::Pooled => {
-                arenas.host.addr() as usize
-                    + arenas.layout.host_slot[l].expect("pooled layers have a host buffer")
-            }
-        };
-        let cap = arenas.layout.capacity;
-        let bytes = spec.bytes(cap);
-        // SAFETY: after quiesce no queue touches the arenas; `base` spans the
-        // layer's whole buffer of `bytes` bytes.
-        let buf = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, bytes) };
-        let old = buf.to_vec();
+    engine.reorder(idx)?;
+    for (l, spec) in engine.specs().iter().enumerate() {
         let heads = spec.kv_heads;
-        for (tok, block) in [
-            (spec.k_token_bytes(), 0usize),
-            (spec.v_token_bytes(), spec.k_bytes(cap)),
-        ] {
-            let per_batch = heads * cap * tok;
-            for (b, &src) in idx.iter().enumerate() {
-                let s = block + src * per_batch;
-                let d = block + b * per_batch;
-                buf[d..d + per_batch].copy_from_slice(&old[s..s + per_batch]);
-            }
-        }
         let rows = reference.tokens[l].clone();
         for (b, &src) in idx.iter().enumerate() {
             for h in 0..heads {
@@ -241,6 +213,5 @@ pub fn reorder(
             }
         }
     }
-    drop(arenas);
-    engine.resume()
+    Ok(())
 }

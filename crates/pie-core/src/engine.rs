@@ -11,7 +11,7 @@
 //! prefetch in execution order is queued into it). The last layer's
 //! `layer_done` ends the step; pending plans apply at the next step's start.
 
-use crate::backend::{Backend, Mem, Stream};
+use crate::backend::{Backend, CopyShape, Mem, Stream};
 use crate::error::{PieError, Result};
 use crate::fifo::{ring, Producer};
 use crate::layout::LayerSpec;
@@ -741,6 +741,81 @@ impl<B: Backend> Engine<B> {
         }
         self.quiesce()?;
         self.shared.page_table.set_seq_len(layer, tokens);
+        self.resume()
+    }
+
+    /// Reorders the batch of every layer as beam search does: afterwards
+    /// sequence `b` holds what sequence `idx[b]` held. Goes through a host
+    /// scratch buffer with the backend's copies, so it works for resident and
+    /// pooled layers alike (the Python side does the same with torch views).
+    pub fn reorder(&mut self, idx: &[usize]) -> Result<()> {
+        self.shared.check()?;
+        for (l, spec) in self.shared.specs.iter().enumerate() {
+            if idx.len() != spec.batch || idx.iter().any(|&i| i >= spec.batch) {
+                return Err(PieError::config(format!(
+                    "reorder indices {idx:?} do not fit layer {l}'s batch of {}; give one index in 0..{} per sequence",
+                    spec.batch, spec.batch
+                )));
+            }
+        }
+        self.quiesce()?;
+        let arenas = self.arenas();
+        let cap = arenas.layout.capacity;
+        let b = &self.shared.backend;
+        let largest = self
+            .shared
+            .specs
+            .iter()
+            .map(|s| s.bytes(cap))
+            .max()
+            .unwrap_or(0);
+        let scratch = b.alloc_host(largest.max(1))?;
+        for (l, spec) in self.shared.specs.iter().enumerate() {
+            if self.shared.page_table.seq_len(l) == 0 {
+                continue;
+            }
+            let (on_device, off) = match (arenas.layout.device_slot[l], arenas.layout.host_slot[l])
+            {
+                (Some(d), _) => (true, d),
+                (None, Some(h)) => (false, h),
+                (None, None) => unreachable!("every layer is resident or pooled"),
+            };
+            let layer = |o: usize| {
+                if on_device {
+                    Mem::Device(&*arenas.device, off + o)
+                } else {
+                    Mem::Host(&*arenas.host, off + o)
+                }
+            };
+            b.copy(
+                Stream::D2H,
+                layer(0),
+                Mem::Host(&scratch, 0),
+                CopyShape::contiguous(spec.bytes(cap)),
+            )?;
+            b.synchronize_queues()?;
+            let back = if on_device { Stream::H2D } else { Stream::D2H };
+            for (block, per_seq) in [
+                (0, spec.kv_heads * cap * spec.k_token_bytes()),
+                (
+                    spec.k_bytes(cap),
+                    spec.kv_heads * cap * spec.v_token_bytes(),
+                ),
+            ] {
+                for (dst, &src) in idx.iter().enumerate() {
+                    if dst != src {
+                        b.copy(
+                            back,
+                            Mem::Host(&scratch, block + src * per_seq),
+                            layer(block + dst * per_seq),
+                            CopyShape::contiguous(per_seq),
+                        )?;
+                    }
+                }
+            }
+            b.synchronize_queues()?;
+        }
+        drop(arenas);
         self.resume()
     }
 
