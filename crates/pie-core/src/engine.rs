@@ -196,6 +196,40 @@ impl Pipeline {
     }
 }
 
+/// Where each layer's valid tokens are on the host during a transition.
+struct Sources<'a, B: Backend> {
+    spill: Option<&'a B::HostBuffer>,
+    spill_at: &'a [Option<usize>],
+    old_host: Option<(&'a B::HostBuffer, &'a [Option<usize>])>,
+    /// Capacity of the layout the sources are in.
+    capacity: usize,
+}
+
+impl<'a, B: Backend> Sources<'a, B> {
+    fn of(&self, l: usize) -> Option<(&'a B::HostBuffer, usize)> {
+        match (self.spill_at[l], self.spill, self.old_host) {
+            (Some(at), Some(s), _) => Some((s, at)),
+            (None, _, Some((h, slots))) => slots[l].map(|at| (h, at)),
+            _ => None,
+        }
+    }
+}
+
+impl<B: Backend> Clone for Sources<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Sources<'_, B> {}
+
+/// The arena a transition fills.
+#[derive(Clone, Copy)]
+enum Target<'a, B: Backend> {
+    Device(&'a B::DeviceBuffer),
+    Host(&'a B::HostBuffer),
+}
+
 /// The pie-rs engine over backend `B`.
 pub struct Engine<B: Backend> {
     shared: Arc<Shared<B>>,
@@ -241,6 +275,7 @@ impl<B: Backend> Engine<B> {
         if options.capacity == 0 {
             return Err(PieError::config("capacity must be at least 1 token"));
         }
+        crate::slots::check_capacity(&specs, options.capacity)?;
         let n = specs.len();
         let ctx = PolicyContext {
             specs: &specs,
@@ -828,6 +863,12 @@ impl<B: Backend> Engine<B> {
             return Ok(false);
         }
         let new_cap = tokens.max(cap.saturating_mul(2));
+        // Doubling may overflow where `tokens` itself does not: fall back to it.
+        let new_cap = if crate::slots::check_capacity(&self.shared.specs, new_cap).is_ok() {
+            new_cap
+        } else {
+            tokens
+        };
         self.resize(new_cap)?;
         Ok(true)
     }
@@ -845,6 +886,7 @@ impl<B: Backend> Engine<B> {
                 "capacity {capacity} is smaller than the {longest} tokens held; crop first"
             )));
         }
+        crate::slots::check_capacity(&self.shared.specs, capacity)?;
         let mut plan = (*self.pipeline.plan).clone();
         if check_budget(
             &self.shared.specs,
@@ -911,133 +953,159 @@ impl<B: Backend> Engine<B> {
             self.shared.device_budget,
         )?;
         self.quiesce()?;
-        let result = self.transition_inner(plan, capacity);
-        if let Err(e) = &result {
-            self.shared.poison(PieError::state(format!(
-                "rebuilding the arenas failed: {e}"
-            )));
-        }
-        result
+        self.transition_inner(plan, capacity)
     }
 
+    /// Copies the valid tokens of every layer that has a place in `to` from
+    /// wherever `from` says they are, relaying out to `to`'s capacity.
+    fn fill(&self, from: &Sources<'_, B>, to: Target<'_, B>, layout: &ArenaLayout) -> Result<()> {
+        let b = &self.shared.backend;
+        for (l, spec) in self.shared.specs.iter().enumerate() {
+            let (dst, stream) = match to {
+                Target::Device(d) => match layout.device_slot[l] {
+                    Some(off) => (Mem::<B>::Device(d, off), Stream::H2D),
+                    None => continue,
+                },
+                Target::Host(h) => match layout.host_slot[l] {
+                    Some(off) => (Mem::Host(h, off), Stream::D2H),
+                    None => continue,
+                },
+            };
+            let Some((src, at)) = from.of(l) else {
+                continue;
+            };
+            let tokens = self.shared.page_table.seq_len(l);
+            for (so, d_o, shape) in spec.relayout_copies(from.capacity, layout.capacity, tokens) {
+                if shape.bytes() == 0 {
+                    continue;
+                }
+                let d = match dst {
+                    Mem::Device(buf, off) => Mem::Device(buf, off + d_o),
+                    Mem::Host(buf, off) => Mem::Host(buf, off + d_o),
+                };
+                b.copy(stream, Mem::Host(src, at + so), d, shape)?;
+                if stream == Stream::H2D {
+                    Counters::add(&self.shared.counters.h2d_bytes, shape.bytes() as u64);
+                }
+            }
+        }
+        b.synchronize_queues()
+    }
+
+    /// Moves every layer to where `plan` wants it at `capacity` tokens. Resident
+    /// layers are spilled to a temporary host buffer, the host arena for the new
+    /// pooled set is built, then the old device arena is let go before the new one
+    /// is allocated (so the budget holds throughout) and filled. If an allocation
+    /// fails, the engine keeps its old arenas and data and returns the error.
     fn transition_inner(&mut self, plan: &Arc<Plan>, capacity: usize) -> Result<()> {
         let b = &self.shared.backend;
         let specs = &self.shared.specs;
         let new_layout = ArenaLayout::new(specs, capacity, plan)?;
-        let old = self.shared.arenas.swap(None);
-        let tokens: Vec<usize> = (0..specs.len())
-            .map(|l| self.shared.page_table.seq_len(l))
-            .collect();
-        // 1. Spill every resident layer into a temporary host buffer: the old
-        //    device arena is freed before the new one is allocated, so the
-        //    budget holds throughout.
+        let old = self.shared.arenas.load_full();
+        // 1. Spill resident layers (nothing changes yet if this fails).
         let mut spill_at = vec![None; specs.len()];
-        let spill = match &old {
-            Some(old) => {
-                let mut off = 0usize;
-                for (l, spec) in specs.iter().enumerate() {
-                    if old.layout.device_slot[l].is_some() && tokens[l] > 0 {
-                        spill_at[l] = Some(off);
-                        off += align_up(spec.bytes(old.layout.capacity), SLOT_ALIGN);
-                    }
+        let mut spill = None;
+        if let Some(old) = &old {
+            let mut off = 0usize;
+            for (l, spec) in specs.iter().enumerate() {
+                if old.layout.device_slot[l].is_some() && self.shared.page_table.seq_len(l) > 0 {
+                    spill_at[l] = Some(off);
+                    off += align_up(spec.bytes(old.layout.capacity), SLOT_ALIGN);
                 }
-                if off == 0 {
-                    None
-                } else {
-                    let spill = b.alloc_host(off)?;
-                    for (l, spec) in specs.iter().enumerate() {
-                        if let (Some(dev), Some(at)) = (old.layout.device_slot[l], spill_at[l]) {
-                            for (o, shape) in
-                                spec.token_range_copies(old.layout.capacity, 0, tokens[l])
-                            {
-                                if shape.bytes() > 0 {
-                                    b.copy(
-                                        Stream::D2H,
-                                        Mem::Device(&*old.device, dev + o),
-                                        Mem::Host(&spill, at + o),
-                                        shape,
-                                    )?;
-                                    Counters::add(
-                                        &self.shared.counters.d2h_bytes,
-                                        shape.bytes() as u64,
-                                    );
-                                }
+            }
+            if off > 0 {
+                let buf = b.alloc_host(off)?;
+                for (l, spec) in specs.iter().enumerate() {
+                    if let (Some(dev), Some(at)) = (old.layout.device_slot[l], spill_at[l]) {
+                        let tokens = self.shared.page_table.seq_len(l);
+                        for (o, shape) in spec.token_range_copies(old.layout.capacity, 0, tokens) {
+                            if shape.bytes() > 0 {
+                                b.copy(
+                                    Stream::D2H,
+                                    Mem::Device(&*old.device, dev + o),
+                                    Mem::Host(&buf, at + o),
+                                    shape,
+                                )?;
+                                Counters::add(
+                                    &self.shared.counters.d2h_bytes,
+                                    shape.bytes() as u64,
+                                );
                             }
                         }
                     }
-                    b.synchronize_queues()?;
-                    Some(spill)
                 }
+                b.synchronize_queues()?;
+                spill = Some(buf);
             }
-            None => None,
+        }
+        let old_host = old.as_ref().map(|o| o.host.clone());
+        let old_layout = old.as_ref().map(|o| o.layout.clone());
+        let sources = Sources {
+            spill: spill.as_ref(),
+            spill_at: &spill_at,
+            old_host: old_host
+                .as_deref()
+                .zip(old_layout.as_ref().map(|l| &l.host_slot[..])),
+            capacity: old_layout.as_ref().map_or(capacity, |l| l.capacity),
         };
-        // Where layer l's valid tokens are now, on the host: (buffer, offset).
-        let source = |l: usize| -> Option<(&B::HostBuffer, usize)> {
-            let old = old.as_ref()?;
-            match (spill_at[l], old.layout.host_slot[l]) {
-                (Some(at), _) => spill.as_ref().map(|s| (s, at)),
-                (None, Some(at)) => Some((&*old.host, at)),
-                (None, None) => None,
-            }
-        };
-        let old_cap = old.as_ref().map_or(capacity, |o| o.layout.capacity);
-        // 2. Host arena for the new pooled set: reused when neither the pooled
-        //    set nor the capacity changed, else rebuilt from the old one and the spill.
+        // 2. Host arena for the new pooled set (still nothing changed on failure).
         let reuse_host = old.as_ref().is_some_and(|o| {
             o.layout.capacity == capacity && o.layout.host_slot == new_layout.host_slot
         });
-        let host = if reuse_host {
-            old.as_ref().expect("checked above").host.clone()
-        } else {
-            let host = b.alloc_host(new_layout.host_bytes.max(1))?;
-            for (l, spec) in specs.iter().enumerate() {
-                if let (Some(dst), Some((src, at))) = (new_layout.host_slot[l], source(l)) {
-                    for (so, d_o, shape) in spec.relayout_copies(old_cap, capacity, tokens[l]) {
-                        if shape.bytes() > 0 {
-                            b.copy(
-                                Stream::D2H,
-                                Mem::Host(src, at + so),
-                                Mem::Host(&host, dst + d_o),
-                                shape,
-                            )?;
-                        }
-                    }
-                }
+        let host = match &old {
+            Some(o) if reuse_host => o.host.clone(),
+            _ => {
+                let host = b.alloc_host(new_layout.host_bytes.max(1))?;
+                self.fill(&sources, Target::Host(&host), &new_layout)?;
+                Arc::new(host)
             }
-            b.synchronize_queues()?;
-            Arc::new(host)
         };
-        // 3. Device arena: let go of the old one (zero-copy views still held
-        //    elsewhere keep it alive until dropped), allocate the new one and
-        //    fill its resident slots.
-        let old_host = old.as_ref().map(|o| o.host.clone());
-        let old_host_slots = old.as_ref().map(|o| o.layout.host_slot.clone());
+        // 3. Device arena: let go of the old one (zero-copy views held elsewhere
+        //    keep it alive until dropped), allocate and fill the new one.
+        self.shared.arenas.store(None);
         drop(old);
-        let device = Arc::new(b.alloc_device(new_layout.device_bytes.max(1))?);
-        for (l, spec) in specs.iter().enumerate() {
-            let Some(dev_off) = new_layout.device_slot[l] else {
-                continue;
-            };
-            let src: Option<(&B::HostBuffer, usize)> = match (spill_at[l], &old_host_slots) {
-                (Some(at), _) => spill.as_ref().map(|s| (s, at)),
-                (None, Some(slots)) => slots[l].and_then(|at| old_host.as_deref().map(|h| (h, at))),
-                _ => None,
-            };
-            if let Some((src, at)) = src {
-                for (so, d_o, shape) in spec.relayout_copies(old_cap, capacity, tokens[l]) {
-                    if shape.bytes() > 0 {
-                        b.copy(
-                            Stream::H2D,
-                            Mem::Host(src, at + so),
-                            Mem::Device(&*device, dev_off + d_o),
-                            shape,
-                        )?;
-                        Counters::add(&self.shared.counters.h2d_bytes, shape.bytes() as u64);
+        let device = match b.alloc_device(new_layout.device_bytes.max(1)) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                // Put the old arenas back (a fresh device arena of the old size,
+                // refilled from the spill) so nothing is lost.
+                let (Some(layout), Some(host)) = (old_layout.clone(), old_host.clone()) else {
+                    return Err(e);
+                };
+                let restored = b.alloc_device(layout.device_bytes.max(1)).and_then(|d| {
+                    let keep = Sources {
+                        old_host: None,
+                        capacity: layout.capacity,
+                        ..sources
+                    };
+                    self.fill(&keep, Target::Device(&d), &layout).map(|()| d)
+                });
+                return match restored {
+                    Ok(d) => {
+                        self.generation += 1;
+                        self.pipeline.primed = false;
+                        self.shared.arenas.store(Some(Arc::new(Arenas {
+                            layout,
+                            device: Arc::new(d),
+                            host,
+                        })));
+                        Err(e)
                     }
-                }
+                    Err(again) => {
+                        self.shared.poison(PieError::state(format!(
+                            "rebuilding the arenas failed ({e}) and the old ones could not be restored ({again})"
+                        )));
+                        Err(e)
+                    }
+                };
             }
+        };
+        if let Err(e) = self.fill(&sources, Target::Device(&*device), &new_layout) {
+            self.shared.poison(PieError::state(format!(
+                "filling the new device arena failed: {e}"
+            )));
+            return Err(e);
         }
-        b.synchronize_queues()?;
         drop(spill);
         drop(old_host);
         self.shared.page_table.apply_layout(&new_layout);

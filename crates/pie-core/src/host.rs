@@ -153,6 +153,8 @@ pub struct HostBackend {
     copies: Arc<AtomicU64>,
     failure: Arc<Mutex<Option<String>>>,
     timeout: Duration,
+    /// The same timeout, shared with the copy threads.
+    timeout_ns: Arc<AtomicU64>,
 }
 
 /// Copies `shape` from `src` to `dst`, row by row.
@@ -179,7 +181,7 @@ impl Queue {
         start: Instant,
         faults: FaultConfig,
         failure: Arc<Mutex<Option<String>>>,
-        timeout: Duration,
+        timeout_ns: Arc<AtomicU64>,
     ) -> Result<Queue> {
         let (tx, rx) = channel::<Command>();
         let drained = Arc::new(EventInner::default());
@@ -216,6 +218,7 @@ impl Queue {
                             ev.complete(target, start.elapsed().as_secs_f64())
                         }
                         Command::Wait(ev, target) => {
+                            let timeout = Duration::from_nanos(timeout_ns.load(Ordering::Relaxed));
                             if !ev.wait_for(target, timeout) {
                                 *failure.lock() = Some(format!(
                                     "a copy queue waited {timeout:?} for an event that never completed"
@@ -278,9 +281,23 @@ impl HostBackend {
         let start = Instant::now();
         let failure = Arc::new(Mutex::new(None));
         let timeout = Duration::from_secs(30);
+        let timeout_ns = Arc::new(AtomicU64::new(timeout.as_nanos() as u64));
         Ok(HostBackend {
-            h2d: Queue::spawn("h2d", start, faults.clone(), failure.clone(), timeout)?,
-            d2h: Queue::spawn("d2h", start, faults.clone(), failure.clone(), timeout)?,
+            h2d: Queue::spawn(
+                "h2d",
+                start,
+                faults.clone(),
+                failure.clone(),
+                timeout_ns.clone(),
+            )?,
+            d2h: Queue::spawn(
+                "d2h",
+                start,
+                faults.clone(),
+                failure.clone(),
+                timeout_ns.clone(),
+            )?,
+            timeout_ns,
             start,
             faults,
             copies: Arc::new(AtomicU64::new(0)),
@@ -292,6 +309,10 @@ impl HostBackend {
     /// Sets how long a host-side wait may last before it is reported as a hang.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+        self.timeout_ns.store(
+            timeout.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     fn check_failure(&self) -> Result<()> {

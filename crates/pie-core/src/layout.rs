@@ -24,6 +24,11 @@ pub struct LayerSpec {
 impl LayerSpec {
     /// Checks every dimension is positive and the element size is sane.
     pub fn validate(&self) -> Result<()> {
+        if self.checked_bytes(1).is_none() {
+            return Err(PieError::config(format!(
+                "layer shape {self:?} overflows the address space; check batch, heads and head dims"
+            )));
+        }
         if self.batch == 0 || self.kv_heads == 0 || self.k_dim == 0 || self.v_dim == 0 {
             return Err(PieError::config(format!(
                 "layer shape {self:?} has a zero dimension; batch, kv_heads and head dims must be positive"
@@ -61,6 +66,22 @@ impl LayerSpec {
     /// Bytes of the whole layer (K then V) at `capacity` tokens.
     pub fn bytes(&self, capacity: usize) -> usize {
         self.rows() * capacity * (self.k_token_bytes() + self.v_token_bytes())
+    }
+
+    /// Bytes of the whole layer at `capacity` tokens, or `None` if that
+    /// overflows the address space (an absurd capacity or batch).
+    pub fn checked_bytes(&self, capacity: usize) -> Option<usize> {
+        let token = self
+            .k_dim
+            .checked_mul(self.elem_size)?
+            .checked_add(self.v_dim.checked_mul(self.elem_size)?)?;
+        let bytes = self
+            .batch
+            .checked_mul(self.kv_heads)?
+            .checked_mul(capacity)?
+            .checked_mul(token)?;
+        // Leave room for slot alignment and arena sums.
+        (bytes <= isize::MAX as usize / 4).then_some(bytes)
     }
 
     /// Bytes of `tokens` valid tokens (what a copy of the valid part moves).

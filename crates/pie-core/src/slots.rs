@@ -36,6 +36,7 @@ impl ArenaLayout {
     /// Lays out both arenas for `plan` at `capacity` tokens.
     pub fn new(specs: &[LayerSpec], capacity: usize, plan: &Plan) -> Result<Self> {
         plan.validate(specs.len())?;
+        check_capacity(specs, capacity)?;
         let mut off = 0usize;
         let mut device_slot = vec![None; specs.len()];
         for (i, spec) in specs.iter().enumerate() {
@@ -86,6 +87,26 @@ impl ArenaLayout {
             .unwrap_or(0);
         resident + staging * plan.staging_slots()
     }
+}
+
+/// Checks that every layer at `capacity` tokens, and all of them together,
+/// fit the address space, so no size computation downstream can overflow.
+pub fn check_capacity(specs: &[LayerSpec], capacity: usize) -> Result<()> {
+    let mut total = 0usize;
+    for s in specs {
+        let bytes = s.checked_bytes(capacity).ok_or_else(|| {
+            PieError::config(format!(
+                "a capacity of {capacity} tokens makes a layer's KV overflow the address space; lower the capacity or batch"
+            ))
+        })?;
+        total = checked_add(total, align_up(bytes, SLOT_ALIGN))?;
+    }
+    if total > isize::MAX as usize / 2 {
+        return Err(PieError::config(format!(
+            "{total} bytes of KV at {capacity} tokens cannot be addressed; lower the capacity or batch"
+        )));
+    }
+    Ok(())
 }
 
 fn checked_add(a: usize, b: usize) -> Result<usize> {
