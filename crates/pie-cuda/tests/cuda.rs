@@ -195,6 +195,8 @@ fn strided_round_trips_are_bit_exact_and_leave_gaps_alone() {
         assert!(d == &expect[..], "round {round}: host result differs");
 
         // The device's bytes outside the rows are untouched.
+        // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+        // (or nothing was enqueued yet), and this thread is its only user.
         let mut expect_dev = unsafe { dev_image.as_slice() }.to_vec();
         for r in 0..height {
             expect_dev[od + r * dp..od + r * dp + width]
@@ -209,6 +211,8 @@ fn strided_round_trips_are_bit_exact_and_leave_gaps_alone() {
         .unwrap();
         b.synchronize_queues().unwrap();
         assert!(
+            // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+            // (or nothing was enqueued yet), and this thread is its only user.
             unsafe { dst.as_slice() } == &expect_dev[..],
             "round {round}: device gaps changed"
         );
@@ -224,6 +228,8 @@ fn device_to_device_and_foreign_stream() {
     let c = b.alloc_device(N).unwrap();
     let mut h = b.alloc_host(N).unwrap();
     let mut out = b.alloc_host(N).unwrap();
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     unsafe {
         Rng(7).fill(h.as_mut_slice());
         out.as_mut_slice().fill(0);
@@ -264,10 +270,16 @@ fn device_to_device_and_foreign_stream() {
     b.record(&ev, s).unwrap();
     b.synchronize(&ev).unwrap();
     assert!(b.query(&ev).unwrap());
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     assert!(unsafe { out.as_slice() == h.as_slice() });
 
     // The 2D device-to-device copy moved exactly its rows.
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     let mut expect = unsafe { h.as_slice() }.to_vec();
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     let hs = unsafe { h.as_slice() };
     for r in 0..shape.height {
         expect[r * 300..r * 300 + 100].copy_from_slice(&hs[r * 200..r * 200 + 100]);
@@ -281,12 +293,18 @@ fn device_to_device_and_foreign_stream() {
     .unwrap();
     // Host-to-host, strided, through the same queue.
     let mut hh = b.alloc_host(N).unwrap();
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     unsafe { hh.as_mut_slice().fill(0) };
     b.copy(s, Mem::Host(&h, 0), Mem::Host(&hh, 0), shape)
         .unwrap();
     b.record(&ev, s).unwrap();
     b.synchronize(&ev).unwrap();
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     assert!(unsafe { out.as_slice() } == &expect[..]);
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     let hhs = unsafe { hh.as_slice() };
     for r in 0..shape.height {
         assert_eq!(hhs[r * 300..r * 300 + 100], hs[r * 200..r * 200 + 100]);
@@ -303,6 +321,8 @@ fn d2h_waits_for_h2d_on_the_other_stream() {
     let mut new = b.alloc_host(N).unwrap();
     let mut old = b.alloc_host(N).unwrap();
     let mut out = b.alloc_host(N).unwrap();
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     unsafe {
         new.as_mut_slice().fill(0x11);
         old.as_mut_slice().fill(0x22);
@@ -337,6 +357,8 @@ fn d2h_waits_for_h2d_on_the_other_stream() {
         )
         .unwrap();
         b.synchronize_queues().unwrap();
+        // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+        // (or nothing was enqueued yet), and this thread is its only user.
         let o = unsafe { out.as_slice() };
         let bad = o.iter().position(|&x| x != 0x11);
         assert_eq!(
@@ -458,6 +480,8 @@ fn works_from_other_threads() {
     const N: usize = 4 << 20;
     let dev = std::sync::Arc::new(b.alloc_device(N).unwrap());
     let mut h = b.alloc_host(N).unwrap();
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     unsafe { Rng(99).fill(h.as_mut_slice()) };
     let h = std::sync::Arc::new(h);
     // A fresh thread has no current context: the backend must bind it.
@@ -489,6 +513,8 @@ fn works_from_other_threads() {
     })
     .join()
     .unwrap();
+    // SAFETY: no copy is in flight on this buffer: the queues were synchronized
+    // (or nothing was enqueued yet), and this thread is its only user.
     assert!(unsafe { out.as_slice() == h.as_slice() });
     std::thread::spawn(move || drop(out)).join().unwrap();
     assert_eq!(b.take_release_error(), None);
