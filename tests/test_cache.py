@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import pie_rs
 from pie_rs import PieCache
 
+from helpers import generate, half_pooled_budget
 from models import VOCAB, make_inputs, make_model
 
 
@@ -190,3 +191,136 @@ def test_cache_api_surface() -> None:
         assert cache.closed
         with pytest.raises(pie_rs.StateError), torch.no_grad():
             model(input_ids=ids, use_cache=True, **{_kw(model): cache})
+
+
+# --------------------------------------------------------------------------- engine reuse
+def _engine_spy(model):
+    """Records the PieCache and its engine of every forward call of ``model``."""
+    seen = []
+    kw = _kw(model)
+
+    def hook(module, args, kwargs, output):
+        cache = kwargs.get(kw)
+        if isinstance(cache, pie_rs.PieCache):
+            seen.append((cache, cache.engine))
+
+    return seen, model.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_engine_reused_across_generates(family, pooled) -> None:
+    model = make_model(family)
+    prompts = [make_inputs(2, length, seed=length) for length in (5, 11, 3, 7)]
+    expected = [generate(model, inputs, "greedy") for inputs in prompts]
+    budget = half_pooled_budget(model, 2, 11 + 10) if pooled else None
+    seen, handle = _engine_spy(model)
+    with pie_rs.attach(model, gpu_budget=budget) as pool:
+        engines, caches = [], []
+        for i, (inputs, want) in enumerate(zip(prompts, expected, strict=True)):
+            seen.clear()
+            got = generate(model, inputs, "greedy")
+            assert torch.equal(got, want), (i, got, want)
+            caches.append(seen[-1][0])
+            engines.append(seen[-1][1])
+            stats = pool.stats()
+            assert stats["steps"] == 10 * (i + 1), stats  # the engine's counters go on
+            assert stats["generations"] == i + 1
+            if pooled and i >= 1:  # from the longest prompt on, the engine holds 32 tokens a layer
+                assert stats["pooled_layers"] >= 1, stats
+                assert stats["peak_device_kv_bytes"] <= budget, stats
+        kept = pool._kept[0]
+    handle.remove()
+    # Same batch and dtype: one engine served every call (growing for the longer prompt).
+    assert all(engine is engines[0] for engine in engines)
+    assert all(cache.closed for cache in caches)
+    assert len({id(cache) for cache in caches}) == len(caches)
+    assert kept is engines[0] and kept.closed  # detach closed the kept engine
+
+
+def test_old_cache_unusable_after_its_engine_moved_on() -> None:
+    model = make_model("llama")
+    inputs = make_inputs(1, 6)
+    seen, handle = _engine_spy(model)
+    with pie_rs.attach(model) as pool:
+        generate(model, inputs, "greedy")
+        old, engine = seen[-1]
+        old_stats = old.stats()
+        generate(model, inputs, "greedy")
+        new, new_engine = seen[-1]
+        assert new is not old and new_engine is engine
+        assert old.closed and old.engine is None
+        k = torch.zeros(1, 2, 1, 16)
+        with pytest.raises(pie_rs.StateError, match="handed on"):
+            old.update(k, k, 0)
+        with pytest.raises(pie_rs.StateError):
+            old.crop(-1)
+        with pytest.raises(pie_rs.StateError):
+            old.reset()
+        assert old.stats()["steps"] == old_stats["steps"] == 10  # what it did stays readable
+        assert pool.stats()["steps"] == 20
+    handle.remove()
+
+
+def test_engine_replaced_when_batch_or_dtype_changes() -> None:
+    model = make_model("llama")
+    seen, handle = _engine_spy(model)
+    with pie_rs.attach(model) as pool:
+        generate(model, make_inputs(2, 6), "greedy")
+        first = seen[-1][1]
+        want = generate(model, make_inputs(3, 6), "greedy")  # batch 3: a new engine, the old one closed
+        second = seen[-1][1]
+        assert second is not first and first.closed and not second.closed
+        assert pool._kept[0] is second
+        assert pool.stats()["steps"] == 10  # a new engine counts afresh
+        # A hand-made cache of the same batch takes the kept engine too.
+        cache = pool.new_cache(max_length=32)
+        ids = make_inputs(3, 6)["input_ids"]
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, **{_kw(model): cache})
+        assert cache.engine is second and cache.get_seq_length() == 6
+        cache.close()
+        assert second.closed and pool._kept is None  # close() frees, it does not keep
+        assert torch.equal(generate(model, make_inputs(3, 6), "greedy"), want)
+        pool.release()
+        assert pool._kept is None and seen[-1][1].closed
+    handle.remove()
+
+
+def test_failed_generate_does_not_keep_its_engine() -> None:
+    model = make_model("llama")
+    inputs = make_inputs(2, 6)
+    expected = generate(model, inputs, "greedy")
+    seen, handle = _engine_spy(model)
+
+    class Boom:
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            Boom.calls += 1
+            if Boom.calls == 3:
+                raise RuntimeError("boom")
+            return scores
+
+    with pie_rs.attach(model) as pool:
+        generate(model, inputs, "greedy")
+        kept = pool._kept[0]
+        with pytest.raises(RuntimeError, match="boom"):
+            generate(model, inputs, "greedy", logits_processor=[Boom()])
+        failed = seen[-1][1]
+        assert failed is kept and failed.closed and pool._kept is None
+        assert torch.equal(generate(model, inputs, "greedy"), expected)
+        assert seen[-1][1] is not failed
+    handle.remove()
+
+
+def test_returned_cache_keeps_its_engine() -> None:
+    model = make_model("llama")
+    inputs = make_inputs(1, 6)
+    with pie_rs.attach(model) as pool:
+        out = generate(model, inputs, "greedy", return_dict_in_generate=True)
+        cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+        assert isinstance(cache, pie_rs.PieCache) and not cache.closed
+        assert pool._kept is None
+        generate(model, inputs, "greedy")  # a new engine; the returned cache stays usable
+        assert not cache.closed and cache.get_seq_length() == 6 + 9

@@ -1,5 +1,7 @@
-"""Copy bandwidth: the engine's CUDA copies against torch's pinned non_blocking
-copy_ on the same sizes, in the same run. Prints a markdown table and writes JSON.
+"""Copy bandwidth: the engine's CUDA copies against torch's pinned copies.
+
+torch's ``copy_(non_blocking=True)`` runs on the same sizes in the same run.
+Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def main() -> int:
             }
         )
     print(
-        "| size | engine H2D GB/s | torch H2D | ratio | engine D2H GB/s | torch D2H | ratio | engine both | both / one dir |"
+        "| size | engine H2D GB/s | torch H2D | ratio | engine D2H GB/s | torch D2H | ratio "
+        "| engine both | both / one dir |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

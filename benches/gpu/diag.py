@@ -1,6 +1,7 @@
-"""Where does pie-rs's per-token time go on the GPU? Profiles one decode of
-DynamicCache and pie-rs (all resident) on the e2e model, and times SDPA on a
-contiguous K/V against a capacity-strided view of the same shape.
+"""Where does pie-rs's per-token time go on the GPU.
+
+Profiles a decode of DynamicCache and pie-rs (all resident) on the e2e model,
+and times SDPA on a contiguous K/V against a capacity-strided view.
 """
 
 from __future__ import annotations

@@ -43,14 +43,15 @@ def _parse_size(text: str) -> int:
         raise ConfigError(
             f"gpu_budget {text!r} is not a size; write bytes as an int or a string such as '6GiB', '512MiB' or '1.5GB'"
         )
-    number = float(m.group(1)) * (10 ** int(m.group(2)) if m.group(2) else 1)
+    # float() of the whole literal saturates to inf ("1e400") instead of overflowing an int.
+    number = float(f"{m.group(1)}e{m.group(2)}") if m.group(2) else float(m.group(1))
     value = number * _UNITS[m.group(3).lower()]
-    if not math.isfinite(value):
+    if not math.isfinite(value) or value >= 2**63:
         raise ConfigError(f"gpu_budget {text!r} is not a finite size")
     return int(value)
 
 
-def parse_budget(budget: object, available: int | None) -> int | None:
+def parse_budget(budget: object, available: int | None, device_total: int | None = None) -> int | None:
     """Turns ``gpu_budget`` into bytes.
 
     Args:
@@ -58,12 +59,15 @@ def parse_budget(budget: object, available: int | None) -> int | None:
             ``"6GiB"``, ``"512MiB"`` or ``"1.5GB"``, or a ``float`` fraction in ``(0, 1]``.
         available: bytes a fraction refers to (device memory free at attach, or total RAM for
             the host backend); ``None`` if unknown.
+        device_total: bytes the device has in all (``torch.cuda.mem_get_info()[1]``, or total RAM
+            for the host backend); a budget above it is refused. ``None`` if unknown.
 
     Returns:
         The budget in bytes, or ``None`` for automatic.
 
     Raises:
-        ConfigError: the budget is not positive, not finite, a fraction above 1, or unparsable.
+        ConfigError: the budget is not positive, not finite, a fraction above 1, unparsable, or
+            larger than the device.
     """
     if budget is None:
         return None
@@ -90,4 +94,9 @@ def parse_budget(budget: object, available: int | None) -> int | None:
         )
     if value <= 0:
         raise ConfigError(f"gpu_budget {budget!r} must be positive")
+    if device_total and value > device_total:
+        raise ConfigError(
+            f"gpu_budget {budget!r} ({value} bytes) is larger than the device's {device_total} bytes; "
+            "pass a smaller size, a fraction such as 0.5, or None for automatic"
+        )
     return value

@@ -63,8 +63,11 @@ class Engine:
         faults: dict[str, int] | None = None,
         wait_timeout: float | None = None,
     ) -> None:
-        """``faults`` (host backend only) injects ``fail_copy_at``/``hang_copy_at`` (n-th copy)
-        or ``alloc_limit`` (bytes) for reliability tests; ``wait_timeout`` bounds every wait."""
+        """Creates the engine and its threads.
+
+        ``faults`` (host backend only) injects ``fail_copy_at``/``hang_copy_at`` (n-th copy)
+        or ``alloc_limit`` (bytes) for reliability tests; ``wait_timeout`` bounds every wait.
+        """
     @property
     def backend(self) -> str: ...
     @property

@@ -58,7 +58,13 @@ def _round_capacity(tokens: int) -> int:
 
 
 class _Shared:
-    """State shared by the layers of one :class:`PieCache`: the engine, its views and the step."""
+    """State shared by the layers of one :class:`PieCache`: the engine, its views and the step.
+
+    The per-layer path (``begin``, ``update``, ``done``) runs once per decoder layer per step on
+    the caller's thread, so it does as little as it can: the stream is looked up once per step,
+    shapes are checked only when they change, and views are made with ``as_strided`` from
+    offsets computed once per slot (plain slicing costs several dispatcher calls).
+    """
 
     def __init__(self, pool: Pool, info: ModelInfo, max_length: int | None, batch_size: int | None) -> None:
         self.pool = pool
@@ -66,6 +72,7 @@ class _Shared:
         self.device = info.device
         self.engine: _core.Engine | None = None
         self.closed = False
+        self.closed_reason = "this PieCache was closed; make a new one with pool.new_cache()"
         self.batch = batch_size
         self.max_length = max_length
         self.capacity = 0
@@ -76,8 +83,21 @@ class _Shared:
         self.lens = [0] * len(info.managed)
         self.open: int | None = None
         self.quiesce_depth = 0
+        self._cuda = self.device.type == "cuda"
+        # The compute stream of the current step (looked up when a step begins).
+        self._stream: int | None = None
+        # Per engine layer: the (key, value) shapes and dtypes last checked, and the slot layout.
+        self._checked: list[Any] = [None] * len(info.managed)
+        self._layout: list[Any] = [None] * len(info.managed)
+        # Views of every layer for the current step, made at once when all slots lie at a fixed
+        # stride in the arena (everything resident): (n, new, offsets, K/V write views, K/V
+        # result views); ``_stride`` is that (first offset, stride) or None, per generation.
+        self._step: tuple[Any, ...] | None = None
+        self._stride: tuple[int, int, list[int]] | None = None
+        self._stride_generation = -1
         self._generation = -1
         self._device_bytes: torch.Tensor | None = None
+        self._typed: torch.Tensor | None = None
         self._host_bytes: torch.Tensor | None = None
         self._host_generation = -1
         self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -86,13 +106,13 @@ class _Shared:
 
     # ----------------------------------------------------------------------------- engine
     def check_usable(self) -> None:
-        if self.closed:
-            raise StateError("this PieCache was closed; make a new one with pool.new_cache()")
-        if self.pool.closed:
+        if self.pool._closed:
             raise StateError("the pie-rs pool of this cache was detached; attach again and make a new cache")
+        if self.closed:
+            raise StateError(self.closed_reason)
 
     def stream(self) -> int:
-        if self.device.type == "cuda":
+        if self._cuda:
             return torch.cuda.current_stream(self.device).cuda_stream
         return 0
 
@@ -129,7 +149,28 @@ class _Shared:
             prefetch_depth=self.pool.prefetch_depth,
         )
 
-    def initialize(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+    def acquire_engine(self, batch: int, capacity: int, dtype: torch.dtype) -> _core.Engine:
+        """The pool's kept engine if it fits ``batch``/``dtype``/``capacity`` (emptied), else a new one."""
+        kept = self.pool._take_engine(batch, dtype, capacity, self.sliding_bytes_at(batch, capacity, _elem_size(dtype)))
+        if kept is not None:
+            engine, self.sliding_estimate = kept
+            return engine
+        return self.make_engine(batch, capacity, dtype)
+
+    def _reset_state(self, batch: int, dtype: torch.dtype, capacity: int) -> None:
+        """Bookkeeping for a fresh (or freshly emptied) engine."""
+        self.dtype = dtype
+        self.batch = batch
+        self.capacity = capacity
+        self.lens = [0] * len(self.shapes)
+        self.open = None
+        self._stream = None
+        self._generation = -1
+        self._checked = [None] * len(self.shapes)
+        self._drop_views()
+        self._device_bytes = self._typed = self._host_bytes = None
+
+    def initialize(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None) -> None:
         """Creates the engine from the first key/value states (lazy initialization)."""
         self.check_usable()
         if self.engine is not None or not self.shapes:
@@ -146,34 +187,64 @@ class _Shared:
             key_states.device.type == self.device.type == "cuda" and self.device.index is None
         ):
             raise ConfigError(f"key states are on {key_states.device}, the model's cache lives on {self.device}")
-        self.dtype = key_states.dtype
         first = int(key_states.shape[-2])
         want = self.max_length if self.max_length is not None else first + DEFAULT_HEADROOM
-        self.capacity = _round_capacity(max(want, first, 1))
-        self.engine = self.make_engine(batch, self.capacity, self.dtype)
-        self.batch = batch
-        self.lens = [0] * len(self.shapes)
-        self._generation = -1
-        self._views.clear()
+        capacity = _round_capacity(max(want, first, 1))
+        engine = self.acquire_engine(batch, capacity, key_states.dtype)
+        self.engine = engine
+        self._reset_state(batch, key_states.dtype, engine.capacity)
 
     def grow(self, tokens: int) -> None:
         assert self.engine is not None
         target = _round_capacity(max(tokens, math.ceil(self.capacity * 1.5)))
         self.engine.ensure_capacity(target)
         self.capacity = self.engine.capacity
-        self._views.clear()
+        self._drop_views()
+
+    def _detach_engine(self) -> _core.Engine | None:
+        """Takes the engine out of this cache (statistics kept) and drops every view of it."""
+        engine = self.engine
+        if engine is None:
+            return None
+        try:
+            self.last_stats = self.engine_stats()
+        finally:
+            self._drop_views()
+            self._device_bytes = self._typed = self._host_bytes = None
+            self.engine = None
+            self.open = None
+            self._stream = None
+        return engine
 
     def close(self) -> None:
-        if self.engine is not None:
-            try:
-                self.last_stats = self.engine_stats()
-            finally:
-                self._views.clear()
-                self._device_bytes = self._host_bytes = None
-                engine, self.engine = self.engine, None
-                self.open = None
-                engine.close()
+        engine = self._detach_engine()
         self.closed = True
+        if engine is not None:
+            engine.close()
+
+    def release(self) -> None:
+        """Closes this cache and gives its engine to the pool for the next cache to reuse.
+
+        Falls back to :meth:`close` when the engine cannot be reused (pool detached, a step or
+        quiesce still open).
+        """
+        if self.engine is None or self.pool._closed or self.quiesce_depth or self.closed:
+            self.close()
+            return
+        try:
+            self.finish_step()
+        except Exception:
+            self.close()
+            raise
+        batch, dtype, sliding = self.batch, self.dtype, self.sliding_estimate
+        engine = self._detach_engine()
+        self.closed = True
+        self.closed_reason = (
+            "this PieCache was closed and its engine handed on for reuse by a later cache; "
+            "make a new one with pool.new_cache()"
+        )
+        assert engine is not None and batch is not None and dtype is not None
+        self.pool._keep_engine(engine, batch, dtype, sliding)
 
     def engine_stats(self) -> dict[str, Any]:
         if self.engine is not None:
@@ -183,14 +254,112 @@ class _Shared:
         return {key: 0 for key in _STAT_KEYS} | {"stall_seconds": 0.0}
 
     # ------------------------------------------------------------------------------ views
+    def _drop_views(self) -> None:
+        self._views.clear()
+        self._layout = [None] * len(self.shapes)
+        self._step = None
+        self._stride_generation = -1
+
     def _refresh(self) -> None:
-        assert self.engine is not None
+        assert self.engine is not None and self.dtype is not None
         generation = self.engine.generation
         if generation != self._generation:
-            self._views.clear()
-            self._device_bytes = torch.from_dlpack(self.engine.device_region())
+            self._drop_views()
+            raw = torch.from_dlpack(self.engine.device_region())
+            elem = _elem_size(self.dtype)
+            self._device_bytes = raw
+            self._typed = raw[: raw.numel() - raw.numel() % elem].view(self.dtype)
             self._host_bytes = None
             self._generation = generation
+
+    def _slot_layout(self, e: int, offset: int) -> tuple[Any, ...]:
+        """Where layer ``e``'s K and V lie in the typed device arena when its slot is at ``offset``."""
+        assert self.dtype is not None and self.batch is not None and self._typed is not None
+        heads, k_dim, v_dim = self.shapes[e]
+        elem = _elem_size(self.dtype)
+        batch, cap = self.batch, self.capacity
+        k_elems = batch * heads * cap * k_dim
+        v_elems = batch * heads * cap * v_dim
+        if offset < 0 or offset % elem or offset + (k_elems + v_elems) * elem > self._typed.numel() * elem:
+            raise StateError(
+                f"engine offset {offset} of layer {e} lies outside its arena ({self._typed.numel() * elem} bytes)"
+            )
+        k_base = self._typed.storage_offset() + offset // elem
+        layout = (
+            offset,
+            k_base,
+            k_base + k_elems,
+            batch,
+            heads,
+            k_dim,
+            v_dim,
+            (heads * cap * k_dim, cap * k_dim, k_dim, 1),
+            (heads * cap * v_dim, cap * v_dim, v_dim, 1),
+        )
+        self._layout[e] = layout
+        return layout
+
+    def _slot_stride(self) -> tuple[int, int, list[int]] | None:
+        """``(first offset, stride, offsets)`` in bytes if every layer's slot lies at a fixed stride now."""
+        assert self.engine is not None and self._typed is not None and self.dtype is not None
+        self._stride_generation = self._generation
+        self._stride = None
+        shapes = self.shapes
+        if not shapes or any(s != shapes[0] for s in shapes):
+            return None
+        offsets = [self.engine.device_offset(e) for e in range(len(shapes))]
+        if any(o is None for o in offsets):
+            return None
+        first = offsets[0]
+        stride = offsets[1] - first if len(offsets) > 1 else 0
+        elem = _elem_size(self.dtype)
+        heads, k_dim, v_dim = shapes[0]
+        assert self.batch is not None
+        slot = self.batch * heads * self.capacity * (k_dim + v_dim) * elem
+        if (
+            any(o != first + e * stride for e, o in enumerate(offsets))  # type: ignore[operator]
+            or first < 0
+            or first % elem
+            or stride % elem
+            or (len(offsets) > 1 and stride < slot)
+            or offsets[-1] + slot > self._typed.numel() * elem  # type: ignore[operator]
+        ):
+            return None
+        self._stride = (first, stride, offsets)  # type: ignore[assignment]
+        return self._stride
+
+    def _step_views(self, n: int, new: int) -> tuple[Any, ...] | None:
+        """Write and result views of every layer for a step that adds ``new`` tokens after ``n``.
+
+        Four ``as_strided`` + ``unbind`` calls make them all, instead of four view calls per layer.
+        """
+        if self._stride_generation != self._generation:
+            self._slot_stride()
+        if self._stride is None:
+            self._step = None
+            return None
+        assert self._typed is not None and self.dtype is not None and self.batch is not None
+        first, stride, offsets = self._stride
+        elem = _elem_size(self.dtype)
+        layers = len(self.shapes)
+        heads, k_dim, v_dim = self.shapes[0]
+        batch, cap, arena = self.batch, self.capacity, self._typed
+        k_base = arena.storage_offset() + first // elem
+        v_base = k_base + batch * heads * cap * k_dim
+        step = stride // elem
+        k_stride = (step, heads * cap * k_dim, cap * k_dim, k_dim, 1)
+        v_stride = (step, heads * cap * v_dim, cap * v_dim, v_dim, 1)
+        end = n + new
+        self._step = views = (
+            n,
+            new,
+            offsets,
+            arena.as_strided((layers, batch, heads, new, k_dim), k_stride, k_base + n * k_dim).unbind(0),
+            arena.as_strided((layers, batch, heads, new, v_dim), v_stride, v_base + n * v_dim).unbind(0),
+            arena.as_strided((layers, batch, heads, end, k_dim), k_stride, k_base).unbind(0),
+            arena.as_strided((layers, batch, heads, end, v_dim), v_stride, v_base).unbind(0),
+        )
+        return views
 
     def _slice(self, arena: torch.Tensor, offset: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.dtype is not None and self.batch is not None
@@ -226,22 +395,30 @@ class _Shared:
         return self._slice(self._host_bytes, self.engine.host_offset(e), e)
 
     # ------------------------------------------------------------------------------- step
-    def begin(self, e: int, stream: int) -> None:
-        assert self.engine is not None
-        if self.open is not None and self.open != e:
-            self.engine.layer_done(self.open, stream)
+    def begin(self, e: int) -> None:
+        """Layer ``e`` starts (its decoder layer's pre-hook, or its first update without hooks)."""
+        engine = self.engine
+        assert engine is not None
+        if e == 0 or self._stream is None:
+            self._stream = self.stream() if self._cuda else 0
+        stream = self._stream
+        open_layer = self.open
+        if open_layer is not None and open_layer != e:
+            self.open = None
+            engine.layer_done(open_layer, stream)
         self.open = None
-        self.engine.layer_begin(e, stream)
+        engine.layer_begin(e, stream)
         self.open = e
 
-    def done(self, e: int, stream: int) -> None:
+    def done(self, e: int) -> None:
         if self.open == e and self.engine is not None:
             self.open = None
-            self.engine.layer_done(e, stream)
+            stream = self._stream
+            self.engine.layer_done(e, self.stream() if stream is None else stream)
 
     def finish_step(self) -> None:
         if self.open is not None and self.engine is not None:
-            self.done(self.open, self.stream())
+            self.done(self.open)
 
     def check_states(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         heads, k_dim, v_dim = self.shapes[e]
@@ -267,25 +444,55 @@ class _Shared:
             )
 
     def update(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.check_usable()
+        if self.closed or self.pool._closed:
+            self.check_usable()
         if self.quiesce_depth:
             raise StateError("update called while the cache is being reordered or cropped")
-        self.check_states(e, key_states, value_states)
         engine = self.engine
-        assert engine is not None
+        if engine is None:
+            self.initialize(key_states, value_states)
+            engine = self.engine
+            assert engine is not None
+        kshape, vshape = key_states.shape, value_states.shape
+        signature = (kshape, vshape, key_states.dtype, value_states.dtype)
+        if signature != self._checked[e]:
+            self.check_states(e, key_states, value_states)
+            self._checked[e] = signature
         n = self.lens[e]
-        end = n + int(key_states.shape[-2])
+        new = kshape[2]
+        end = n + new
         if end > self.capacity:
             self.grow(end)
-        stream = self.stream()
         if self.open != e:
-            self.begin(e, stream)
+            self.begin(e)
+        stream = self._stream
         offset = engine.layer_ready(e, stream)
-        k, v = self.device_views(e, offset)
-        k[:, :, n:end].copy_(key_states)
-        v[:, :, n:end].copy_(value_states)
-        self.lens[e] = engine.layer_written(e, end - n, stream)
-        return k[:, :, :end], v[:, :, :end]
+        if engine.generation != self._generation:
+            self._refresh()
+        step = self._step
+        if step is None or step[0] != n or step[1] != new:
+            # The first layer of a step makes the views of all layers; a layer out of step
+            # with the others (a crop of one layer, a hand-made update) takes the slow path.
+            step = self._step_views(n, new) if e == 0 else None
+        if step is not None:
+            if step[2][e] == offset:
+                step[3][e].copy_(key_states)
+                step[4][e].copy_(value_states)
+                self.lens[e] = engine.layer_written(e, new, stream)
+                return step[5][e], step[6][e]
+            self._stride_generation = -1  # the slots moved: look again at the next step
+        layout = self._layout[e]
+        if layout is None or layout[0] != offset:
+            layout = self._slot_layout(e, offset)
+        _, k_base, v_base, batch, heads, k_dim, v_dim, k_stride, v_stride = layout
+        arena = self._typed
+        arena.as_strided((batch, heads, new, k_dim), k_stride, k_base + n * k_dim).copy_(key_states)
+        arena.as_strided((batch, heads, new, v_dim), v_stride, v_base + n * v_dim).copy_(value_states)
+        self.lens[e] = engine.layer_written(e, new, stream)
+        return (
+            arena.as_strided((batch, heads, end, k_dim), k_stride, k_base),
+            arena.as_strided((batch, heads, end, v_dim), v_stride, v_base),
+        )
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:
@@ -341,23 +548,20 @@ class _Shared:
                 data.append((transform(k[:, :, :n]).to(self.device), transform(v[:, :, :n]).to(self.device), n))
         new_batch = int(data[0][0].shape[0])
         capacity, dtype, stats = self.capacity, self.dtype, self.engine_stats()
-        old, self.engine = self.engine, None
-        self._views.clear()
-        self._device_bytes = self._host_bytes = None
-        self.open = None
+        old = self._detach_engine()
+        assert old is not None
         old.close()
         self.engine = self.make_engine(new_batch, capacity, dtype)
-        self.batch, self.capacity, self._generation, self.last_stats = new_batch, self.engine.capacity, -1, stats
-        self.lens = [0] * len(self.shapes)
-        stream = self.stream()
+        self._reset_state(new_batch, dtype, self.engine.capacity)
+        self.last_stats = stats
         for e, (k_new, v_new, n) in enumerate(data):
-            self.begin(e, stream)
-            offset = self.engine.layer_ready(e, stream)
+            self.begin(e)
+            offset = self.engine.layer_ready(e, self._stream)
             k, v = self.device_views(e, offset)
             k[:, :, :n].copy_(k_new)
             v[:, :, :n].copy_(v_new)
-            self.lens[e] = self.engine.layer_written(e, n, stream)
-            self.done(e, stream)
+            self.lens[e] = self.engine.layer_written(e, n, self._stream)
+            self.done(e)
 
 
 class PieLayer(CacheLayerMixin):
@@ -426,8 +630,6 @@ class PieLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends the new states and returns zero-copy views of all valid keys and values."""
-        if self._shared.engine is None:
-            self._shared.initialize(key_states, value_states, self.layer_idx)
         return self._shared.update(self._e, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -509,7 +711,7 @@ class PieCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends the new states of layer ``layer_idx`` and returns all its valid keys and values."""
         layer = self.layers[layer_idx]
-        if isinstance(layer, PieLayer):
+        if layer.__class__ is PieLayer:
             return layer.update(key_states, value_states)
         self._shared.check_usable()
         out = layer.update(key_states, value_states, *args, **kwargs)
@@ -608,9 +810,9 @@ class PieCache(Cache):
     def _begin_layer(self, layer_idx: int) -> None:
         e = self._shared.eidx.get(layer_idx)
         if e is not None and self._shared.engine is not None and not self._shared.closed:
-            self._shared.begin(e, self._shared.stream())
+            self._shared.begin(e)
 
     def _end_layer(self, layer_idx: int) -> None:
         e = self._shared.eidx.get(layer_idx)
         if e is not None and self._shared.engine is not None:
-            self._shared.done(e, self._shared.stream())
+            self._shared.done(e)

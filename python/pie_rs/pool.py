@@ -71,6 +71,9 @@ class Pool:
         self._closed = False
         self._caches: weakref.WeakSet[PieCache] = weakref.WeakSet()
         self._last: PieCache | None = None
+        # The engine of the last finished generate, kept for the next cache: (engine, batch, dtype,
+        # sliding-window estimate its budget was made with).
+        self._kept: tuple[_core.Engine, int, torch.dtype, int] | None = None
         self._handles: list[Any] = []
         self._had_generate_attr = "generate" in model.__dict__
         self._old_generate = model.__dict__.get("generate")
@@ -147,7 +150,20 @@ class Pool:
                 del model.__dict__[_ATTR]
         for cache in list(self._caches):
             cache._shared.close()
+        self.release()
         self._model = None
+
+    def release(self) -> None:
+        """Frees the engine kept for reuse (its device and host memory) now.
+
+        After a ``generate`` call the pool keeps that call's engine, emptied, for the next call
+        with the same batch and dtype (no new allocation, and the adaptive policy keeps what it
+        learned). Call this to give the memory back between calls; the next call makes a new
+        engine. :meth:`detach` does it too.
+        """
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept[0].close()
 
     def __enter__(self) -> Pool:
         return self
@@ -164,13 +180,56 @@ class Pool:
         if self._closed:
             raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
 
+    def _keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
+        """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before."""
+        if self._closed:
+            engine.close()
+            return
+        self.release()
+        self._kept = (engine, batch, dtype, sliding_estimate)
+
+    def _take_engine(
+        self, batch: int, dtype: torch.dtype, capacity: int, sliding_estimate: int
+    ) -> tuple[_core.Engine, int] | None:
+        """The kept engine, emptied, if it serves ``batch``/``dtype`` at ``capacity`` tokens.
+
+        Returns ``(engine, sliding-window estimate its budget holds)``. An engine that does not
+        fit is closed first, so its memory is free for the new one.
+        """
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        engine, kept_batch, kept_dtype, kept_sliding = kept
+        try:
+            # Growing keeps the budget honest only while the sliding-window layers fit in what the
+            # engine's budget left them.
+            fits = (
+                kept_batch == batch
+                and kept_dtype == dtype
+                and not engine.closed
+                and (engine.capacity >= capacity or sliding_estimate <= kept_sliding)
+            )
+            if fits:
+                _empty(engine)
+                if engine.capacity < capacity:
+                    engine.ensure_capacity(capacity)
+                return engine, kept_sliding
+        except Exception:
+            fits = False
+        engine.close()
+        return None
+
     def _install(self, model: nn.Module) -> None:
+        # The per-layer path stays out of the hooks: each layer's first update begins it (and ends
+        # the layer before), so the only hook is a post-hook on a managed layer that no managed
+        # layer follows at once (the last one ends the step; one before a sliding-window layer
+        # hands back its staging slot without waiting for the next managed layer).
         managed = set(self.info.managed)
+        keyword = self.info.cache_keyword
         for idx, module in enumerate(self.info.decoder_layers):
-            if idx not in managed:
-                continue
-            self._handles.append(module.register_forward_pre_hook(functools.partial(_pre_hook, idx), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(functools.partial(_post_hook, idx), with_kwargs=True))
+            if idx in managed and idx + 1 not in managed:
+                e = self.info.managed.index(idx)
+                self._handles.append(module.register_forward_hook(_post_hook(e, keyword), with_kwargs=True))
         original = model.generate
         pool_ref = weakref.ref(self)
 
@@ -196,8 +255,11 @@ class Pool:
         finally:
             self.generations += 1
             # The cache outlives generate only if the output carries it (return_dict_in_generate).
-            if out is None or not _holds(out, cache):
+            # Otherwise its engine is kept for the next call, unless generate failed.
+            if out is None:
                 cache._shared.close()
+            elif not _holds(out, cache):
+                cache._shared.release()
         return out
 
     def _should_inject(self, kwargs: dict[str, Any]) -> bool:
@@ -263,16 +325,31 @@ def _holds(out: Any, cache: PieCache) -> bool:
     return False
 
 
-def _pre_hook(layer_idx: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    cache = _find_cache(args, kwargs)
-    if cache is not None:
-        cache._begin_layer(layer_idx)
+def _empty(engine: _core.Engine) -> None:
+    """Drops every token an engine holds, keeping its memory, plan and policy state."""
+    reset = getattr(engine, "reset", None)
+    if reset is not None:
+        reset()
+        return
+    for layer in range(engine.num_layers):
+        if engine.seq_len(layer):
+            engine.set_seq_len(layer, 0)
 
 
-def _post_hook(layer_idx: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-    cache = _find_cache(args, kwargs)
-    if cache is not None:
-        cache._end_layer(layer_idx)
+def _post_hook(e: int, keyword: str) -> Callable[..., None]:
+    """The forward hook of the decoder layer of engine layer ``e``: the layer is done."""
+
+    def post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        cache = kwargs.get(keyword)
+        if cache.__class__ is not PieCache:
+            cache = _find_cache(args, kwargs)
+            if cache is None:
+                return
+        shared = cache._shared
+        if shared.engine is not None:
+            shared.done(e)
+
+    return post_hook
 
 
 def _resolve_backend(backend: object, device: torch.device) -> str:
