@@ -102,12 +102,6 @@ def test_parse_budget_larger_than_device() -> None:
     assert parse_budget(0.5, 1000, device_total=2000) == 500
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pool.attach passes no device size to parse_budget: fix in pool.py, attach(): "
-    "parse_budget(gpu_budget, available, device_total=<torch.cuda.mem_get_info(device)[1] for cuda, "
-    "total_host_memory() for host>)",
-)
 def test_budget_larger_than_device(llama, inputs, expected) -> None:
     too_much = 4 * total_host_memory() if not torch.cuda.is_available() else 2**60
     with pytest.raises(pie_rs.ConfigError, match="larger than the device"):
@@ -219,13 +213,6 @@ def test_cache_of_another_shape_of_model(llama, inputs) -> None:
             other(**inputs, use_cache=True, **{cache_keyword(other): cache})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a PieCache of pool A used by a model attached to pool B is served silently: fix in pool.py, "
-    "_install(): bind the pool into the hooks (functools.partial(_pre_hook, weakref.ref(self), idx)) and in "
-    "_pre_hook raise ConfigError('this PieCache was made by the pool of another model; make one with this "
-    "model's pool.new_cache()') when cache._pool is not that pool",
-)
 def test_cache_of_another_pool(inputs) -> None:
     a, b = make_model("llama"), make_model("llama", seed=3)
     with pie_rs.attach(a) as pool_a, pie_rs.attach(b), torch.no_grad():
@@ -234,14 +221,6 @@ def test_cache_of_another_pool(inputs) -> None:
             b(**inputs, use_cache=True, **{cache_keyword(b): cache})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="a 4-layer model's PieCache used by an 8-layer model raises IndexError from PieCache.update "
-    "(self.layers[layer_idx]): fix in cache.py, PieCache.update: if not 0 <= layer_idx < len(self.layers): "
-    "raise ConfigError(f'layer {layer_idx} does not exist in this PieCache of {len(self.layers)} layers; "
-    "it was made for another model')",
-)
 def test_cache_of_a_deeper_model(llama, inputs) -> None:
     deeper = make_model("llama", layers=8)
     with pie_rs.attach(llama) as pool, torch.no_grad():
@@ -289,14 +268,6 @@ def test_wrong_device_in_first_update(llama) -> None:
             cache.update(meta, meta, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="after the first update, states on another device reach Tensor.copy_ (NotImplementedError for meta, "
-    "a silent device copy or a CUDA error otherwise): fix in cache.py, _Shared.check_states: raise ConfigError("
-    "f'layer {...} gave states on {key_states.device}; this cache lives on {self.device}') when "
-    "key_states.device or value_states.device differs from self.device (allowing cuda vs cuda:current)",
-)
 def test_wrong_device_in_later_update(llama) -> None:
     with pie_rs.attach(llama) as pool:
         cache, _, _ = _filled_cache(pool)

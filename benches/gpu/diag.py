@@ -11,12 +11,17 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from e2e_bench import BATCH, PROMPT, build
 from torch.profiler import ProfilerActivity, profile
 
 import pie_rs
+from pie_rs.bench import LLAMA3_8B_SHAPE, build_model
 
 warnings.filterwarnings("ignore")
+BATCH, PROMPT = 16, 2048
+
+
+def build() -> torch.nn.Module:
+    return build_model(LLAMA3_8B_SHAPE, torch.device("cuda"), torch.bfloat16, seed=0)
 
 
 def sdpa_check() -> None:

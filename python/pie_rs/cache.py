@@ -421,6 +421,15 @@ class _Shared:
             self.done(self.open)
 
     def check_states(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for states in (key_states, value_states):
+            device = states.device
+            if device.type != self.device.type or (
+                self.device.index is not None and device.index is not None and device.index != self.device.index
+            ):
+                raise ConfigError(
+                    f"layer {self.info.managed[e]} gave states on {device}; this cache lives on {self.device} "
+                    "(move the model, or make the cache with the pool of the model on that device)"
+                )
         heads, k_dim, v_dim = self.shapes[e]
         kshape, vshape = key_states.shape, value_states.shape
         if (
@@ -454,7 +463,7 @@ class _Shared:
             engine = self.engine
             assert engine is not None
         kshape, vshape = key_states.shape, value_states.shape
-        signature = (kshape, vshape, key_states.dtype, value_states.dtype)
+        signature = (kshape, vshape, key_states.dtype, value_states.dtype, key_states.device, value_states.device)
         if signature != self._checked[e]:
             self.check_states(e, key_states, value_states)
             self._checked[e] = signature
@@ -710,6 +719,11 @@ class PieCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends the new states of layer ``layer_idx`` and returns all its valid keys and values."""
+        if not 0 <= layer_idx < len(self.layers):
+            raise ConfigError(
+                f"layer {layer_idx} does not exist in this PieCache of {len(self.layers)} layers; it was made "
+                "for another model: make the cache with this model's pool.new_cache()"
+            )
         layer = self.layers[layer_idx]
         if layer.__class__ is PieLayer:
             return layer.update(key_states, value_states)

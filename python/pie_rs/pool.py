@@ -230,8 +230,13 @@ class Pool:
             if idx in managed and idx + 1 not in managed:
                 e = self.info.managed.index(idx)
                 self._handles.append(module.register_forward_hook(_post_hook(e, keyword), with_kwargs=True))
-        original = model.generate
         pool_ref = weakref.ref(self)
+        if self.info.managed:
+            # Once per forward: a PieCache made by another model's pool is refused before
+            # any of its layers is touched.
+            first = self.info.decoder_layers[self.info.managed[0]]
+            self._handles.append(first.register_forward_pre_hook(_owner_check(pool_ref, keyword), with_kwargs=True))
+        original = model.generate
 
         @functools.wraps(original)
         def generate(*args: Any, **kwargs: Any) -> Any:
@@ -336,6 +341,23 @@ def _empty(engine: _core.Engine) -> None:
             engine.set_seq_len(layer, 0)
 
 
+def _owner_check(pool_ref: weakref.ref[Pool], keyword: str) -> Callable[..., None]:
+    """A pre-hook on the first managed decoder layer: the cache must come from this model's pool."""
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get(keyword)
+        if cache.__class__ is not PieCache:
+            cache = _find_cache(args, kwargs)
+            if cache is None:
+                return
+        if cache._shared.pool is not pool_ref():
+            raise ConfigError(
+                "this PieCache was made by the pool of another model; make one with this model's pool.new_cache()"
+            )
+
+    return pre_hook
+
+
 def _post_hook(e: int, keyword: str) -> Callable[..., None]:
     """The forward hook of the decoder layer of engine layer ``e``: the layer is done."""
 
@@ -368,6 +390,13 @@ def _resolve_backend(backend: object, device: torch.device) -> str:
     elif device.type != "cpu":
         raise ConfigError(f"backend='host' serves models on the CPU, but the model is on {device}; use backend='cuda'")
     return str(backend)
+
+
+def _device_total(backend: str, device: torch.device) -> int:
+    if backend == "cuda":
+        _free, total = torch.cuda.mem_get_info(device)
+        return int(total)
+    return total_host_memory()
 
 
 def _available_memory(backend: str, device: torch.device) -> int:
@@ -451,7 +480,7 @@ def attach(
     available = None
     if isinstance(gpu_budget, float):
         available = _available_memory(resolved, info.device)
-    budget_bytes = parse_budget(gpu_budget, available)
+    budget_bytes = parse_budget(gpu_budget, available, device_total=_device_total(resolved, info.device))
     if pinned is not None or prefetch_depth is not None:
         policy = "static"
     pool = Pool(
