@@ -3,30 +3,41 @@
 # Expects, carried in .carry/: the abi3 wheel (pie_rs-*.whl) and the pie-cuda
 # test binary (cuda-tests). Installs the wheel with --no-deps, runs the CUDA
 # tests (Rust and Python) and the GPU benchmarks, and prints a short table last.
+# Logs go to $WORK; a few results are copied to $OUT (the device tool brings
+# back at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/pie-gpu-out}
-mkdir -p "$OUT"
+WORK=/tmp/pie-gpu
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-index --target /tmp/pie-site .carry/pie_rs-*.whl || exit 1
 export PYTHONPATH=/tmp/pie-site
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$WORK/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$WORK/gpu.txt"
+cat "$WORK/gpu.txt"
 status=()
 echo "== Rust CUDA tests (pie-cuda)"
-if timeout 60 ./.carry/cuda-tests --test-threads=1 2>&1 | tee "$OUT/rust-tests.log" | tail -3; then
-  status+=("rust cuda tests: $(grep -E '^test result' "$OUT/rust-tests.log" | tail -1)")
-else
-  status+=("rust cuda tests: FAILED")
-fi
+timeout 60 ./.carry/cuda-tests --test-threads=1 > "$WORK/rust-tests.log" 2>&1
+status+=("rust cuda tests: $(grep -E '^test result' "$WORK/rust-tests.log" | tail -1)")
+tail -3 "$WORK/rust-tests.log"
 echo "== Python CUDA tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m cuda tests -x -W ignore 2>&1 | tee "$OUT/py-tests.log" | tail -15
-status+=("python cuda tests: $(tail -1 "$OUT/py-tests.log")")
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m cuda tests -W ignore > "$WORK/py-tests.log" 2>&1
+tail -15 "$WORK/py-tests.log"
+status+=("python cuda tests: $(tail -1 "$WORK/py-tests.log")")
 echo "== copy bandwidth"
-timeout 90 python3 benches/gpu/copy_bench.py "$OUT/copy.json" 2>&1 | tee "$OUT/copy.md"
+timeout 90 python3 benches/gpu/copy_bench.py "$WORK/copy.json" 2>&1 | tee "$WORK/copy.md"
 echo "== end-to-end decode"
-timeout 170 python3 benches/gpu/e2e_bench.py "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.md"
+timeout 200 python3 benches/gpu/e2e_bench.py "$OUT/e2e.json" 2>&1 | tee "$WORK/e2e.md"
+echo "== per-layer overhead on the caller's thread (CUDA, everything resident)"
+timeout 60 python3 benches/overhead.py --device cuda --rounds 9 > "$WORK/overhead.md" 2>&1
+echo "== pie-rs demo (CUDA shape)"
+timeout 90 python3 -m pie_rs.cli demo --out "$OUT" --no-progress > "$WORK/demo.md" 2>&1
+cp "$WORK/py-tests.log" "$WORK/copy.md" "$WORK/e2e.md" "$OUT/" 2>/dev/null
 echo
-echo "===== summary ($(date -u +%Y-%m-%d), $(cat "$OUT/gpu.txt"))"
+echo "===== summary ($(date -u +%Y-%m-%d), $(head -1 "$WORK/gpu.txt"), $(tail -1 "$WORK/gpu.txt"))"
 printf '%s\n' "${status[@]}"
-cat "$OUT/copy.md"
-cat "$OUT/e2e.md"
+cat "$WORK/copy.md"
+grep -v "^  pie-rs\|^  DynamicCache\|^  HF off" "$WORK/e2e.md" | tail -30
+tail -3 "$WORK/overhead.md"
+tail -18 "$WORK/demo.md"
