@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: lints, Rust tests (pie-core, pie-cuda), the Python
+# The whole test suite: lints, Rust tests (pie-core, pie-host, pie-cuda), the Python
 # tests against the newest transformers and against 5.17.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 cargo fmt --all -- --check
 ruff check python tests benches
 cargo clippy --release --all-targets -- -D warnings
-cargo test --release -p pie-core -p pie-cuda
+cargo test --release -p pie-core -p pie-host -p pie-cuda
 # The lock-free ring, model-checked with loom (its own target dir: other cfg).
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -q --release -p pie-core --test loom
 python -m pytest -q

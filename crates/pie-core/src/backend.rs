@@ -179,7 +179,7 @@ pub fn check_copy_bounds<B: Backend + ?Sized>(
 
 /// The hardware seam: memory, copy queues, events and a clock.
 ///
-/// Implementations: `pie_cuda::CudaBackend` (cudarc), [`crate::host::HostBackend`]
+/// Implementations: `pie_cuda::CudaBackend` (cudarc), `pie_host::HostBackend`
 /// (threads doing real memcpy) and [`crate::sim::SimBackend`] (virtual time).
 pub trait Backend: Send + Sync + 'static {
     /// Device memory.

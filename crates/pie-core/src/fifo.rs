@@ -7,6 +7,8 @@
 //! ever blocks: a full ring refuses the push and an empty ring returns `None`.
 //! Model-checked with loom in `tests/loom.rs`.
 
+#![allow(unsafe_code)]
+
 use crate::primitive::{Arc, AtomicUsize, Ordering, UnsafeCell};
 use std::mem::MaybeUninit;
 

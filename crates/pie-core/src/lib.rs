@@ -1,4 +1,5 @@
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 //! pie-core: the engine of pie-rs, which pools CPU memory into the KV cache of
 //! a transformer decoder.
 //!
@@ -12,9 +13,10 @@
 //! * [`telemetry`]: per-layer timings and byte counts through a lock-free ring;
 //! * [`engine`]: the per-layer API the Python side calls.
 //!
-//! Hardware sits behind [`backend::Backend`]: [`host::HostBackend`] (threads doing
-//! real memcpy), [`sim::SimBackend`] (virtual time) and, in the `pie-cuda` crate,
-//! the CUDA backend. pie-core knows nothing of CUDA or Python.
+//! Hardware sits behind [`backend::Backend`]: `pie_host::HostBackend` (threads
+//! doing real memcpy, in the `pie-host` crate), [`sim::SimBackend`] (virtual
+//! time) and `pie_cuda::CudaBackend`. pie-core knows nothing of CUDA or Python,
+//! and has no `unsafe` outside its lock-free ring ([`fifo`]).
 
 pub mod backend;
 pub mod error;
@@ -25,10 +27,8 @@ pub use backend::{Backend, Buffer, CopyShape, Mem, Stream};
 pub use error::{ErrorKind, PieError, Result};
 pub use layout::LayerSpec;
 pub use plan::Plan;
-pub mod check;
 pub mod engine;
 pub mod fifo;
-pub mod host;
 pub mod page_table;
 pub mod policy_driver;
 mod primitive;
@@ -37,7 +37,6 @@ pub mod swapper;
 pub mod telemetry;
 
 pub use engine::{Engine, EngineOptions};
-pub use host::HostBackend;
 pub use policy_driver::{PolicyDriver, StaticDriver};
 pub mod policy;
 pub mod profiles;

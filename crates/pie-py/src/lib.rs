@@ -7,12 +7,12 @@ mod simulate;
 
 use dlpack::{Region, StreamSync};
 use errors::{config_error, state_error, to_py};
-use pie_core::host::FaultConfig;
 use pie_core::page_table::Residence;
 use pie_core::policy_driver::PolicyDriver;
 use pie_core::telemetry::Counters;
-use pie_core::{Backend, Buffer, Engine, EngineOptions, HostBackend, LayerSpec, Plan, Stream};
+use pie_core::{Backend, Buffer, Engine, EngineOptions, LayerSpec, Plan, Stream};
 use pie_cuda::CudaBackend;
+use pie_host::{FaultConfig, HostBackend};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::Arc;

@@ -11,13 +11,12 @@
 //! every valid byte of every layer).
 //!
 //! The default case count is modest (fast in `cargo test`); the nightly-style
-//! run is `PROPTEST_CASES=20000 cargo test -p pie-core --release --test fuzz_ops`.
+//! run is `PROPTEST_CASES=20000 cargo test -p pie-host --release --test fuzz_ops`.
 
-use pie_core::check::{crop, reorder, run_step, Reference};
 use pie_core::slots::ArenaLayout;
-use pie_core::{
-    Engine, EngineOptions, ErrorKind, HostBackend, LayerSpec, PieError, Plan, StaticDriver, Stream,
-};
+use pie_core::{Engine, EngineOptions, ErrorKind, LayerSpec, PieError, Plan, StaticDriver, Stream};
+use pie_host::check::{crop, reorder, run_step, Reference};
+use pie_host::HostBackend;
 use proptest::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -1,9 +1,10 @@
 //! The per-layer hook path on the caller's thread: begin / ready / written /
 //! done for one layer, on the host backend. Target: under 2 microseconds per
-//! layer. `cargo bench -p pie-core --bench hook_path`
+//! layer. `cargo bench -p pie-host --bench hook_path`
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pie_core::{Engine, EngineOptions, HostBackend, LayerSpec, Plan, StaticDriver, Stream};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver, Stream};
+use pie_host::HostBackend;
 use std::hint::black_box;
 
 const LAYERS: usize = 32;

@@ -4,10 +4,11 @@
 //! the measured step time beside the cost model's prediction for the same plan,
 //! with the link measured from the engine's own telemetry.
 //!
-//! `cargo run -p pie-core --release --example calibrate`
+//! `cargo run -p pie-host --release --example calibrate`
 
 use pie_core::policy::{predict_step, LinkModel, Objective, PolicyInputs};
-use pie_core::{Engine, EngineOptions, HostBackend, LayerSpec, Plan, StaticDriver, Stream};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver, Stream};
+use pie_host::HostBackend;
 use std::time::{Duration, Instant};
 
 const LAYERS: usize = 8;

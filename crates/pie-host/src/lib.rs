@@ -1,11 +1,21 @@
-//! The host backend: "device" memory is ordinary memory, and each copy queue is
-//! a real thread doing `memcpy`, with events that behave like CUDA's. The model
-//! runs on the CPU; the caller's thread is the compute stream. Tests, CI and
-//! `pie-rs demo` without a GPU run the same engine code through it.
+#![deny(missing_docs)]
+//! pie-host: the host backend of pie-rs. "Device" memory is ordinary memory,
+//! and each copy queue is a real thread doing `memcpy`, with events that
+//! behave like CUDA's. The model runs on the CPU; the caller's thread is the
+//! compute stream. Tests, CI and `pie-rs demo` without a GPU run the same
+//! engine code through it. It lives outside pie-core so that pie-core has no
+//! `unsafe` beyond its lock-free ring: copying raw memory that PyTorch also
+//! views is a backend's business.
+//!
+//! [`check`] holds a reference model of a layered compute loop's KV and a
+//! driver that runs such a loop through the engine on this backend: the
+//! property tests and the `embed` example use it.
 
-use crate::backend::{check_copy_bounds, Backend, Buffer, CopyShape, Mem, Stream};
-use crate::error::{PieError, Result};
+pub mod check;
+
 use parking_lot::{Condvar, Mutex};
+use pie_core::backend::{check_copy_bounds, Backend, Buffer, CopyShape, Mem, Stream};
+use pie_core::error::{PieError, Result};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};

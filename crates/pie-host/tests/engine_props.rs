@@ -4,8 +4,9 @@
 //! not completed, a staging slot overwritten while still read, or a lost
 //! write-back all show up as mismatches.
 
-use pie_core::check::{crop, reorder, run_step, Reference};
-use pie_core::{Engine, EngineOptions, HostBackend, LayerSpec, Plan, StaticDriver};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver};
+use pie_host::check::{crop, reorder, run_step, Reference};
+use pie_host::HostBackend;
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]

@@ -3,11 +3,11 @@
 //! every byte the "attention" reads. Used by the property tests, the example
 //! and the benchmarks; it is also how a Rust program embeds the engine.
 
-use crate::backend::{Buffer, Stream};
-use crate::engine::Engine;
-use crate::error::Result;
-use crate::host::HostBackend;
-use crate::layout::LayerSpec;
+use crate::HostBackend;
+use pie_core::backend::{Buffer, Stream};
+use pie_core::engine::Engine;
+use pie_core::error::Result;
+use pie_core::layout::LayerSpec;
 
 /// A token's identity: which layer, row, position and write produced it.
 pub fn token_id(l: usize, r: usize, t: usize, salt: u64) -> u64 {

@@ -2,10 +2,11 @@
 //! compute loop whose KV is pooled on the host backend, with every byte read
 //! back checked against a reference.
 //!
-//! `cargo run -p pie-core --example embed --release`
+//! `cargo run -p pie-host --example embed --release`
 
-use pie_core::check::{run_step, Reference};
-use pie_core::{Engine, EngineOptions, HostBackend, LayerSpec, Plan, StaticDriver, Stream};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver, Stream};
+use pie_host::check::{run_step, Reference};
+use pie_host::HostBackend;
 
 fn main() -> pie_core::Result<()> {
     let layers = 12;
