@@ -164,11 +164,15 @@ def test_engine_allocation_failure_names_the_numbers() -> None:
     engine = faulty_engine(alloc_limit=20_000)
     driver = Driver(engine)
     driver.run(3)
+    capacity = engine.capacity
     with pytest.raises(pie_rs.BackendError, match=r"cannot allocate \d+ bytes \(limit 20000\)"):
         engine.ensure_capacity(1000)
-    # ... and the engine then refuses to run rather than serve incomplete KV.
-    with pytest.raises((pie_rs.StateError, pie_rs.BackendError), match=r"attach again|failed"):
-        driver.run(1)
+    # ... and the engine keeps its old arenas: nothing is lost, it runs on at the old capacity
+    # (the driver checks every valid token it reads back).
+    assert engine.capacity == capacity
+    checked = driver.checked
+    driver.run(3)
+    assert driver.checked > checked
     engine.close()
 
 
@@ -279,6 +283,7 @@ def _threads() -> int:
 
 def _cycles(model: torch.nn.Module, inputs: dict[str, torch.Tensor], n: int, warmup: int) -> None:
     expected = generate(model, inputs, "greedy", max_new_tokens=2)
+    gc.collect()  # pools other tests dropped without detach close their engines now
     before = _threads()  # torch's own pools are up after a first generate
     baseline_threads = None
     rss_after_warmup = 0
@@ -306,7 +311,7 @@ def _cycles(model: torch.nn.Module, inputs: dict[str, torch.Tensor], n: int, war
         f"growth {growth / 2**20:+.2f} MiB; threads {baseline_threads}"
     )
     assert growth < 8 * 2**20 + n * 8 * 1024, f"VmRSS grew by {growth} bytes over {n} cycles"
-    assert _threads() == before == baseline_threads, "every engine thread is joined after detach"
+    assert _threads() == baseline_threads <= before, "every engine thread is joined after detach"
 
 
 def test_attach_detach_cycles_leak_nothing(llama) -> None:
