@@ -13,7 +13,12 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch>=2.6" "transformers>=5.17" numpy tqdm matplotlib pytest ruff "maturin>=1.7,<2"
 # transformers 5.17 (the oldest supported, and the GPU machine's) beside the
 # newest, for the version matrix in scripts/test-all.sh.
-if [ ! -d .cache/transformers-5.17/transformers ]; then
-  python -m pip install -q --no-deps --target .cache/transformers-5.17 "transformers==5.17.0" "huggingface-hub>=1.5,<2" httpx httpcore
+TF517=.cache/transformers-5.17
+TF517_PKGS=("transformers==5.17.0" "huggingface-hub>=1.5,<2" httpx httpcore certifi)
+if [ "$(cat "$TF517/.installed" 2>/dev/null)" != "${TF517_PKGS[*]}" ]; then
+  rm -rf "$TF517"
+  python -m pip install -q --no-deps --target "$TF517" "${TF517_PKGS[@]}"
+  echo "${TF517_PKGS[*]}" > "$TF517/.installed"
 fi
 maturin develop --release -q
+
