@@ -22,9 +22,7 @@ use crate::policy_driver::{PolicyContext, PolicyDriver};
 use crate::primitive::{AtomicBool, AtomicU64, Ordering};
 use crate::slots::ArenaLayout;
 use crate::swapper::{self, SwapOp};
-use crate::telemetry::{
-    self, Counters, StepRecord, StepSample, TimingSet, TIMING_EVERY, TIMING_SETS,
-};
+use crate::telemetry::{Counters, StepRecord, StepSample, TimingSet, TIMING_EVERY, TIMING_SETS};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -1274,6 +1272,3 @@ pub fn check_budget(
     }
     Ok(())
 }
-
-/// Sums span helpers so `telemetry::span` is reachable from the policy driver.
-pub(crate) use telemetry::span as event_span;

@@ -3,7 +3,7 @@
 //! the plan should change. A new plan is published for the caller to apply at
 //! the next step boundary; the caller never waits for this thread.
 
-use crate::engine::{check_budget, event_span, Shared};
+use crate::engine::{check_budget, Shared};
 use crate::error::{PieError, Result};
 use crate::fifo::Consumer;
 use crate::layout::LayerSpec;
@@ -13,6 +13,7 @@ use crate::policy::{
 };
 use crate::primitive::Ordering;
 use crate::slots::ArenaLayout;
+use crate::telemetry::span as event_span;
 use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_EVERY, TIMING_SETS};
 use crate::Backend;
 use std::sync::Arc;

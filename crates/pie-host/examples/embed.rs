@@ -4,7 +4,7 @@
 //!
 //! `cargo run -p pie-host --example embed --release`
 
-use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver, Stream};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver};
 use pie_host::check::{run_step, Reference};
 use pie_host::HostBackend;
 
@@ -53,7 +53,6 @@ fn main() -> pie_core::Result<()> {
         get(&c.prefetches),
         engine.stall_seconds() * 1e3
     );
-    let _ = Stream::H2D;
     match bad {
         None => {
             println!("every KV byte read back matched the reference");
