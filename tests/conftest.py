@@ -13,6 +13,27 @@ import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from helpers import generate  # noqa: E402
+from models import make_inputs, make_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    """A tiny Llama built from a config (one per test module)."""
+    return make_model("llama")
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict[str, torch.Tensor]:
+    """Two left-padded prompts."""
+    return make_inputs(2)
+
+
+@pytest.fixture(scope="module")
+def expected(llama, inputs) -> torch.Tensor:
+    """What ``llama`` generates greedily from ``inputs`` with transformers' own cache."""
+    return generate(llama, inputs, "greedy")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

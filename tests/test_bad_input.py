@@ -20,22 +20,7 @@ from pie_rs._budget import parse_budget, total_host_memory
 from pie_rs._model import cache_keyword
 
 from helpers import generate, layer_bytes
-from models import FAMILIES, make_inputs, make_model
-
-
-@pytest.fixture(scope="module")
-def llama() -> torch.nn.Module:
-    return make_model("llama")
-
-
-@pytest.fixture(scope="module")
-def inputs() -> dict[str, torch.Tensor]:
-    return make_inputs(2)
-
-
-@pytest.fixture(scope="module")
-def expected(llama, inputs) -> torch.Tensor:
-    return generate(llama, inputs, "greedy")
+from models import FAMILIES, make_model
 
 
 def assert_no_pie(model: torch.nn.Module) -> None:

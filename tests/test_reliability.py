@@ -23,28 +23,13 @@ from pie_rs import _core
 from pie_rs._model import cache_keyword
 
 from helpers import generate
-from models import make_inputs, make_model
+from models import make_inputs
 
 LAYERS = 4
 HEADS, DIM = 2, 4
 SPEC = [(1, HEADS, DIM, DIM, 4)] * LAYERS  # batch 1, fp32
 POOLED = [1, 3]
 TIMEOUT = 0.5
-
-
-@pytest.fixture(scope="module")
-def llama() -> torch.nn.Module:
-    return make_model("llama")
-
-
-@pytest.fixture(scope="module")
-def inputs() -> dict[str, torch.Tensor]:
-    return make_inputs(2)
-
-
-@pytest.fixture(scope="module")
-def expected(llama, inputs) -> torch.Tensor:
-    return generate(llama, inputs, "greedy")
 
 
 # ------------------------------------------------------------------------- engine-level faults

@@ -8,6 +8,7 @@ use pie_core::backend::{Buffer, Stream};
 use pie_core::engine::Engine;
 use pie_core::error::Result;
 use pie_core::layout::LayerSpec;
+use pie_core::plan::Plan;
 
 /// A token's identity: which layer, row, position and write produced it.
 pub fn token_id(l: usize, r: usize, t: usize, salt: u64) -> u64 {
@@ -214,4 +215,17 @@ pub fn reorder(
         }
     }
     Ok(())
+}
+
+/// The plan pooling the layers whose `mask` entry is true, with `depth` staging slots.
+pub fn plan_of(mask: &[bool], depth: usize) -> Plan {
+    Plan {
+        pooled: mask
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p)
+            .map(|(i, _)| i)
+            .collect(),
+        prefetch_depth: depth,
+    }
 }

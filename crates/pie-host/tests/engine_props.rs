@@ -5,7 +5,7 @@
 //! write-back all show up as mismatches.
 
 use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver};
-use pie_host::check::{crop, reorder, run_step, Reference};
+use pie_host::check::{crop, plan_of, reorder, run_step, Reference};
 use pie_host::HostBackend;
 use proptest::prelude::*;
 
@@ -28,18 +28,6 @@ fn op(layers: usize, batch: usize) -> impl Strategy<Value = Op> {
         1 => (0usize..12).prop_map(Op::Crop),
         1 => Just(Op::Reset),
     ]
-}
-
-fn plan_of(mask: &[bool], depth: usize) -> Plan {
-    Plan {
-        pooled: mask
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| **p)
-            .map(|(i, _)| i)
-            .collect(),
-        prefetch_depth: depth,
-    }
 }
 
 fn run(specs: Vec<LayerSpec>, initial: Plan, ops: Vec<Op>) -> Result<(), TestCaseError> {

@@ -15,7 +15,7 @@
 
 use pie_core::slots::ArenaLayout;
 use pie_core::{Engine, EngineOptions, ErrorKind, LayerSpec, PieError, Plan, StaticDriver, Stream};
-use pie_host::check::{crop, reorder, run_step, Reference};
+use pie_host::check::{crop, plan_of, reorder, run_step, Reference};
 use pie_host::HostBackend;
 use proptest::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -95,18 +95,6 @@ fn op(layers: usize, batch: usize) -> impl Strategy<Value = Op> {
         2 => bad_plan.prop_map(Op::BadPlan),
         1 => (0usize..HUGE.len(), any::<bool>()).prop_map(|(i, r)| Op::Huge(HUGE[i], r)),
     ]
-}
-
-fn plan_of(mask: &[bool], depth: usize) -> Plan {
-    Plan {
-        pooled: mask
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| **p)
-            .map(|(i, _)| i)
-            .collect(),
-        prefetch_depth: depth,
-    }
 }
 
 /// Runs `f`, turning a panic into a test failure that names the operation.
