@@ -13,7 +13,7 @@ Rust engine (``pie_rs._core``)::
 from __future__ import annotations
 
 from ._core import __version__, cuda_available, cuda_probe
-from ._errors import BackendError, BudgetError, ConfigError, PieError, StateError
+from ._errors import BackendError, BudgetError, ConfigError, InternalError, PieError, StateError
 from .cache import PieCache, PieLayer
 from .pool import Pool, attach
 
@@ -21,6 +21,7 @@ __all__ = [
     "BackendError",
     "BudgetError",
     "ConfigError",
+    "InternalError",
     "PieCache",
     "PieError",
     "PieLayer",

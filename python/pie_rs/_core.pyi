@@ -19,6 +19,9 @@ class BackendError(PieError, RuntimeError):
 class StateError(PieError, RuntimeError):
     """The engine's state does not allow the operation (closed, poisoned, misuse)."""
 
+class InternalError(PieError, RuntimeError):
+    """An engine invariant broke: a bug in pie-rs, not in the calling code; please report it."""
+
 def cuda_available() -> bool:
     """Whether a CUDA driver and at least one device can be used (never raises)."""
 

@@ -6,11 +6,12 @@ Every failure pie-rs reports is a :class:`PieError`; the subclasses say what to 
 - :class:`BudgetError`: the device budget cannot hold what was asked;
 - :class:`BackendError` (also a ``RuntimeError``): the backend (CUDA driver, allocation, copies) failed;
 - :class:`StateError` (also a ``RuntimeError``): the object's state does not allow the call
-  (detached pool, closed engine, attaching twice).
+  (detached pool, closed engine, attaching twice);
+- :class:`InternalError` (also a ``RuntimeError``): an engine invariant broke, a bug in pie-rs.
 """
 
 from __future__ import annotations
 
-from ._core import BackendError, BudgetError, ConfigError, PieError, StateError
+from ._core import BackendError, BudgetError, ConfigError, InternalError, PieError, StateError
 
-__all__ = ["BackendError", "BudgetError", "ConfigError", "PieError", "StateError"]
+__all__ = ["BackendError", "BudgetError", "ConfigError", "InternalError", "PieError", "StateError"]

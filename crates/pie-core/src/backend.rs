@@ -142,7 +142,10 @@ impl CopyShape {
 }
 
 /// Checks that a copy stays inside both buffers; every backend calls this
-/// before touching memory, so an engine bug becomes an error, not corruption.
+/// before touching memory, so an engine bug becomes an [`ErrorKind::Internal`]
+/// error, not corruption.
+///
+/// [`ErrorKind::Internal`]: crate::ErrorKind::Internal
 pub fn check_copy_bounds<B: Backend + ?Sized>(
     src: &Mem<'_, B>,
     dst: &Mem<'_, B>,
@@ -153,16 +156,11 @@ pub fn check_copy_bounds<B: Backend + ?Sized>(
             .checked_add(span)
             .is_some_and(|end| end <= m.buffer_len())
     };
-    if shape.width > shape.src_pitch.max(shape.width)
-        || shape.width > shape.dst_pitch.max(shape.width)
-    {
-        return Err(crate::PieError::config("copy width exceeds its pitch"));
-    }
     if (shape.height > 1 && (shape.src_pitch < shape.width || shape.dst_pitch < shape.width))
         || !fits(src, shape.src_span())
         || !fits(dst, shape.dst_span())
     {
-        return Err(crate::PieError::config(format!(
+        return Err(crate::PieError::internal(format!(
             "copy of {} rows x {} bytes (pitches {}/{}) at offsets {}/{} does not fit buffers of {}/{} bytes",
             shape.height,
             shape.width,

@@ -1,44 +1,38 @@
-//! The engine: the per-layer API the Python side (or a Rust program) calls
-//! around each decoder layer, plus the transitions (plan switch, growth,
-//! quiesce) that keep the page table true.
+//! The engine's API: what the Python side (or a Rust program) calls around
+//! each decoder layer, plus the operations that change data under it (crop,
+//! reorder, growth, plan switch, reset) and keep the page table true.
 //!
 //! Per step, for each engine-managed layer `i` in order:
-//! [`Engine::layer_begin`] (forward pre-hook), [`Engine::layer_ready`] (right
+//! [`Engine::layer_begin`] (the layer starts), [`Engine::layer_ready`] (right
 //! before attention writes and reads the KV: the compute stream waits for a
 //! pooled layer's prefetch), [`Engine::layer_written`] (new tokens written into
 //! the slot; a pooled layer queues a write-back of just those tokens), and
 //! [`Engine::layer_done`] (the staging slot goes back to the FIFO and the next
 //! prefetch in execution order is queued into it). The last layer's
 //! `layer_done` ends the step; pending plans apply at the next step's start.
+//!
+//! Which swap operation comes when is decided by the pure [`Schedule`]; the
+//! engine only submits what it says and keeps the threads in step. Where a
+//! layer's bytes are is the arena layout's answer ([`ArenaLayout::residence`]),
+//! its valid length the page table's.
+
+mod transition;
 
 use crate::backend::{Backend, CopyShape, Mem, Stream};
 use crate::error::{PieError, Result};
 use crate::fifo::{ring, Producer};
 use crate::layout::LayerSpec;
-use crate::layout::{align_up, SLOT_ALIGN};
-use crate::page_table::{PageTable, Residence};
 use crate::plan::Plan;
 use crate::policy_driver::{PolicyContext, PolicyDriver};
-use crate::primitive::{AtomicBool, AtomicU64, Ordering};
-use crate::slots::ArenaLayout;
-use crate::swapper::{self, SwapOp};
-use crate::telemetry::{Counters, StepRecord, StepSample, TimingSet, TIMING_EVERY, TIMING_SETS};
-use arc_swap::{ArcSwap, ArcSwapOption};
-use parking_lot::Mutex;
+use crate::primitive::Ordering;
+use crate::schedule::{Ready, Schedule, SwapOp};
+pub use crate::shared::Arenas;
+use crate::shared::Shared;
+use crate::slots::{ArenaLayout, Residence};
+use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// Both arenas and the layout that carves them.
-pub struct Arenas<B: Backend> {
-    /// Where every slot sits.
-    pub layout: ArenaLayout,
-    /// The device arena (resident slots, then staging slots). Shared so that
-    /// zero-copy views (DLPack) keep the memory alive while they exist.
-    pub device: Arc<B::DeviceBuffer>,
-    /// The host arena (every layer's backing buffer), shared likewise.
-    pub host: Arc<B::HostBuffer>,
-}
 
 /// Options of an engine.
 #[derive(Clone, Debug)]
@@ -49,6 +43,9 @@ pub struct EngineOptions {
     pub device_budget: Option<usize>,
     /// How long the caller may wait for the swapper before reporting a hang.
     pub wait_timeout: Duration,
+    /// Every how many steps one is timed for the policy (at least 1). Timing
+    /// costs event records on the caller's thread; the simulator times every step.
+    pub timing_every: u64,
 }
 
 impl Default for EngineOptions {
@@ -57,190 +54,87 @@ impl Default for EngineOptions {
             capacity: 256,
             device_budget: None,
             wait_timeout: Duration::from_secs(30),
+            timing_every: crate::telemetry::TIMING_EVERY,
         }
     }
 }
 
-/// State shared by the caller, the swapper thread and the policy thread.
-pub(crate) struct Shared<B: Backend> {
-    pub(crate) backend: B,
-    pub(crate) specs: Vec<LayerSpec>,
-    pub(crate) page_table: PageTable,
-    pub(crate) arenas: ArcSwapOption<Arenas<B>>,
-    /// Per layer: its prefetch landed (H2D).
-    pub(crate) ready: Vec<B::Event>,
-    /// Per layer: its new tokens are written (compute stream).
-    pub(crate) written: Vec<B::Event>,
-    /// Per layer: its last write-back landed in host memory (D2H).
-    pub(crate) written_back: Vec<B::Event>,
-    /// Per layer: its compute finished (compute stream).
-    pub(crate) done: Vec<B::Event>,
-    /// Per staging slot: free again (D2H, after the occupant's write-back).
-    pub(crate) slot_freed: Vec<B::Event>,
-    pub(crate) timing: Vec<TimingSet<B>>,
-    pub(crate) counters: Counters,
-    pub(crate) ops_done: AtomicU64,
-    pub(crate) prefetches_issued: AtomicU64,
-    pub(crate) swapper_sleeping: AtomicBool,
-    pub(crate) policy_sleeping: AtomicBool,
-    pub(crate) shutdown: AtomicBool,
-    pub(crate) poisoned: AtomicBool,
-    failure: Mutex<Option<String>>,
-    /// A plan published by the policy thread, applied at the next step boundary.
-    pub(crate) pending_plan: ArcSwapOption<Plan>,
-    /// The plan in force (read by the policy thread).
-    pub(crate) current_plan: ArcSwap<Plan>,
-    /// Step the caller is in (read by the policy thread to detect lapped timing sets).
-    pub(crate) current_step: AtomicU64,
-    pub(crate) device_budget: Option<usize>,
-    pub(crate) capacity: AtomicU64,
-    /// Step records the policy thread has finished with.
-    pub(crate) records_done: AtomicU64,
-    /// The latest sample the policy thread computed.
-    pub(crate) last_sample: Mutex<Option<StepSample>>,
-}
-
-impl<B: Backend> Shared<B> {
-    /// The timing set of `step`, if the step is one of the sampled ones.
-    pub(crate) fn timing_set(&self, step: u64) -> Option<&TimingSet<B>> {
-        if !step.is_multiple_of(TIMING_EVERY) {
-            return None;
-        }
-        Some(&self.timing[((step / TIMING_EVERY) % TIMING_SETS as u64) as usize])
-    }
-
-    pub(crate) fn is_poisoned(&self) -> bool {
-        self.poisoned.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn poison(&self, e: PieError) {
-        let mut f = self.failure.lock();
-        if f.is_none() {
-            *f = Some(e.to_string());
-        }
-        self.poisoned.store(true, Ordering::Release);
-    }
-
-    fn check(&self) -> Result<()> {
-        if self.is_poisoned() {
-            let why = self.failure.lock().clone().unwrap_or_default();
-            Err(PieError::state(format!(
-                "the pool stopped after a failure ({why}); its KV may be incomplete: detach and attach again"
-            )))
-        } else if self.shutdown.load(Ordering::Acquire) {
-            Err(PieError::state(
-                "the engine is closed; attach again to use pie-rs",
-            ))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// Caller-side bookkeeping of the swap pipeline under the current plan.
-struct Pipeline {
-    plan: Arc<Plan>,
-    /// Pooled layers in execution order.
-    order: Vec<usize>,
-    /// Per layer: its index in `order`.
-    pos_of: Vec<Option<usize>>,
-    /// Staging slots.
-    w: u64,
-    /// Steps begun since this pipeline was primed.
-    epoch_step: u64,
-    /// `seq(step, k) = step * P + k - origin`.
-    origin: u64,
-    /// Prefetches pushed in this epoch (the next seq to push).
+/// The caller's end of the swap FIFO: pushes what the schedule emits, waking
+/// the swapper when it sleeps.
+struct Submitter<B: Backend> {
+    shared: Arc<Shared<B>>,
+    fifo: Producer<SwapOp>,
+    swapper: Option<JoinHandle<()>>,
+    /// Operations pushed over the engine's life.
     pushed: u64,
-    /// `prefetches_issued` when the epoch started.
-    issued_base: u64,
-    primed: bool,
+    wait_timeout: Duration,
 }
 
-impl Pipeline {
-    fn new(plan: Arc<Plan>, layers: usize) -> Self {
-        let mut pos_of = vec![None; layers];
-        for (k, &l) in plan.pooled.iter().enumerate() {
-            pos_of[l] = Some(k);
+impl<B: Backend> Submitter<B> {
+    fn push(&mut self, op: SwapOp) -> Result<()> {
+        let mut op = op;
+        let deadline = Instant::now() + self.wait_timeout;
+        loop {
+            match self.fifo.push(op) {
+                Ok(()) => break,
+                Err(back) => {
+                    op = back;
+                    self.shared.health.check()?;
+                    if Instant::now() > deadline {
+                        return Err(hang(
+                            &self.shared,
+                            self.wait_timeout,
+                            "the swap FIFO stayed full",
+                        ));
+                    }
+                    std::thread::yield_now();
+                }
+            }
         }
-        Pipeline {
-            order: plan.pooled.clone(),
-            pos_of,
-            w: plan.staging_slots() as u64,
-            plan,
-            epoch_step: 0,
-            origin: 0,
-            pushed: 0,
-            issued_base: 0,
-            primed: false,
+        self.pushed += 1;
+        if self.shared.swapper_sleeping.load(Ordering::SeqCst) {
+            self.unpark();
         }
+        Ok(())
     }
 
-    fn p(&self) -> u64 {
-        self.order.len() as u64
-    }
-
-    fn layer_of(&self, seq: u64) -> usize {
-        self.order[((seq + self.origin) % self.p()) as usize]
-    }
-
-    fn seq_of(&self, k: usize) -> Option<u64> {
-        (self.epoch_step * self.p() + k as u64).checked_sub(self.origin)
-    }
-
-    /// The step (engine-wide) a pipeline seq belongs to.
-    fn step_of(&self, seq: u64, step_at_epoch_start: u64) -> u64 {
-        step_at_epoch_start + (seq + self.origin) / self.p()
-    }
-}
-
-/// Where each layer's valid tokens are on the host during a transition.
-struct Sources<'a, B: Backend> {
-    spill: Option<&'a B::HostBuffer>,
-    spill_at: &'a [Option<usize>],
-    old_host: Option<(&'a B::HostBuffer, &'a [Option<usize>])>,
-    /// Capacity of the layout the sources are in.
-    capacity: usize,
-}
-
-impl<'a, B: Backend> Sources<'a, B> {
-    fn of(&self, l: usize) -> Option<(&'a B::HostBuffer, usize)> {
-        match (self.spill_at[l], self.spill, self.old_host) {
-            (Some(at), Some(s), _) => Some((s, at)),
-            (None, _, Some((h, slots))) => slots[l].map(|at| (h, at)),
-            _ => None,
+    fn unpark(&self) {
+        if let Some(t) = &self.swapper {
+            t.thread().unpark();
         }
     }
-}
 
-impl<B: Backend> Clone for Sources<'_, B> {
-    fn clone(&self) -> Self {
-        *self
+    /// Pushes every op `f` emits, stopping at the first failure.
+    fn emit_all(&mut self, f: impl FnOnce(&mut dyn FnMut(SwapOp))) -> Result<()> {
+        let mut result = Ok(());
+        f(&mut |op| {
+            if result.is_ok() {
+                result = self.push(op);
+            }
+        });
+        result
     }
 }
 
-impl<B: Backend> Copy for Sources<'_, B> {}
-
-/// The arena a transition fills.
-#[derive(Clone, Copy)]
-enum Target<'a, B: Backend> {
-    Device(&'a B::DeviceBuffer),
-    Host(&'a B::HostBuffer),
+/// Stops the engine after a wait ran out, and says so.
+fn hang<B: Backend>(shared: &Shared<B>, timeout: Duration, what: &str) -> PieError {
+    shared.health.poison(PieError::backend("swapper", what));
+    PieError::backend(
+        "swapper",
+        format!("{what} for {timeout:?}: the copy engine is stuck; the pool was stopped"),
+    )
 }
 
 /// The pie-rs engine over backend `B`.
 pub struct Engine<B: Backend> {
     shared: Arc<Shared<B>>,
-    fifo: Producer<SwapOp>,
+    submit: Submitter<B>,
     telemetry: Producer<StepRecord>,
-    pipeline: Pipeline,
-    ops_pushed: u64,
+    schedule: Schedule,
     /// Step records pushed to the policy thread.
     records_pushed: u64,
     /// Engine-wide step number of the current (or next) step.
     step: u64,
-    /// Engine-wide step at which the current epoch started.
-    epoch_start_step: u64,
     in_step: bool,
     step_complete: bool,
     /// The most tokens any layer received in the current step.
@@ -248,7 +142,6 @@ pub struct Engine<B: Backend> {
     /// Last layer that began in this step.
     cursor: Option<usize>,
     generation: u64,
-    swapper: Option<JoinHandle<()>>,
     policy: Option<JoinHandle<()>>,
     wait_timeout: Duration,
 }
@@ -284,47 +177,20 @@ impl<B: Backend> Engine<B> {
         let plan = driver.initial_plan(&ctx)?;
         plan.validate(n)?;
         check_budget(&specs, options.capacity, &plan, options.device_budget)?;
-        let evs = |k: usize| {
-            (0..k)
-                .map(|_| backend.new_event())
-                .collect::<Result<Vec<_>>>()
-        };
-        let timing = (0..TIMING_SETS)
-            .map(|_| TimingSet::new(&backend, n))
-            .collect::<Result<Vec<_>>>()?;
-        let shared = Arc::new(Shared {
-            ready: evs(n)?,
-            written: evs(n)?,
-            written_back: evs(n)?,
-            done: evs(n)?,
-            slot_freed: evs(n)?,
-            timing,
-            page_table: PageTable::new(n),
-            arenas: ArcSwapOption::empty(),
-            counters: Counters::default(),
-            ops_done: AtomicU64::new(0),
-            prefetches_issued: AtomicU64::new(0),
-            swapper_sleeping: AtomicBool::new(false),
-            policy_sleeping: AtomicBool::new(false),
-            shutdown: AtomicBool::new(false),
-            poisoned: AtomicBool::new(false),
-            failure: Mutex::new(None),
-            pending_plan: ArcSwapOption::empty(),
-            current_plan: ArcSwap::from_pointee(plan.clone()),
-            current_step: AtomicU64::new(0),
-            device_budget: options.device_budget,
-            capacity: AtomicU64::new(options.capacity as u64),
-            records_done: AtomicU64::new(0),
-            last_sample: Mutex::new(None),
-            specs,
+        let shared = Arc::new(Shared::new(
             backend,
-        });
+            specs,
+            plan.clone(),
+            options.capacity,
+            options.device_budget,
+            options.timing_every,
+        )?);
         let (fifo, fifo_rx) = ring(4 * n + 64);
         let (telemetry, telemetry_rx) = ring(4 * TIMING_SETS);
         let sw = shared.clone();
         let swapper = std::thread::Builder::new()
             .name("pie-swapper".into())
-            .spawn(move || swapper::run(&sw, fifo_rx))
+            .spawn(move || crate::swapper::run(&sw, fifo_rx))
             .map_err(|e| PieError::backend("spawn swapper thread", e))?;
         let pol = shared.clone();
         let policy = std::thread::Builder::new()
@@ -333,20 +199,23 @@ impl<B: Backend> Engine<B> {
             .map_err(|e| PieError::backend("spawn policy thread", e))?;
         let plan = Arc::new(plan);
         let mut engine = Engine {
-            pipeline: Pipeline::new(plan.clone(), n),
+            schedule: Schedule::new(plan.clone(), n),
+            submit: Submitter {
+                shared: shared.clone(),
+                fifo,
+                swapper: Some(swapper),
+                pushed: 0,
+                wait_timeout: options.wait_timeout,
+            },
             shared,
-            fifo,
             telemetry,
-            ops_pushed: 0,
             records_pushed: 0,
             step: 0,
-            epoch_start_step: 0,
             in_step: false,
             step_complete: false,
             step_tokens: 0,
             cursor: None,
             generation: 0,
-            swapper: Some(swapper),
             policy: Some(policy),
             wait_timeout: options.wait_timeout,
         };
@@ -371,7 +240,7 @@ impl<B: Backend> Engine<B> {
 
     /// Tokens each layer can hold.
     pub fn capacity(&self) -> usize {
-        self.shared.capacity.load(Ordering::Relaxed) as usize
+        self.shared.capacity()
     }
 
     /// Whether the next step begins with an arena rebuild (a pending plan):
@@ -379,10 +248,11 @@ impl<B: Backend> Engine<B> {
     /// arena is freed before the new one is allocated.
     pub fn will_rebuild(&self) -> bool {
         self.shared
-            .pending_plan
+            .plans
+            .pending
             .load()
             .as_ref()
-            .is_some_and(|p| **p != *self.pipeline.plan)
+            .is_some_and(|p| **p != **self.schedule.plan())
     }
 
     /// Bumped whenever the arenas are reallocated or slots move: device and host
@@ -393,7 +263,7 @@ impl<B: Backend> Engine<B> {
 
     /// The plan in force.
     pub fn plan(&self) -> Arc<Plan> {
-        self.pipeline.plan.clone()
+        self.schedule.plan().clone()
     }
 
     /// The current arenas (device and host buffers and their layout).
@@ -418,7 +288,11 @@ impl<B: Backend> Engine<B> {
     /// Where `layer` lives.
     pub fn residence(&self, layer: usize) -> Result<Residence> {
         self.check_layer(layer)?;
-        Ok(self.shared.page_table.residence(layer))
+        Ok(self.arenas().layout.residence(layer))
+    }
+
+    fn check(&self) -> Result<()> {
+        self.shared.health.check()
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -432,129 +306,51 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    fn push_op(&mut self, op: SwapOp) -> Result<()> {
-        let mut op = op;
-        let deadline = Instant::now() + self.wait_timeout;
-        loop {
-            match self.fifo.push(op) {
-                Ok(()) => break,
-                Err(back) => {
-                    op = back;
-                    self.shared.check()?;
-                    if Instant::now() > deadline {
-                        return Err(self.hang("the swap FIFO stayed full"));
-                    }
-                    std::thread::yield_now();
-                }
-            }
-        }
-        self.ops_pushed += 1;
-        if self.shared.swapper_sleeping.load(Ordering::SeqCst) {
-            if let Some(t) = &self.swapper {
-                t.thread().unpark();
-            }
-        }
-        Ok(())
-    }
-
     fn hang(&self, what: &str) -> PieError {
-        let e = PieError::backend(
-            "swapper",
-            format!(
-                "{what} for {:?}: the copy engine is stuck; the pool was stopped",
-                self.wait_timeout
-            ),
-        );
-        self.shared.poison(PieError::backend("swapper", what));
-        e
-    }
-
-    /// Pushes the prefetch with pipeline sequence number `seq`.
-    fn push_prefetch(&mut self, seq: u64) -> Result<()> {
-        let p = &self.pipeline;
-        let layer = p.layer_of(seq);
-        let slot = (seq % p.w) as usize;
-        let hit = seq >= p.w && p.layer_of(seq - p.w) == layer;
-        let step = p.step_of(seq, self.epoch_start_step);
-        self.pipeline.pushed = seq + 1;
-        self.push_op(SwapOp::Prefetch {
-            layer,
-            slot,
-            step,
-            hit,
-        })
-    }
-
-    /// Starts a new pipeline epoch so that pooled index `k0` of the current
-    /// step is the first prefetch, and primes `W` prefetches.
-    fn prime(&mut self, k0: usize) -> Result<()> {
-        let issued = self.shared.prefetches_issued.load(Ordering::Acquire);
-        let p = &mut self.pipeline;
-        p.epoch_step = 0;
-        p.origin = k0 as u64;
-        p.pushed = 0;
-        p.issued_base = issued;
-        p.primed = true;
-        self.epoch_start_step = self.step;
-        if p.order.is_empty() {
-            return Ok(());
-        }
-        for seq in 0..p.w {
-            self.push_prefetch(seq)?;
-        }
-        Ok(())
+        hang(&self.shared, self.wait_timeout, what)
     }
 
     /// Waits until the swapper has processed every pushed op, then until every
     /// copy completed. Afterwards host buffers of pooled layers are authoritative.
     pub fn quiesce(&mut self) -> Result<()> {
         let deadline = Instant::now() + self.wait_timeout;
-        while self.shared.ops_done.load(Ordering::Acquire) < self.ops_pushed {
-            self.shared.check()?;
+        while self.shared.swapper.ops_done.load(Ordering::Acquire) < self.submit.pushed {
+            self.check()?;
             if Instant::now() > deadline {
                 return Err(self.hang("the swapper did not drain its queue"));
             }
-            if let Some(t) = &self.swapper {
-                t.thread().unpark();
-            }
+            self.submit.unpark();
             std::thread::yield_now();
         }
         self.shared.backend.synchronize_queues()?;
-        self.shared.check()
+        self.check()
     }
 
     /// Ends a quiesce: staging contents are treated as stale and pooled layers
     /// are fetched again before they run.
     pub fn resume(&mut self) -> Result<()> {
-        self.shared.check()?;
-        self.pipeline.primed = false;
+        self.check()?;
+        self.schedule.invalidate();
         if self.in_step {
             // The step goes on after the caller mutated data: restart the
-            // pipeline at the next pooled layer of this step.
-            let k0 = self.next_pooled_index();
-            self.prime(k0)?;
+            // schedule at the next pooled layer of this step.
+            let from = self.cursor.unwrap_or(0);
+            let (schedule, step) = (&mut self.schedule, self.step);
+            self.submit
+                .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))?;
         }
         Ok(())
     }
 
-    fn next_pooled_index(&self) -> usize {
-        let from = self.cursor.map_or(0, |c| c);
-        self.pipeline
-            .order
-            .iter()
-            .position(|&l| l >= from)
-            .unwrap_or(self.pipeline.order.len())
-    }
-
-    /// Forward pre-hook of `layer`: layer 0 begins a step (applying a pending
-    /// plan); every layer records its start for telemetry.
+    /// `layer` starts: layer 0 begins a step (applying a pending plan); every
+    /// layer records its start for telemetry.
     pub fn layer_begin(&mut self, layer: usize, stream: Stream) -> Result<()> {
-        self.shared.check()?;
+        self.check()?;
         self.check_layer(layer)?;
         if layer == 0 {
             if self.in_step {
                 // The previous step never finished (an exception or interrupt
-                // between layers): drop its pipeline and start clean.
+                // between layers): drop its prefetches and start clean.
                 self.abort_step()?;
             }
             self.begin_step()?;
@@ -565,10 +361,9 @@ impl<B: Backend> Engine<B> {
             self.step_complete = false;
         }
         self.cursor = Some(layer);
-        if !self.pipeline.primed {
-            let k0 = self.next_pooled_index();
-            self.prime(k0)?;
-        }
+        let (schedule, step) = (&mut self.schedule, self.step);
+        self.submit
+            .emit_all(|emit| schedule.begin(layer, step, &mut |op| emit(op)))?;
         match self.shared.timing_set(self.step) {
             Some(set) => self.shared.backend.record(&set.begin[layer], stream),
             None => Ok(()),
@@ -580,12 +375,14 @@ impl<B: Backend> Engine<B> {
         self.step_tokens = 0;
         self.step_complete = true;
         self.cursor = None;
-        self.shared.current_step.store(self.step, Ordering::Release);
-        if let Some(set) = self.shared.timing_set(self.step) {
+        self.shared.caller.step.store(self.step, Ordering::Release);
+        // The swapper records prefetches that wrap into the next step during
+        // this one: that step's byte counters start now, not when it begins.
+        if let Some(set) = self.shared.timing_set(self.step + 1) {
             set.reset_counters();
         }
-        if let Some(plan) = self.shared.pending_plan.swap(None) {
-            if *plan != *self.pipeline.plan {
+        if let Some(plan) = self.shared.plans.pending.swap(None) {
+            if *plan != **self.schedule.plan() {
                 let cap = self.capacity();
                 self.transition(&plan, cap)?;
                 Counters::add(&self.shared.counters.plan_changes, 1);
@@ -596,9 +393,9 @@ impl<B: Backend> Engine<B> {
 
     fn abort_step(&mut self) -> Result<()> {
         self.quiesce()?;
-        self.pipeline.primed = false;
+        self.schedule.invalidate();
+        self.schedule.end_step();
         self.in_step = false;
-        self.pipeline.epoch_step += 1;
         self.step += 1;
         Ok(())
     }
@@ -607,66 +404,78 @@ impl<B: Backend> Engine<B> {
     /// `stream` wait (device-side) for a pooled layer's prefetch. Returns the
     /// byte offset of the layer's KV in the device arena, valid for this step.
     pub fn layer_ready(&mut self, layer: usize, stream: Stream) -> Result<usize> {
-        self.shared.check()?;
+        self.check()?;
         self.check_layer(layer)?;
-        match self.shared.page_table.residence(layer) {
-            Residence::Resident { device_offset } => Ok(device_offset),
-            Residence::Pooled => {
-                if !self.in_step {
-                    return Err(PieError::state(format!(
-                        "layer_ready({layer}) outside a step; call layer_begin first"
-                    )));
-                }
-                let k = self.pipeline.pos_of[layer].expect("pooled layers have a position");
-                let seq = match self.pipeline.seq_of(k) {
-                    Some(s) if s < self.pipeline.pushed => s,
-                    _ => {
-                        // Out of execution order (a layer skipped or repeated):
-                        // restart the pipeline at this layer.
-                        self.quiesce()?;
-                        self.step_complete = false;
-                        self.prime(k)?;
-                        0
-                    }
+        let (slot, target) = match self.schedule.ready(layer) {
+            Ready::Resident => {
+                return match self.arenas().layout.residence(layer) {
+                    Residence::Resident { device_offset } => Ok(device_offset),
+                    Residence::Pooled { .. } => Err(PieError::internal(format!(
+                        "layer {layer} is pooled in the arena layout but resident in the plan"
+                    ))),
                 };
-                let target = self.pipeline.issued_base + seq + 1;
-                let deadline = Instant::now() + self.wait_timeout;
-                let mut spins = 0u32;
-                while self.shared.prefetches_issued.load(Ordering::Acquire) < target {
-                    self.shared.check()?;
-                    spins += 1;
-                    if spins > 256 {
-                        if Instant::now() > deadline {
-                            return Err(self.hang("a prefetch was never issued"));
-                        }
-                        if let Some(t) = &self.swapper {
-                            t.thread().unpark();
-                        }
-                        std::thread::yield_now();
-                    } else {
-                        std::hint::spin_loop();
+            }
+            _ if !self.in_step => {
+                return Err(PieError::state(format!(
+                    "layer_ready({layer}) outside a step; call layer_begin first"
+                )));
+            }
+            Ready::Staged { slot, prefetch } => (slot, prefetch),
+            Ready::OutOfOrder => {
+                // A layer skipped or repeated: drain, then restart the schedule here.
+                self.quiesce()?;
+                self.step_complete = false;
+                let (schedule, step) = (&mut self.schedule, self.step);
+                self.submit
+                    .emit_all(|emit| schedule.restart_at(layer, step, &mut |op| emit(op)))?;
+                match self.schedule.ready(layer) {
+                    Ready::Staged { slot, prefetch } => (slot, prefetch),
+                    other => {
+                        return Err(PieError::internal(format!(
+                            "the schedule restarted at pooled layer {layer} but answers {other:?}"
+                        )))
                     }
                 }
-                self.shared.check()?;
-                if !self.shared.page_table.prefetch_hit(layer) {
-                    if let Some(set) = self.shared.timing_set(self.step) {
-                        self.shared.backend.record(&set.wait_start[layer], stream)?;
-                    }
-                    self.shared
-                        .backend
-                        .wait(stream, &self.shared.ready[layer])?;
+            }
+        };
+        let deadline = Instant::now() + self.wait_timeout;
+        let mut spins = 0u32;
+        while self
+            .shared
+            .swapper
+            .prefetches_issued
+            .load(Ordering::Acquire)
+            < target
+        {
+            self.check()?;
+            spins += 1;
+            if spins > 256 {
+                if Instant::now() > deadline {
+                    return Err(self.hang("a prefetch was never issued"));
                 }
-                let slot = (seq % self.pipeline.w) as usize;
-                Ok(self.arenas().layout.staging[slot])
+                self.submit.unpark();
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
             }
         }
+        self.check()?;
+        if !self.shared.page_table.prefetch_hit(layer) {
+            if let Some(set) = self.shared.timing_set(self.step) {
+                self.shared.backend.record(&set.wait_start[layer], stream)?;
+            }
+            self.shared
+                .backend
+                .wait(stream, &self.shared.events.ready[layer])?;
+        }
+        Ok(self.arenas().layout.staging[slot])
     }
 
     /// Records that `n_new` tokens were written right after the valid ones of
     /// `layer` (on `stream`); a pooled layer queues a write-back of just those
     /// tokens. Returns the new length.
     pub fn layer_written(&mut self, layer: usize, n_new: usize, stream: Stream) -> Result<usize> {
-        self.shared.check()?;
+        self.check()?;
         self.check_layer(layer)?;
         let start = self.shared.page_table.seq_len(layer);
         let cap = self.capacity();
@@ -676,55 +485,38 @@ impl<B: Backend> Engine<B> {
                 start + n_new
             )));
         }
+        let write_back = self
+            .schedule
+            .written(layer, start, n_new, self.step)
+            .map_err(|()| PieError::state(format!("layer_written({layer}) before layer_ready")))?;
         self.shared.page_table.set_seq_len(layer, start + n_new);
         self.step_tokens = self.step_tokens.max(n_new);
-        if self.shared.page_table.residence(layer) == Residence::Pooled && n_new > 0 {
-            let k = self.pipeline.pos_of[layer].expect("pooled layers have a position");
-            let seq = self.pipeline.seq_of(k).ok_or_else(|| {
-                PieError::state(format!("layer_written({layer}) before layer_ready"))
-            })?;
+        if let Some(op) = write_back {
             self.shared
                 .backend
-                .record(&self.shared.written[layer], stream)?;
-            let slot = (seq % self.pipeline.w) as usize;
-            self.push_op(SwapOp::WriteBack {
-                layer,
-                slot,
-                start,
-                n: n_new,
-                step: self.step,
-            })?;
+                .record(&self.shared.events.written[layer], stream)?;
+            self.submit.push(op)?;
         }
         Ok(start + n_new)
     }
 
-    /// Forward post-hook of `layer`: a pooled layer's staging slot goes back to
+    /// `layer`'s compute is done: a pooled layer's staging slot goes back to
     /// the FIFO and the next prefetch is queued into it. The last layer ends the step.
     pub fn layer_done(&mut self, layer: usize, stream: Stream) -> Result<()> {
-        self.shared.check()?;
+        self.check()?;
         self.check_layer(layer)?;
         if !self.in_step {
             return Err(PieError::state(format!(
                 "layer_done({layer}) outside a step; call layer_begin first"
             )));
         }
-        if self.shared.page_table.residence(layer) == Residence::Pooled {
-            let k = self.pipeline.pos_of[layer].expect("pooled layers have a position");
-            if let Some(seq) = self
-                .pipeline
-                .seq_of(k)
-                .filter(|s| *s < self.pipeline.pushed)
-            {
-                let slot = (seq % self.pipeline.w) as usize;
-                self.shared
-                    .backend
-                    .record(&self.shared.done[layer], stream)?;
-                self.push_op(SwapOp::Release { layer, slot })?;
-                let next = seq + self.pipeline.w;
-                if next == self.pipeline.pushed {
-                    self.push_prefetch(next)?;
-                }
-            }
+        if self.schedule.slot_of(layer).is_some() {
+            self.shared
+                .backend
+                .record(&self.shared.events.done[layer], stream)?;
+            let schedule = &mut self.schedule;
+            self.submit
+                .emit_all(|emit| schedule.done(layer, &mut |op| emit(op)))?;
         }
         if layer + 1 == self.num_layers() {
             self.end_step(stream)?;
@@ -739,8 +531,8 @@ impl<B: Backend> Engine<B> {
                 .record(&set.begin[self.num_layers()], stream)?;
             let record = StepRecord {
                 step: self.step,
-                plan: self.pipeline.plan.clone(),
-                ops_pushed: self.ops_pushed,
+                plan: self.schedule.plan().clone(),
+                ops_pushed: self.submit.pushed,
                 complete: self.step_complete,
                 new_tokens: self.step_tokens,
             };
@@ -757,14 +549,14 @@ impl<B: Backend> Engine<B> {
         Counters::add(&self.shared.counters.steps, 1);
         self.in_step = false;
         self.cursor = None;
-        self.pipeline.epoch_step += 1;
+        self.schedule.end_step();
         self.step += 1;
         Ok(())
     }
 
     /// Crops `layer` to `tokens` tokens (never grows it).
     pub fn set_seq_len(&mut self, layer: usize, tokens: usize) -> Result<()> {
-        self.shared.check()?;
+        self.check()?;
         self.check_layer(layer)?;
         let cur = self.shared.page_table.seq_len(layer);
         if tokens > cur {
@@ -780,9 +572,9 @@ impl<B: Backend> Engine<B> {
     /// Reorders the batch of every layer as beam search does: afterwards
     /// sequence `b` holds what sequence `idx[b]` held. Goes through a host
     /// scratch buffer with the backend's copies, so it works for resident and
-    /// pooled layers alike (the Python side does the same with torch views).
+    /// pooled layers alike.
     pub fn reorder(&mut self, idx: &[usize]) -> Result<()> {
-        self.shared.check()?;
+        self.check()?;
         for (l, spec) in self.shared.specs.iter().enumerate() {
             if idx.len() != spec.batch || idx.iter().any(|&i| i >= spec.batch) {
                 return Err(PieError::config(format!(
@@ -855,7 +647,7 @@ impl<B: Backend> Engine<B> {
     /// Grows every layer to hold at least `tokens` tokens (capacity doubles, so
     /// token-by-token growth is amortized). Returns whether arenas were rebuilt.
     pub fn ensure_capacity(&mut self, tokens: usize) -> Result<bool> {
-        self.shared.check()?;
+        self.check()?;
         let cap = self.capacity();
         if tokens <= cap {
             return Ok(false);
@@ -874,7 +666,7 @@ impl<B: Backend> Engine<B> {
     /// Rebuilds the arenas at `capacity` tokens (growth or shrink), keeping
     /// every valid token. The plan is re-derived if it no longer fits the budget.
     pub fn resize(&mut self, capacity: usize) -> Result<()> {
-        self.shared.check()?;
+        self.check()?;
         let longest = (0..self.num_layers())
             .map(|l| self.shared.page_table.seq_len(l))
             .max()
@@ -885,7 +677,7 @@ impl<B: Backend> Engine<B> {
             )));
         }
         crate::slots::check_capacity(&self.shared.specs, capacity)?;
-        let mut plan = (*self.pipeline.plan).clone();
+        let mut plan = (**self.schedule.plan()).clone();
         if check_budget(
             &self.shared.specs,
             capacity,
@@ -905,16 +697,18 @@ impl<B: Backend> Engine<B> {
         let was_in_step = self.in_step;
         self.transition(&Arc::new(plan), capacity)?;
         if was_in_step {
-            let k0 = self.next_pooled_index();
+            let from = self.cursor.unwrap_or(0);
             self.step_complete = false;
-            self.prime(k0)?;
+            let (schedule, step) = (&mut self.schedule, self.step);
+            self.submit
+                .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))?;
         }
         Ok(())
     }
 
     /// Pins a plan; it takes effect at the next step boundary.
     pub fn set_plan(&mut self, plan: Plan) -> Result<()> {
-        self.shared.check()?;
+        self.check()?;
         plan.validate(self.num_layers())?;
         check_budget(
             &self.shared.specs,
@@ -922,220 +716,34 @@ impl<B: Backend> Engine<B> {
             &plan,
             self.shared.device_budget,
         )?;
-        self.shared.pending_plan.store(Some(Arc::new(plan)));
+        self.shared.plans.pending.store(Some(Arc::new(plan)));
         Ok(())
     }
 
     /// Predicted bytes one steady-state decode step prefetches under the
     /// current plan at the current lengths (0 when pooled layers stay in their slots).
     pub fn predicted_h2d_bytes_per_step(&self) -> u64 {
-        let p = &self.pipeline;
-        if p.order.is_empty() || p.w >= p.p() {
+        if !self.schedule.swaps_every_step() {
             return 0;
         }
-        p.order
+        self.schedule
+            .pooled()
             .iter()
             .map(|&l| self.shared.specs[l].valid_bytes(self.shared.page_table.seq_len(l)) as u64)
             .sum()
     }
 
-    /// Moves every layer to where `plan` wants it at `capacity` tokens: spills
-    /// resident layers to host memory, rebuilds the arenas (device arena freed
-    /// before the new one is allocated, so the budget holds throughout), and
-    /// fills the new resident slots. Costs a full sync; plans change rarely.
-    fn transition(&mut self, plan: &Arc<Plan>, capacity: usize) -> Result<()> {
-        check_budget(
-            &self.shared.specs,
-            capacity,
-            plan,
-            self.shared.device_budget,
-        )?;
-        self.quiesce()?;
-        self.transition_inner(plan, capacity)
-    }
-
-    /// Copies the valid tokens of every layer that has a place in `to` from
-    /// wherever `from` says they are, relaying out to `to`'s capacity.
-    fn fill(&self, from: &Sources<'_, B>, to: Target<'_, B>, layout: &ArenaLayout) -> Result<()> {
-        let b = &self.shared.backend;
-        for (l, spec) in self.shared.specs.iter().enumerate() {
-            let (dst, stream) = match to {
-                Target::Device(d) => match layout.device_slot[l] {
-                    Some(off) => (Mem::<B>::Device(d, off), Stream::H2D),
-                    None => continue,
-                },
-                Target::Host(h) => match layout.host_slot[l] {
-                    Some(off) => (Mem::Host(h, off), Stream::D2H),
-                    None => continue,
-                },
-            };
-            let Some((src, at)) = from.of(l) else {
-                continue;
-            };
-            let tokens = self.shared.page_table.seq_len(l);
-            for (so, d_o, shape) in spec.relayout_copies(from.capacity, layout.capacity, tokens) {
-                if shape.bytes() == 0 {
-                    continue;
-                }
-                let d = match dst {
-                    Mem::Device(buf, off) => Mem::Device(buf, off + d_o),
-                    Mem::Host(buf, off) => Mem::Host(buf, off + d_o),
-                };
-                b.copy(stream, Mem::Host(src, at + so), d, shape)?;
-                if stream == Stream::H2D {
-                    Counters::add(&self.shared.counters.h2d_bytes, shape.bytes() as u64);
-                }
-            }
-        }
-        b.synchronize_queues()
-    }
-
-    /// Moves every layer to where `plan` wants it at `capacity` tokens. Resident
-    /// layers are spilled to a temporary host buffer, the host arena for the new
-    /// pooled set is built, then the old device arena is let go before the new one
-    /// is allocated (so the budget holds throughout) and filled. If an allocation
-    /// fails, the engine keeps its old arenas and data and returns the error.
-    fn transition_inner(&mut self, plan: &Arc<Plan>, capacity: usize) -> Result<()> {
-        let b = &self.shared.backend;
-        let specs = &self.shared.specs;
-        let new_layout = ArenaLayout::new(specs, capacity, plan)?;
-        let old = self.shared.arenas.load_full();
-        // 1. Spill resident layers (nothing changes yet if this fails).
-        let mut spill_at = vec![None; specs.len()];
-        let mut spill = None;
-        if let Some(old) = &old {
-            let mut off = 0usize;
-            for (l, spec) in specs.iter().enumerate() {
-                if old.layout.device_slot[l].is_some() && self.shared.page_table.seq_len(l) > 0 {
-                    spill_at[l] = Some(off);
-                    off += align_up(spec.bytes(old.layout.capacity), SLOT_ALIGN);
-                }
-            }
-            if off > 0 {
-                let buf = b.alloc_host(off)?;
-                for (l, spec) in specs.iter().enumerate() {
-                    if let (Some(dev), Some(at)) = (old.layout.device_slot[l], spill_at[l]) {
-                        let tokens = self.shared.page_table.seq_len(l);
-                        for (o, shape) in spec.token_range_copies(old.layout.capacity, 0, tokens) {
-                            if shape.bytes() > 0 {
-                                b.copy(
-                                    Stream::D2H,
-                                    Mem::Device(&*old.device, dev + o),
-                                    Mem::Host(&buf, at + o),
-                                    shape,
-                                )?;
-                                Counters::add(
-                                    &self.shared.counters.d2h_bytes,
-                                    shape.bytes() as u64,
-                                );
-                            }
-                        }
-                    }
-                }
-                b.synchronize_queues()?;
-                spill = Some(buf);
-            }
-        }
-        let old_host = old.as_ref().map(|o| o.host.clone());
-        let old_layout = old.as_ref().map(|o| o.layout.clone());
-        let sources = Sources {
-            spill: spill.as_ref(),
-            spill_at: &spill_at,
-            old_host: old_host
-                .as_deref()
-                .zip(old_layout.as_ref().map(|l| &l.host_slot[..])),
-            capacity: old_layout.as_ref().map_or(capacity, |l| l.capacity),
-        };
-        // 2. Host arena for the new pooled set (still nothing changed on failure).
-        let reuse_host = old.as_ref().is_some_and(|o| {
-            o.layout.capacity == capacity && o.layout.host_slot == new_layout.host_slot
-        });
-        let host = match &old {
-            Some(o) if reuse_host => o.host.clone(),
-            _ => {
-                let host = b.alloc_host(new_layout.host_bytes.max(1))?;
-                self.fill(&sources, Target::Host(&host), &new_layout)?;
-                Arc::new(host)
-            }
-        };
-        // 3. Device arena: let go of the old one (zero-copy views held elsewhere
-        //    keep it alive until dropped), allocate and fill the new one.
-        self.shared.arenas.store(None);
-        drop(old);
-        let device = match b.alloc_device(new_layout.device_bytes.max(1)) {
-            Ok(d) => Arc::new(d),
-            Err(e) => {
-                // Put the old arenas back (a fresh device arena of the old size,
-                // refilled from the spill) so nothing is lost.
-                let (Some(layout), Some(host)) = (old_layout.clone(), old_host.clone()) else {
-                    return Err(e);
-                };
-                let restored = b.alloc_device(layout.device_bytes.max(1)).and_then(|d| {
-                    let keep = Sources {
-                        old_host: None,
-                        capacity: layout.capacity,
-                        ..sources
-                    };
-                    self.fill(&keep, Target::Device(&d), &layout).map(|()| d)
-                });
-                return match restored {
-                    Ok(d) => {
-                        self.generation += 1;
-                        self.pipeline.primed = false;
-                        self.shared.arenas.store(Some(Arc::new(Arenas {
-                            layout,
-                            device: Arc::new(d),
-                            host,
-                        })));
-                        Err(e)
-                    }
-                    Err(again) => {
-                        self.shared.poison(PieError::state(format!(
-                            "rebuilding the arenas failed ({e}) and the old ones could not be restored ({again})"
-                        )));
-                        Err(e)
-                    }
-                };
-            }
-        };
-        if let Err(e) = self.fill(&sources, Target::Device(&*device), &new_layout) {
-            self.shared.poison(PieError::state(format!(
-                "filling the new device arena failed: {e}"
-            )));
-            return Err(e);
-        }
-        drop(spill);
-        drop(old_host);
-        self.shared.page_table.apply_layout(&new_layout);
-        self.shared
-            .counters
-            .peak_device_bytes
-            .fetch_max(new_layout.device_bytes as u64, Ordering::Relaxed);
-        self.shared
-            .capacity
-            .store(capacity as u64, Ordering::Relaxed);
-        self.shared.arenas.store(Some(Arc::new(Arenas {
-            layout: new_layout,
-            device,
-            host,
-        })));
-        self.shared.current_plan.store(plan.clone());
-        self.pipeline = Pipeline::new(plan.clone(), specs.len());
-        self.generation += 1;
-        Ok(())
-    }
-
     /// Empties every layer (a new sequence), keeping the arenas and what the
     /// policy learned.
     pub fn reset(&mut self) -> Result<()> {
-        self.shared.check()?;
+        self.check()?;
         self.quiesce()?;
         for l in 0..self.num_layers() {
             self.shared.page_table.set_seq_len(l, 0);
         }
         self.in_step = false;
         self.cursor = None;
-        self.pipeline.primed = false;
+        self.schedule.invalidate();
         Ok(())
     }
 
@@ -1144,7 +752,7 @@ impl<B: Backend> Engine<B> {
     pub fn stream_sync(&self) -> Arc<dyn Fn(Stream) -> Result<()> + Send + Sync> {
         let shared = self.shared.clone();
         Arc::new(move |stream| {
-            shared.check()?;
+            shared.health.check()?;
             let b = &shared.backend;
             for q in [Stream::H2D, Stream::D2H] {
                 let ev = b.new_event()?;
@@ -1179,7 +787,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Total stall, in seconds: measured on the sampled steps (every
-    /// [`TIMING_EVERY`]-th) and scaled to all steps.
+    /// [`EngineOptions::timing_every`]-th) and scaled to all steps.
     pub fn stall_seconds(&self) -> f64 {
         let c = &self.shared.counters;
         let timed = Counters::get(&c.timed_steps);
@@ -1190,12 +798,12 @@ impl<B: Backend> Engine<B> {
         measured * Counters::get(&c.steps) as f64 / timed as f64
     }
 
-    /// Blocks until the policy thread has measured every completed step (tests
-    /// and benchmarks use it to read settled stats).
+    /// Blocks until the policy thread has measured every completed step (tests,
+    /// benchmarks and the simulator use it to read settled stats).
     pub fn flush_telemetry(&self) -> Result<()> {
         let deadline = Instant::now() + self.wait_timeout;
-        while self.shared.records_done.load(Ordering::Acquire) < self.records_pushed {
-            self.shared.check()?;
+        while self.shared.policy.records_done.load(Ordering::Acquire) < self.records_pushed {
+            self.check()?;
             if Instant::now() > deadline {
                 return Err(PieError::backend(
                     "telemetry",
@@ -1212,19 +820,19 @@ impl<B: Backend> Engine<B> {
 
     /// The error that stopped the engine, if any.
     pub fn failure(&self) -> Option<String> {
-        self.shared.failure.lock().clone()
+        self.shared.health.failure()
     }
 
     /// Stops the threads (joining them) and frees the arenas. Idempotent.
     pub fn close(&mut self) {
-        if self.swapper.is_none() && self.policy.is_none() {
+        if self.submit.swapper.is_none() && self.policy.is_none() {
             return;
         }
         let _ = self.quiesce();
         // The swapper drains what is left (skipping it once poisoned) before it
         // sees the shutdown flag on an empty FIFO.
-        self.shared.shutdown.store(true, Ordering::SeqCst);
-        for t in [self.swapper.take(), self.policy.take()]
+        self.shared.health.shutdown.store(true, Ordering::SeqCst);
+        for t in [self.submit.swapper.take(), self.policy.take()]
             .into_iter()
             .flatten()
         {
@@ -1239,10 +847,9 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Test hook: the sample the policy thread would compute for `step`, if its
-    /// timing set has not been reused.
+    /// The latest sample the policy thread computed, if any.
     pub fn last_sample(&self) -> Option<StepSample> {
-        crate::policy_driver::last_sample(&self.shared)
+        self.shared.policy.last_sample.lock().clone()
     }
 }
 

@@ -17,6 +17,8 @@ pub enum ErrorKind {
     Backend,
     /// The engine was used in a way its state does not allow (closed, poisoned, wrong order).
     State,
+    /// An engine invariant broke: a bug in pie-rs, not the caller's doing.
+    Internal,
 }
 
 /// An error raised by the engine or a backend.
@@ -39,6 +41,9 @@ pub enum PieError {
     /// The engine's state does not allow this operation.
     #[error("{0}")]
     State(String),
+    /// An engine invariant broke (a bug in pie-rs).
+    #[error("internal error in pie-rs, please report it: {0}")]
+    Internal(String),
 }
 
 impl PieError {
@@ -49,6 +54,7 @@ impl PieError {
             PieError::Config(_) => ErrorKind::Config,
             PieError::Backend { .. } => ErrorKind::Backend,
             PieError::State(_) => ErrorKind::State,
+            PieError::Internal(_) => ErrorKind::Internal,
         }
     }
 
@@ -65,6 +71,11 @@ impl PieError {
     /// Shorthand for a [`PieError::State`].
     pub fn state(msg: impl fmt::Display) -> Self {
         PieError::State(msg.to_string())
+    }
+
+    /// Shorthand for a [`PieError::Internal`].
+    pub fn internal(msg: impl fmt::Display) -> Self {
+        PieError::Internal(msg.to_string())
     }
 
     /// Shorthand for a [`PieError::Backend`] naming the failing call.

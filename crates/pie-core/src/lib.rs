@@ -5,8 +5,9 @@
 //!
 //! The paper's ideas, each in its own module:
 //! * [`plan`]: which layers are pooled (spread across the depth) and the prefetch depth;
-//! * [`page_table`]: where every layer's KV lives and which copies are in flight;
-//! * [`slots`]: the arenas' slot bookkeeping;
+//! * [`schedule`]: the prefetch schedule, pure: layer events in, swap operations out;
+//! * [`slots`]: the arenas' layout, the one answer to where a layer's KV lives;
+//! * [`page_table`]: every layer's valid length and prefetch hits;
 //! * [`fifo`]: the lock-free swap queue, in execution order, wrapping across steps;
 //! * [`swapper`]: the thread that drains the FIFO and issues copies;
 //! * [`policy`]: adaptive expansion (and the static policy);
@@ -32,6 +33,8 @@ pub mod fifo;
 pub mod page_table;
 pub mod policy_driver;
 mod primitive;
+pub mod schedule;
+mod shared;
 pub mod slots;
 pub mod swapper;
 pub mod telemetry;
@@ -41,3 +44,4 @@ pub use policy_driver::{PolicyDriver, StaticDriver};
 pub mod policy;
 pub mod profiles;
 pub mod sim;
+pub mod simulate;

@@ -3,18 +3,20 @@
 //! the plan should change. A new plan is published for the caller to apply at
 //! the next step boundary; the caller never waits for this thread.
 
-use crate::engine::{check_budget, Shared};
+use crate::engine::check_budget;
 use crate::error::{PieError, Result};
 use crate::fifo::Consumer;
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
+use crate::policy::cost_model::COPIES_PER_LAYER;
 use crate::policy::{
     AdaptiveConfig, AdaptivePolicy, KvShape, Objective, Policy, StepSample as PolicySample,
 };
 use crate::primitive::Ordering;
+use crate::shared::Shared;
 use crate::slots::ArenaLayout;
 use crate::telemetry::span as event_span;
-use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_EVERY, TIMING_SETS};
+use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
 use crate::Backend;
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,11 +116,11 @@ pub(crate) fn run<B: Backend>(
 ) {
     loop {
         let Some(record) = ring.pop() else {
-            if shared.shutdown.load(Ordering::Acquire) {
+            if shared.health.shutdown.load(Ordering::Acquire) {
                 return;
             }
             shared.policy_sleeping.store(true, Ordering::SeqCst);
-            if ring.is_empty() && !shared.shutdown.load(Ordering::SeqCst) {
+            if ring.is_empty() && !shared.health.shutdown.load(Ordering::SeqCst) {
                 std::thread::park_timeout(Duration::from_millis(20));
             }
             shared.policy_sleeping.store(false, Ordering::SeqCst);
@@ -136,7 +138,7 @@ pub(crate) fn run<B: Backend>(
                 .collect();
             let ctx = PolicyContext {
                 specs: &shared.specs,
-                capacity: shared.capacity.load(Ordering::Relaxed) as usize,
+                capacity: shared.capacity(),
                 seq_lens: &seq_lens,
                 device_budget: shared.device_budget,
             };
@@ -150,21 +152,21 @@ pub(crate) fn run<B: Backend>(
             if let Some(plan) = decision {
                 let valid = plan.validate(ctx.specs.len()).is_ok()
                     && check_budget(ctx.specs, ctx.capacity, &plan, ctx.device_budget).is_ok();
-                if valid && plan != **shared.current_plan.load() {
-                    shared.pending_plan.store(Some(Arc::new(plan)));
+                if valid && plan != **shared.plans.current.load() {
+                    shared.plans.pending.store(Some(Arc::new(plan)));
                 }
             }
-            *shared.last_sample.lock() = Some(sample);
+            *shared.policy.last_sample.lock() = Some(sample);
         }
-        shared.records_done.fetch_add(1, Ordering::Release);
+        shared.policy.records_done.fetch_add(1, Ordering::Release);
     }
 }
 
 /// Reads one step's events into a sample; `None` if the step was incomplete,
 /// its events were lapped, or the engine is stopping.
 fn measure<B: Backend>(shared: &Shared<B>, record: &StepRecord) -> Option<StepSample> {
-    while shared.ops_done.load(Ordering::Acquire) < record.ops_pushed {
-        if shared.shutdown.load(Ordering::Acquire) || shared.is_poisoned() {
+    while shared.swapper.ops_done.load(Ordering::Acquire) < record.ops_pushed {
+        if shared.health.shutdown.load(Ordering::Acquire) || shared.health.is_poisoned() {
             return None;
         }
         std::thread::sleep(Duration::from_micros(50));
@@ -217,16 +219,11 @@ fn measure<B: Backend>(shared: &Shared<B>, record: &StepRecord) -> Option<StepSa
     }
     // Events of this set are reused TIMING_SETS steps later (copy-side ones a
     // step earlier still): if the caller got that far, the readings may mix steps.
-    let now = shared.current_step.load(Ordering::Acquire);
-    if now + 2 > record.step + TIMING_SETS as u64 * TIMING_EVERY {
+    let now = shared.caller.step.load(Ordering::Acquire);
+    if now + 2 > record.step + TIMING_SETS as u64 * shared.timing_every {
         return None;
     }
     Some(sample)
-}
-
-/// The latest sample the policy thread computed.
-pub(crate) fn last_sample<B: Backend>(shared: &Shared<B>) -> Option<StepSample> {
-    shared.last_sample.lock().clone()
 }
 
 /// Adapts the adaptive policy ([`crate::policy::AdaptivePolicy`]) to the engine.
@@ -252,7 +249,8 @@ fn kv_shape(ctx: &PolicyContext<'_>) -> KvShape {
     }
 }
 
-fn policy_sample(s: &StepSample) -> PolicySample {
+/// The policy's view of one measured step.
+pub(crate) fn policy_sample(s: &StepSample) -> PolicySample {
     let prefetched = s.plan.pooled.len() as u64;
     PolicySample {
         compute_seconds: s
@@ -264,11 +262,18 @@ fn policy_sample(s: &StepSample) -> PolicySample {
         stall_seconds: s.layer_stall.clone(),
         h2d_bytes: s.h2d_bytes,
         h2d_seconds: s.h2d_seconds,
-        // K and V are one copy each per layer.
-        h2d_copies: if s.h2d_bytes > 0 { 2 * prefetched } else { 0 },
+        h2d_copies: if s.h2d_bytes > 0 {
+            COPIES_PER_LAYER * prefetched
+        } else {
+            0
+        },
         d2h_bytes: s.d2h_bytes,
         d2h_seconds: s.d2h_seconds,
-        d2h_copies: if s.d2h_bytes > 0 { 2 * prefetched } else { 0 },
+        d2h_copies: if s.d2h_bytes > 0 {
+            COPIES_PER_LAYER * prefetched
+        } else {
+            0
+        },
         step_seconds: s.step_seconds,
     }
 }
@@ -288,6 +293,13 @@ impl PolicyDriver for AdaptiveDriver {
         self.policy.observe(&policy_sample(sample));
         self.policy.decide().ok().flatten()
     }
+}
+
+/// The adaptive policy with `config` (priors, budget, hysteresis) as a driver.
+pub fn adaptive_driver_with(config: AdaptiveConfig) -> Box<dyn PolicyDriver> {
+    Box::new(AdaptiveDriver {
+        policy: AdaptivePolicy::new(config),
+    })
 }
 
 /// The adaptive policy for `objective` ("speed" or "memory"), starting from

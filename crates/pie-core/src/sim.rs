@@ -11,11 +11,12 @@
 //! event with its stream's clock; `wait` moves a stream's clock up to the
 //! event's stamp. Everything is deterministic.
 //!
-//! [`Pipeline`] (and [`run_pipeline`]) drives the engine's swap pipeline
-//! through the [`Backend`] trait on this backend, step by step, exactly as
-//! [`crate::policy::cost_model`] describes it, and reports each step as the
-//! telemetry's [`StepSample`]; [`simulate`] answers what-if questions with it
-//! (a model on a machine, under the adaptive policy).
+//! [`Backend::synchronize_queues`] is the host waiting for the copy queues:
+//! every stream's clock moves up to the moment the last copy ended, since
+//! nothing the host issues afterwards can start earlier.
+//!
+//! The engine runs on it unchanged ([`crate::simulate`] drives it): what the
+//! simulator predicts is what the shipped schedule, swapper and policy do.
 
 use std::collections::HashMap;
 
@@ -23,13 +24,9 @@ use parking_lot::Mutex;
 
 use crate::backend::{check_copy_bounds, Backend, Buffer, CopyShape, Mem, Stream};
 use crate::error::{PieError, Result};
-use crate::plan::Plan;
-use crate::policy::cost_model::{copy_seconds, device_bytes, predict_step, slot_bytes};
-use crate::policy::{
-    best_static_plan, transparent_fraction, AdaptiveConfig, AdaptivePolicy, KvShape, LinkModel,
-    Objective, Policy, PolicyInputs, StepSample,
-};
-use crate::profiles::{machine, model, MachineProfile, ModelShape};
+use crate::policy::cost_model::copy_seconds;
+use crate::policy::LinkModel;
+use std::sync::Arc;
 
 /// The simulated machine's copy paths.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -164,10 +161,11 @@ struct SimState {
     stats: SimStats,
 }
 
-/// A [`Backend`] in virtual time (see the module docs).
-#[derive(Debug)]
+/// A [`Backend`] in virtual time (see the module docs). A handle: clones
+/// share one simulated machine, so a driver can keep one while an engine owns another.
+#[derive(Clone, Debug)]
 pub struct SimBackend {
-    state: Mutex<SimState>,
+    state: Arc<Mutex<SimState>>,
 }
 
 /// Fake addresses start here and advance by each allocation, 4 KiB aligned.
@@ -178,13 +176,13 @@ impl SimBackend {
     pub fn new(config: SimConfig) -> Result<Self> {
         config.validate()?;
         Ok(SimBackend {
-            state: Mutex::new(SimState {
+            state: Arc::new(Mutex::new(SimState {
                 config,
                 clocks: HashMap::new(),
                 link_free: [0.0; 2],
                 next_addr: ADDR_BASE,
                 stats: SimStats::default(),
-            }),
+            })),
         })
     }
 
@@ -280,7 +278,7 @@ impl Backend for SimBackend {
                 Some(if link.shared { 0 } else { 1 }),
                 Some(false),
             ),
-            _ => (copy_seconds(bytes, cfg.local_bandwidth, 0.0), None, None),
+            _ => (bytes as f64 / cfg.local_bandwidth, None, None),
         };
         let clock = st.clocks.get(&stream).copied().unwrap_or(0.0);
         let start = match link_index {
@@ -339,6 +337,17 @@ impl Backend for SimBackend {
     }
 
     fn synchronize_queues(&self) -> Result<()> {
+        // The host waits until every copy finished; whatever it issues next,
+        // on any stream, starts no earlier.
+        let mut st = self.state.lock();
+        let host = st.clocks.values().copied().fold(0.0, f64::max);
+        let host = st.link_free.iter().copied().fold(host, f64::max);
+        for clock in st.clocks.values_mut() {
+            *clock = host;
+        }
+        for stream in [Stream::H2D, Stream::D2H] {
+            st.clocks.insert(stream, host);
+        }
         Ok(())
     }
 
@@ -354,528 +363,6 @@ impl Backend for SimBackend {
             .map(|(_, &t)| t)
             .fold(0.0, f64::max)
     }
-}
-
-/// What one step of the pipeline computes and moves.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PipelineSpec {
-    /// Per-layer compute seconds.
-    pub compute_seconds: Vec<f64>,
-    /// Per-layer bytes at the current capacity (slot sizes).
-    pub layer_bytes: Vec<u64>,
-    /// Per-layer valid bytes (what a prefetch moves).
-    pub valid_bytes: Vec<u64>,
-    /// Per-layer new-token bytes a pooled layer writes back each step.
-    pub writeback_bytes: Vec<u64>,
-}
-
-impl PipelineSpec {
-    /// The pipeline that cost-model `inputs` describe.
-    pub fn from_inputs(inputs: &PolicyInputs) -> Self {
-        PipelineSpec {
-            compute_seconds: inputs.compute_seconds.clone(),
-            layer_bytes: inputs.layer_bytes.clone(),
-            valid_bytes: inputs.valid_bytes.clone(),
-            writeback_bytes: inputs.writeback_bytes.clone(),
-        }
-    }
-
-    /// The KV shape a policy is told about.
-    pub fn kv_shape(&self) -> KvShape {
-        KvShape {
-            layer_bytes: self.layer_bytes.clone(),
-            valid_bytes: self.valid_bytes.clone(),
-            writeback_bytes: self.writeback_bytes.clone(),
-        }
-    }
-
-    /// Number of layers.
-    pub fn num_layers(&self) -> usize {
-        self.compute_seconds.len()
-    }
-
-    fn validate(&self) -> Result<()> {
-        let l = self.num_layers();
-        if l == 0
-            || self.layer_bytes.len() != l
-            || self.valid_bytes.len() != l
-            || self.writeback_bytes.len() != l
-        {
-            return Err(PieError::config(
-                "a pipeline needs at least one layer and one compute time, size, valid size and write-back size per layer",
-            ));
-        }
-        if (0..l).any(|i| {
-            self.valid_bytes[i] > self.layer_bytes[i]
-                || self.writeback_bytes[i] > self.layer_bytes[i]
-        }) {
-            return Err(PieError::config(
-                "valid and write-back bytes cannot exceed a layer's capacity bytes",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The engine's swap pipeline driven through the [`Backend`] trait on a
-/// [`SimBackend`], one step at a time, with plan changes at step boundaries.
-#[derive(Debug)]
-pub struct Pipeline {
-    backend: SimBackend,
-    compute: Stream,
-    plan: Option<Plan>,
-    step_in_plan: usize,
-    ready: Vec<SimEvent>,
-    done: SimEvent,
-    written: SimEvent,
-    boundary: SimEvent,
-    device: Option<SimBuffer>,
-    host: Option<SimBuffer>,
-    slot_size: usize,
-    host_offsets: Vec<usize>,
-    layout: Vec<u64>,
-}
-
-impl Pipeline {
-    /// A fresh pipeline on a new simulated machine; the model computes on `Foreign(0)`.
-    pub fn new(config: SimConfig) -> Result<Self> {
-        Ok(Pipeline {
-            backend: SimBackend::new(config)?,
-            compute: Stream::Foreign(0),
-            plan: None,
-            step_in_plan: 0,
-            ready: Vec::new(),
-            done: SimEvent::default(),
-            written: SimEvent::default(),
-            boundary: SimEvent::default(),
-            device: None,
-            host: None,
-            slot_size: 0,
-            host_offsets: Vec::new(),
-            layout: Vec::new(),
-        })
-    }
-
-    /// The simulated backend (to change its link mid-run or read its clocks).
-    pub fn backend(&self) -> &SimBackend {
-        &self.backend
-    }
-
-    /// The plan of the last step, if any.
-    pub fn plan(&self) -> Option<&Plan> {
-        self.plan.as_ref()
-    }
-
-    /// (Re)allocates the fake arenas when the layout or the staging slots changed.
-    fn ensure_memory(&mut self, spec: &PipelineSpec, plan: &Plan) -> Result<()> {
-        let slot = plan
-            .pooled
-            .iter()
-            .map(|&i| slot_bytes(spec.layer_bytes[i]))
-            .max()
-            .unwrap_or(0) as usize;
-        let dev_bytes = slot * plan.staging_slots();
-        if self.layout != spec.layer_bytes {
-            let mut offsets = Vec::with_capacity(spec.num_layers());
-            let mut at = 0usize;
-            for &b in &spec.layer_bytes {
-                offsets.push(at);
-                at += slot_bytes(b) as usize;
-            }
-            self.host = Some(self.backend.alloc_host(at)?);
-            self.host_offsets = offsets;
-            self.layout = spec.layer_bytes.clone();
-        }
-        if self.device.as_ref().is_none_or(|d| d.len() != dev_bytes) || self.slot_size != slot {
-            self.device = Some(self.backend.alloc_device(dev_bytes)?);
-            self.slot_size = slot;
-        }
-        Ok(())
-    }
-
-    fn prefetch(&self, spec: &PipelineSpec, layer: usize, slot: usize) -> Result<()> {
-        let (Some(host), Some(dev)) = (&self.host, &self.device) else {
-            return Err(PieError::state("pipeline memory is not allocated"));
-        };
-        let b = &self.backend;
-        b.copy(
-            Stream::H2D,
-            Mem::Host(host, self.host_offsets[layer]),
-            Mem::Device(dev, slot * self.slot_size),
-            CopyShape::contiguous(spec.valid_bytes[layer] as usize),
-        )?;
-        b.record(&self.ready[slot], Stream::H2D)
-    }
-
-    /// Runs one step of `plan` (switching to it first if it differs from the
-    /// previous step's: its first `W` prefetches are issued at the boundary,
-    /// after the compute and the write-backs issued so far) and returns what
-    /// telemetry would report.
-    pub fn run_step(&mut self, spec: &PipelineSpec, plan: &Plan) -> Result<StepSample> {
-        spec.validate()?;
-        let l = spec.num_layers();
-        plan.validate(l)?;
-        self.ensure_memory(spec, plan)?;
-        let b = &self.backend;
-        let stats_before = b.stats();
-        let w = plan.staging_slots();
-        let p = plan.pooled.len();
-        if self.plan.as_ref() != Some(plan) {
-            b.record(&self.boundary, self.compute)?;
-            b.wait(Stream::H2D, &self.boundary)?;
-            b.record(&self.written, Stream::D2H)?;
-            b.wait(Stream::H2D, &self.written)?;
-            self.ready = (0..w).map(|_| SimEvent::default()).collect();
-            for k in 0..w {
-                self.prefetch(spec, plan.pooled[k], k)?;
-            }
-            self.plan = Some(plan.clone());
-            self.step_in_plan = 0;
-        }
-        let swapping = p > w;
-        let start = b.stream_clock(self.compute);
-        let mut stall = vec![0.0; l];
-        let mut k = 0;
-        for (i, &c) in spec.compute_seconds.iter().enumerate() {
-            if k < p && plan.pooled[k] == i {
-                let g = self.step_in_plan * p + k;
-                let slot = g % w;
-                let before = b.stream_clock(self.compute);
-                b.wait(self.compute, &self.ready[slot])?;
-                stall[i] = b.stream_clock(self.compute) - before;
-                b.compute(self.compute, c)?;
-                b.record(&self.done, self.compute)?;
-                let wb = spec.writeback_bytes[i];
-                let (Some(host), Some(dev)) = (&self.host, &self.device) else {
-                    return Err(PieError::state("pipeline memory is not allocated"));
-                };
-                if wb > 0 {
-                    b.wait(Stream::D2H, &self.done)?;
-                    b.copy(
-                        Stream::D2H,
-                        Mem::Device(dev, slot * self.slot_size),
-                        Mem::Host(host, self.host_offsets[i]),
-                        CopyShape::contiguous(wb as usize),
-                    )?;
-                    b.record(&self.written, Stream::D2H)?;
-                }
-                if swapping {
-                    b.wait(Stream::H2D, &self.done)?;
-                    if wb > 0 {
-                        b.wait(Stream::H2D, &self.written)?;
-                    }
-                    self.prefetch(spec, plan.pooled[(g + w) % p], slot)?;
-                }
-                k += 1;
-            } else {
-                b.compute(self.compute, c)?;
-            }
-        }
-        self.step_in_plan += 1;
-        let end = b.stream_clock(self.compute);
-        let after = b.stats();
-        Ok(StepSample {
-            compute_seconds: spec.compute_seconds.clone(),
-            stall_seconds: stall,
-            h2d_bytes: after.h2d_bytes - stats_before.h2d_bytes,
-            h2d_seconds: after.h2d_seconds - stats_before.h2d_seconds,
-            h2d_copies: after.h2d_copies - stats_before.h2d_copies,
-            d2h_bytes: after.d2h_bytes - stats_before.d2h_bytes,
-            d2h_seconds: after.d2h_seconds - stats_before.d2h_seconds,
-            d2h_copies: after.d2h_copies - stats_before.d2h_copies,
-            step_seconds: end - start,
-        })
-    }
-}
-
-/// Runs `steps` steps of `plan` on a fresh simulated machine and returns each
-/// step's telemetry.
-pub fn run_pipeline(
-    config: &SimConfig,
-    spec: &PipelineSpec,
-    plan: &Plan,
-    steps: usize,
-) -> Result<Vec<StepSample>> {
-    let mut pipe = Pipeline::new(*config)?;
-    (0..steps).map(|_| pipe.run_step(spec, plan)).collect()
-}
-
-// ---------------------------------------------------------------------------
-// What-if simulation (`pie-rs simulate`).
-
-/// A what-if question: a model and workload on a machine, under a budget.
-/// Explicit numbers override what the profiles would give.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SimulateRequest {
-    /// Machine profile name (default `h100-pcie-gen5`); see [`crate::profiles::machines`].
-    pub machine: Option<String>,
-    /// Model shape name (default `llama-3-8b`); see [`crate::profiles::models`].
-    pub model: Option<String>,
-    /// Sequences per batch (default 8).
-    pub batch: Option<usize>,
-    /// Tokens of context per sequence (default 8192).
-    pub context: Option<usize>,
-    /// Override: number of layers.
-    pub layers: Option<usize>,
-    /// Override: per-layer compute, milliseconds.
-    pub layer_compute_ms: Option<f64>,
-    /// Override: per-layer KV, MiB.
-    pub layer_kv_mib: Option<f64>,
-    /// Override: host-to-device bandwidth, GB/s (1e9 bytes per second).
-    pub h2d_gbps: Option<f64>,
-    /// Override: device-to-host bandwidth, GB/s.
-    pub d2h_gbps: Option<f64>,
-    /// Device budget for the KV, MiB (default: half the KV under the speed
-    /// objective, the whole KV under the memory objective).
-    pub gpu_budget_mib: Option<f64>,
-    /// What to optimise.
-    pub objective: Objective,
-    /// Steps to simulate (default 30).
-    pub steps: Option<usize>,
-}
-
-/// One simulated step.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SimulatedStep {
-    /// Step index.
-    pub step: usize,
-    /// Number of pooled layers during the step.
-    pub pooled_count: usize,
-    /// Staging slots during the step.
-    pub prefetch_depth: usize,
-    /// Simulated step time, ms.
-    pub step_ms: f64,
-    /// Simulated stall, ms.
-    pub stall_ms: f64,
-    /// Whether the policy switched plans before this step.
-    pub switched: bool,
-}
-
-/// The answer to a [`SimulateRequest`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct SimulateReport {
-    /// Machine profile used.
-    pub machine: String,
-    /// Model shape used.
-    pub model: String,
-    /// Objective.
-    pub objective: Objective,
-    /// Number of layers.
-    pub layers: usize,
-    /// Batch size.
-    pub batch: usize,
-    /// Context tokens.
-    pub context: usize,
-    /// Mean per-layer compute, ms.
-    pub layer_compute_ms: f64,
-    /// Per-layer KV (largest layer), MiB.
-    pub layer_kv_mib: f64,
-    /// Whole KV, MiB.
-    pub total_kv_mib: f64,
-    /// Device budget, MiB.
-    pub gpu_budget_mib: f64,
-    /// Host-to-device bandwidth, GB/s.
-    pub h2d_gbps: f64,
-    /// Device-to-host bandwidth, GB/s.
-    pub d2h_gbps: f64,
-    /// Pooled layers of the adaptive policy's final plan.
-    pub pooled_layers: Vec<usize>,
-    /// Its prefetch depth (staging slots).
-    pub prefetch_depth: usize,
-    /// Device bytes of the KV under that plan, MiB.
-    pub device_kv_mib: f64,
-    /// Predicted steady-state step time of that plan, ms.
-    pub predicted_step_ms: f64,
-    /// Step time of the last simulated step, ms.
-    pub simulated_step_ms: f64,
-    /// Step time with everything resident (pure compute), ms.
-    pub all_gpu_step_ms: f64,
-    /// Predicted stall per step, ms.
-    pub stall_ms_per_step: f64,
-    /// Share of the KV's device footprint the plan frees.
-    pub offloaded_share: f64,
-    /// Largest share of the KV's device footprint that can be pooled with no stall.
-    pub transparent_fraction: f64,
-    /// Pooled layers of the best static plan (exhaustive/restricted search).
-    pub best_static_pooled_layers: Vec<usize>,
-    /// Prefetch depth of the best static plan.
-    pub best_static_prefetch_depth: usize,
-    /// Predicted step time of the best static plan, ms.
-    pub best_static_step_ms: f64,
-    /// Every simulated step.
-    pub steps: Vec<SimulatedStep>,
-}
-
-const MIB: f64 = 1024.0 * 1024.0;
-
-/// The workload a request describes, resolved against the profiles.
-struct Resolved {
-    machine: MachineProfile,
-    model_name: String,
-    batch: usize,
-    context: usize,
-    inputs: PolicyInputs,
-    sim: SimConfig,
-    steps: usize,
-}
-
-fn positive(name: &str, v: Option<f64>) -> Result<Option<f64>> {
-    match v {
-        Some(x) if !(x.is_finite() && x > 0.0) => Err(PieError::config(format!(
-            "{name} must be a positive number (got {x})"
-        ))),
-        other => Ok(other),
-    }
-}
-
-fn resolve(req: &SimulateRequest) -> Result<Resolved> {
-    let machine = machine(req.machine.as_deref().unwrap_or("h100-pcie-gen5"))?;
-    let shape: ModelShape = model(req.model.as_deref().unwrap_or("llama-3-8b"))?;
-    let batch = req.batch.unwrap_or(8);
-    let context = req.context.unwrap_or(8192);
-    if batch == 0 || context == 0 {
-        return Err(PieError::config("batch and context must be at least 1"));
-    }
-    let layer_compute_ms = positive("layer_compute_ms", req.layer_compute_ms)?;
-    let layer_kv_mib = positive("layer_kv_mib", req.layer_kv_mib)?;
-    let h2d = positive("h2d_gbps", req.h2d_gbps)?.unwrap_or(machine.h2d_gbps);
-    let d2h = positive("d2h_gbps", req.d2h_gbps)?.unwrap_or(machine.d2h_gbps);
-    let budget_mib = positive("gpu_budget_mib", req.gpu_budget_mib)?;
-    let layers = req.layers.unwrap_or(shape.layers);
-    if layers == 0 || layers > 4096 {
-        return Err(PieError::config(format!(
-            "layers must be between 1 and 4096 (got {layers})"
-        )));
-    }
-    let steps = req.steps.unwrap_or(30);
-    if steps == 0 || steps > 100_000 {
-        return Err(PieError::config(format!(
-            "steps must be between 1 and 100000 (got {steps})"
-        )));
-    }
-    let (layer_bytes, valid_bytes, writeback) = match layer_kv_mib {
-        Some(mib) => {
-            let bytes = (mib * MIB).round() as u64;
-            (bytes, bytes, bytes / context as u64)
-        }
-        None => {
-            let w = crate::profiles::Workload { batch, context };
-            (
-                shape.layer_kv_bytes(&w),
-                shape.valid_kv_bytes(&w),
-                shape.writeback_bytes(&w),
-            )
-        }
-    };
-    let compute = match layer_compute_ms {
-        Some(ms) => ms * 1e-3,
-        None => machine.layer_compute_seconds(&shape, valid_bytes),
-    };
-    let total = slot_bytes(layer_bytes) * layers as u64;
-    let budget = match (budget_mib, req.objective) {
-        (Some(mib), _) => (mib * MIB).round() as u64,
-        (None, Objective::Speed) => total / 2,
-        (None, Objective::Memory) => total,
-    };
-    let sim = SimConfig {
-        h2d_bandwidth: h2d * 1e9,
-        d2h_bandwidth: d2h * 1e9,
-        ..machine.sim_config()
-    };
-    let inputs = PolicyInputs {
-        compute_seconds: vec![compute; layers],
-        layer_bytes: vec![layer_bytes; layers],
-        valid_bytes: vec![valid_bytes; layers],
-        writeback_bytes: vec![writeback; layers],
-        link: sim.link_model(),
-        budget_bytes: Some(budget),
-        objective: req.objective,
-    };
-    inputs.validate()?;
-    let custom = req.layers.is_some() || layer_kv_mib.is_some() || layer_compute_ms.is_some();
-    let model_name = if custom {
-        format!("{} (overridden)", shape.name)
-    } else {
-        shape.name.to_string()
-    };
-    Ok(Resolved {
-        machine,
-        model_name,
-        batch,
-        context,
-        inputs,
-        sim,
-        steps,
-    })
-}
-
-/// Answers a what-if question: runs the adaptive policy on the simulated
-/// machine for the requested steps (the policy starts from the machine's
-/// nominal link and measures from there) and compares with the best static plan.
-pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
-    let r = resolve(req)?;
-    let inputs = &r.inputs;
-    let spec = PipelineSpec::from_inputs(inputs);
-    let mut policy = AdaptivePolicy::new(AdaptiveConfig {
-        objective: req.objective,
-        link_prior: inputs.link,
-        compute_prior_seconds: inputs.compute_seconds[0],
-        budget_bytes: inputs.budget_bytes,
-        ..AdaptiveConfig::default()
-    });
-    policy.set_kv(&spec.kv_shape());
-    let mut pipe = Pipeline::new(r.sim)?;
-    let mut steps = Vec::with_capacity(r.steps);
-    let mut plan = Plan::all_resident();
-    for step in 0..r.steps {
-        let switched = match policy.decide()? {
-            Some(p) => {
-                plan = p;
-                true
-            }
-            None => false,
-        };
-        let sample = pipe.run_step(&spec, &plan)?;
-        policy.observe(&sample);
-        steps.push(SimulatedStep {
-            step,
-            pooled_count: plan.pooled.len(),
-            prefetch_depth: plan.staging_slots(),
-            step_ms: sample.step_seconds * 1e3,
-            stall_ms: sample.stall_total() * 1e3,
-            switched,
-        });
-    }
-    let pred = predict_step(inputs, &plan)?;
-    let best = best_static_plan(inputs)?;
-    let total = inputs.total_kv_bytes();
-    Ok(SimulateReport {
-        machine: r.machine.name.to_string(),
-        model: r.model_name,
-        objective: req.objective,
-        layers: inputs.num_layers(),
-        batch: r.batch,
-        context: r.context,
-        layer_compute_ms: inputs.compute_total() / inputs.num_layers() as f64 * 1e3,
-        layer_kv_mib: inputs.layer_bytes.iter().copied().max().unwrap_or(0) as f64 / MIB,
-        total_kv_mib: total as f64 / MIB,
-        gpu_budget_mib: inputs.budget_bytes.unwrap_or(total) as f64 / MIB,
-        h2d_gbps: r.sim.h2d_bandwidth / 1e9,
-        d2h_gbps: r.sim.d2h_bandwidth / 1e9,
-        prefetch_depth: plan.staging_slots(),
-        device_kv_mib: device_bytes(&inputs.layer_bytes, &plan) as f64 / MIB,
-        pooled_layers: plan.pooled,
-        predicted_step_ms: pred.step_seconds * 1e3,
-        simulated_step_ms: steps.last().map(|s| s.step_ms).unwrap_or(0.0),
-        all_gpu_step_ms: inputs.compute_total() * 1e3,
-        stall_ms_per_step: pred.stall_seconds * 1e3,
-        offloaded_share: pred.offloaded_share,
-        transparent_fraction: transparent_fraction(inputs)?,
-        best_static_prefetch_depth: best.plan.staging_slots(),
-        best_static_pooled_layers: best.plan.pooled,
-        best_static_step_ms: best.prediction.step_seconds * 1e3,
-        steps,
-    })
 }
 
 #[cfg(test)]

@@ -11,6 +11,22 @@ use crate::error::{PieError, Result};
 use crate::layout::{align_up, LayerSpec, SLOT_ALIGN};
 use crate::plan::Plan;
 
+/// Where a layer's KV lives under a layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residence {
+    /// Owns a device slot at this byte offset of the device arena.
+    Resident {
+        /// Byte offset of the layer's slot in the device arena.
+        device_offset: usize,
+    },
+    /// Lives in the host arena at this byte offset and borrows a staging slot
+    /// while it runs (which one: [`crate::schedule::Schedule::slot_of`]).
+    Pooled {
+        /// Byte offset of the layer's buffer in the host arena.
+        host_offset: usize,
+    },
+}
+
 /// Where every slot sits in both arenas.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArenaLayout {
@@ -71,6 +87,15 @@ impl ArenaLayout {
             host_slot,
             host_bytes: host_off,
         })
+    }
+
+    /// Where `layer` lives under this layout: the one answer to that question.
+    pub fn residence(&self, layer: usize) -> Residence {
+        match (self.device_slot[layer], self.host_slot[layer]) {
+            (Some(device_offset), _) => Residence::Resident { device_offset },
+            (None, Some(host_offset)) => Residence::Pooled { host_offset },
+            (None, None) => unreachable!("a layout places every layer in one arena or the other"),
+        }
     }
 
     /// Device bytes `plan` needs at `capacity`, without building the layout.

@@ -4,52 +4,13 @@
 //! memory) is a stream-side wait on an event.
 
 use crate::backend::{Backend, Mem, Stream};
-use crate::engine::Shared;
 use crate::error::Result;
 use crate::fifo::Consumer;
-use crate::page_table::Residence;
 use crate::primitive::Ordering;
+use crate::schedule::SwapOp;
+use crate::shared::Shared;
 use crate::telemetry::Counters;
 use std::time::Duration;
-
-/// One operation in the swap FIFO.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SwapOp {
-    /// Copy pooled `layer`'s valid tokens from its host buffer into staging
-    /// `slot`, once the slot's previous occupant is done with it.
-    Prefetch {
-        /// Layer to fetch.
-        layer: usize,
-        /// Staging slot index.
-        slot: usize,
-        /// Step whose timing set records the copy.
-        step: u64,
-        /// Whether the slot already holds this layer (nothing to copy).
-        hit: bool,
-    },
-    /// Copy tokens `[start, start + n)` of pooled `layer` from its staging slot
-    /// back to its host buffer, after the compute that wrote them.
-    WriteBack {
-        /// Layer written.
-        layer: usize,
-        /// Staging slot index holding it.
-        slot: usize,
-        /// First new token.
-        start: usize,
-        /// Number of new tokens.
-        n: usize,
-        /// Step whose timing set records the copy.
-        step: u64,
-    },
-    /// Pooled `layer` finished computing: staging `slot` is free once its
-    /// write-back (queued before) has read it.
-    Release {
-        /// Layer done.
-        layer: usize,
-        /// Staging slot it used.
-        slot: usize,
-    },
-}
 
 /// Runs the swapper loop until the engine shuts down.
 pub(crate) fn run<B: Backend>(shared: &Shared<B>, fifo: Consumer<SwapOp>) {
@@ -58,18 +19,21 @@ pub(crate) fn run<B: Backend>(shared: &Shared<B>, fifo: Consumer<SwapOp>) {
         match fifo.pop() {
             Some(op) => {
                 idle_spins = 0;
-                if !shared.is_poisoned() {
+                if !shared.health.is_poisoned() {
                     if let Err(e) = process(shared, op) {
-                        shared.poison(e);
+                        shared.health.poison(e);
                     }
                 }
-                shared.ops_done.fetch_add(1, Ordering::Release);
+                shared.swapper.ops_done.fetch_add(1, Ordering::Release);
                 if let SwapOp::Prefetch { .. } = op {
-                    shared.prefetches_issued.fetch_add(1, Ordering::Release);
+                    shared
+                        .swapper
+                        .prefetches_issued
+                        .fetch_add(1, Ordering::Release);
                 }
             }
             None => {
-                if shared.shutdown.load(Ordering::Acquire) {
+                if shared.health.shutdown.load(Ordering::Acquire) {
                     return;
                 }
                 idle_spins += 1;
@@ -77,7 +41,7 @@ pub(crate) fn run<B: Backend>(shared: &Shared<B>, fifo: Consumer<SwapOp>) {
                     std::hint::spin_loop();
                 } else {
                     shared.swapper_sleeping.store(true, Ordering::SeqCst);
-                    if fifo.is_empty() && !shared.shutdown.load(Ordering::SeqCst) {
+                    if fifo.is_empty() && !shared.health.shutdown.load(Ordering::SeqCst) {
                         std::thread::park_timeout(Duration::from_millis(50));
                     }
                     shared.swapper_sleeping.store(false, Ordering::SeqCst);
@@ -101,7 +65,6 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
             step,
             hit,
         } => {
-            debug_assert_eq!(shared.page_table.residence(layer), Residence::Pooled);
             shared.page_table.set_prefetch_hit(layer, hit);
             if hit {
                 Counters::add(&shared.counters.prefetch_hits, 1);
@@ -110,13 +73,13 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
             let set = shared.timing_set(step);
             let spec = &shared.specs[layer];
             let tokens = shared.page_table.seq_len(layer);
-            b.wait(Stream::H2D, &shared.slot_freed[slot])?;
-            b.wait(Stream::H2D, &shared.written_back[layer])?;
+            b.wait(Stream::H2D, &shared.events.slot_freed[slot])?;
+            b.wait(Stream::H2D, &shared.events.written_back[layer])?;
             if let Some(set) = set {
                 b.record(&set.h2d_start[layer], Stream::H2D)?;
             }
             let host_off = layout.host_slot[layer].ok_or_else(|| {
-                crate::PieError::state(format!(
+                crate::PieError::internal(format!(
                     "layer {layer} has no host buffer but was queued for a copy"
                 ))
             })?;
@@ -136,7 +99,7 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
                 b.record(&set.h2d_end[layer], Stream::H2D)?;
                 set.h2d_bytes[layer].store(bytes, Ordering::Relaxed);
             }
-            b.record(&shared.ready[layer], Stream::H2D)?;
+            b.record(&shared.events.ready[layer], Stream::H2D)?;
             Counters::add(&shared.counters.h2d_bytes, bytes);
             Counters::add(&shared.counters.prefetches, 1);
         }
@@ -149,12 +112,12 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
         } => {
             let set = shared.timing_set(step);
             let spec = &shared.specs[layer];
-            b.wait(Stream::D2H, &shared.written[layer])?;
+            b.wait(Stream::D2H, &shared.events.written[layer])?;
             if let Some(set) = set {
                 b.record(&set.d2h_start[layer], Stream::D2H)?;
             }
             let host_off = layout.host_slot[layer].ok_or_else(|| {
-                crate::PieError::state(format!(
+                crate::PieError::internal(format!(
                     "layer {layer} has no host buffer but was queued for a copy"
                 ))
             })?;
@@ -174,12 +137,12 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
                 b.record(&set.d2h_end[layer], Stream::D2H)?;
                 set.d2h_bytes[layer].fetch_add(bytes, Ordering::Relaxed);
             }
-            b.record(&shared.written_back[layer], Stream::D2H)?;
+            b.record(&shared.events.written_back[layer], Stream::D2H)?;
             Counters::add(&shared.counters.d2h_bytes, bytes);
         }
         SwapOp::Release { layer, slot } => {
-            b.wait(Stream::D2H, &shared.done[layer])?;
-            b.record(&shared.slot_freed[slot], Stream::D2H)?;
+            b.wait(Stream::D2H, &shared.events.done[layer])?;
+            b.record(&shared.events.slot_freed[slot], Stream::D2H)?;
         }
     }
     Ok(())

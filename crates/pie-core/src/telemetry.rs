@@ -9,7 +9,8 @@ use crate::plan::Plan;
 use crate::primitive::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Every how many steps one is timed. Timing costs event records on the
+/// Every how many steps one is timed, by default
+/// ([`crate::EngineOptions::timing_every`]). Timing costs event records on the
 /// caller's thread; the policy needs a sample now and then, not every step.
 pub const TIMING_EVERY: u64 = 4;
 

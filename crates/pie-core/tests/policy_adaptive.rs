@@ -11,7 +11,8 @@ use pie_core::policy::{
     best_static_plan, AdaptiveConfig, AdaptivePolicy, KvShape, Objective, Policy,
 };
 use pie_core::profiles::{machine, model, Workload};
-use pie_core::sim::{Pipeline, PipelineSpec, SimConfig};
+use pie_core::sim::SimConfig;
+use pie_core::simulate::{Pipeline, PipelineSpec};
 use pie_core::Plan;
 
 /// A machine, a model and a workload, as the truth the simulator runs.
@@ -107,10 +108,15 @@ fn run(
 fn check_steady(c: &Case, plan: &Plan, last_step: f64) -> (Prediction, Prediction) {
     let best = best_static_plan(&c.inputs).unwrap().prediction;
     let ours = predict_step(&c.inputs, plan).unwrap();
+    // The engine appends a token per step, so after up to 40 steps over at
+    // least 1024 tokens its prefetches are up to 4% past the sizes the model
+    // predicts for.
     assert!(
-        (last_step - ours.step_seconds).abs() < 1e-9,
-        "{}: the last simulated step is not the steady state",
-        c.name
+        (last_step - ours.step_seconds).abs() <= 0.05 * ours.step_seconds,
+        "{}: the last simulated step ({:.4} ms) is not the steady state ({:.4} ms)",
+        c.name,
+        last_step * 1e3,
+        ours.step_seconds * 1e3
     );
     match c.inputs.objective {
         Objective::Speed => assert!(
@@ -320,14 +326,7 @@ fn halved_link_bandwidth_is_followed_within_20_steps() {
 #[test]
 fn doubled_compute_is_followed_within_20_steps() {
     for c in [
-        case(
-            "h100-pcie-gen5",
-            "llama-3-8b",
-            8,
-            4096,
-            Some(0.9),
-            Objective::Speed,
-        ),
+        case("gh200", "llama-3-8b", 8, 4096, None, Objective::Memory),
         case(
             "h100-pcie-gen5",
             "llama-3-70b",

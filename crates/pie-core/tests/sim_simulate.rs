@@ -2,7 +2,7 @@
 
 use pie_core::policy::Objective;
 use pie_core::profiles::{machines, models};
-use pie_core::sim::{simulate, SimulateRequest};
+use pie_core::simulate::{simulate, SimulateRequest};
 use pie_core::ErrorKind;
 
 #[test]

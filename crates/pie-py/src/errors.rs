@@ -15,6 +15,7 @@ struct Classes {
     config: Py<PyType>,
     backend: Py<PyType>,
     state: Py<PyType>,
+    internal: Py<PyType>,
 }
 
 static CLASSES: PyOnceLock<Classes> = PyOnceLock::new();
@@ -46,6 +47,7 @@ pub fn to_py(e: PieError) -> PyErr {
                 ErrorKind::Config => &c.config,
                 ErrorKind::Backend => &c.backend,
                 ErrorKind::State => &c.state,
+                ErrorKind::Internal => &c.internal,
             };
             PyErr::from_type(cls.bind(py).clone(), msg)
         }
@@ -101,11 +103,17 @@ pub fn register<'py>(m: &Bound<'py, PyModule>) -> PyResult<()> {
         "The engine's state does not allow the operation (closed, stopped after a failure, misuse).",
         py.get_type::<PyRuntimeError>(),
     )?;
+    let internal = sub(
+        "InternalError",
+        "An engine invariant broke: a bug in pie-rs, not in the calling code; please report it.",
+        py.get_type::<PyRuntimeError>(),
+    )?;
     m.add("PieError", &base)?;
     m.add("BudgetError", &budget)?;
     m.add("ConfigError", &config)?;
     m.add("BackendError", &backend)?;
     m.add("StateError", &state)?;
+    m.add("InternalError", &internal)?;
     let _ = CLASSES.set(
         py,
         Classes {
@@ -113,6 +121,7 @@ pub fn register<'py>(m: &Bound<'py, PyModule>) -> PyResult<()> {
             config: config.unbind(),
             backend: backend.unbind(),
             state: state.unbind(),
+            internal: internal.unbind(),
         },
     );
     Ok(())

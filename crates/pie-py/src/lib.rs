@@ -7,8 +7,8 @@ mod simulate;
 
 use dlpack::{Region, StreamSync};
 use errors::{config_error, state_error, to_py};
-use pie_core::page_table::Residence;
 use pie_core::policy_driver::PolicyDriver;
+use pie_core::slots::Residence;
 use pie_core::telemetry::Counters;
 use pie_core::{Backend, Buffer, Engine, EngineOptions, LayerSpec, Plan, Stream};
 use pie_cuda::CudaBackend;
@@ -278,23 +278,21 @@ impl PyEngine {
     }
 
     fn is_pooled(&mut self, layer: usize) -> PyResult<bool> {
-        with_engine!(self, e => Ok(e.residence(layer).map_err(to_py)? == Residence::Pooled))
+        with_engine!(self, e => Ok(matches!(e.residence(layer).map_err(to_py)?, Residence::Pooled { .. })))
     }
 
     fn device_offset(&mut self, layer: usize) -> PyResult<Option<usize>> {
         with_engine!(self, e => Ok(match e.residence(layer).map_err(to_py)? {
             Residence::Resident { device_offset } => Some(device_offset),
-            Residence::Pooled => None,
+            Residence::Pooled { .. } => None,
         }))
     }
 
     fn host_offset(&mut self, layer: usize) -> PyResult<Option<usize>> {
-        with_engine!(self, e => {
-            if layer >= e.num_layers() {
-                return Err(config_error(format!("layer {layer} is out of range; the engine manages {} layers", e.num_layers())));
-            }
-            Ok(e.arenas().layout.host_slot[layer])
-        })
+        with_engine!(self, e => Ok(match e.residence(layer).map_err(to_py)? {
+            Residence::Pooled { host_offset } => Some(host_offset),
+            Residence::Resident { .. } => None,
+        }))
     }
 
     fn reset(&mut self, py: Python<'_>) -> PyResult<()> {

@@ -1,12 +1,12 @@
 //! `pie_rs._core.simulate` and `pie_rs._core.list_profiles`: what-if runs of
-//! the simulation backend (the logic lives in `pie_core::sim::simulate`).
+//! the simulation backend (the logic lives in `pie_core::simulate::simulate`).
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use pie_core::policy::Objective;
 use pie_core::profiles::{machines, models};
-use pie_core::sim::{SimulateReport, SimulateRequest};
+use pie_core::simulate::{SimulateReport, SimulateRequest};
 use pie_core::PieError;
 
 use crate::errors::to_py;
@@ -120,11 +120,13 @@ fn report_to_dict<'py>(py: Python<'py>, r: &SimulateReport) -> PyResult<Bound<'p
 }
 
 /// Runs a what-if simulation. `request` holds any of the keys in `KEYS`
-/// (see `pie_core::sim::SimulateRequest`); the result is a dict of the report.
+/// (see `pie_core::simulate::SimulateRequest`); the result is a dict of the report.
 #[pyfunction]
 fn simulate(py: Python<'_>, request: &Bound<'_, PyDict>) -> PyResult<Py<PyDict>> {
     let req = request_from_dict(request)?;
-    let report = py.detach(|| pie_core::sim::simulate(&req)).map_err(to_py)?;
+    let report = py
+        .detach(|| pie_core::simulate::simulate(&req))
+        .map_err(to_py)?;
     Ok(report_to_dict(py, &report)?.unbind())
 }
 

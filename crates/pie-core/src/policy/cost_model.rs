@@ -68,14 +68,15 @@ impl LinkModel {
         }
     }
 
-    /// Seconds one host-to-device copy of `bytes` takes.
+    /// Seconds one layer's host-to-device copy of `bytes` takes: its K and V
+    /// halves are [`COPIES_PER_LAYER`] copies, each paying the latency.
     pub fn h2d_seconds(&self, bytes: u64) -> f64 {
-        copy_seconds(bytes, self.h2d_bandwidth, self.h2d_latency)
+        layer_copy_seconds(bytes, self.h2d_bandwidth, self.h2d_latency)
     }
 
-    /// Seconds one device-to-host copy of `bytes` takes.
+    /// Seconds one layer's device-to-host copy of `bytes` takes (K and V).
     pub fn d2h_seconds(&self, bytes: u64) -> f64 {
-        copy_seconds(bytes, self.d2h_bandwidth, self.d2h_latency)
+        layer_copy_seconds(bytes, self.d2h_bandwidth, self.d2h_latency)
     }
 
     /// Checks bandwidths are positive and finite and latencies non-negative.
@@ -98,8 +99,16 @@ impl LinkModel {
     }
 }
 
-/// Duration of one copy: `latency + bytes / bandwidth`. The simulator and the
-/// predictor both use this one function so their clocks agree to the bit.
+/// Copies the engine issues to move one layer one way: its K block and its V
+/// block (each one 2-D copy over the batch and heads).
+pub const COPIES_PER_LAYER: u64 = 2;
+
+fn layer_copy_seconds(bytes: u64, bandwidth: f64, latency: f64) -> f64 {
+    COPIES_PER_LAYER as f64 * latency + bytes as f64 / bandwidth
+}
+
+/// Duration of one copy: `latency + bytes / bandwidth`. The simulator times
+/// each copy with it; the predictor times a layer as [`COPIES_PER_LAYER`] of them.
 pub fn copy_seconds(bytes: u64, bandwidth: f64, latency: f64) -> f64 {
     latency + bytes as f64 / bandwidth
 }
