@@ -168,10 +168,12 @@ impl<B: Backend> Engine<B> {
         }
         crate::slots::check_capacity(&specs, options.capacity)?;
         let n = specs.len();
+        // Nothing is held yet: plan for layers filled to capacity, the most a
+        // prefetch will have to hide before the cache grows.
         let ctx = PolicyContext {
             specs: &specs,
             capacity: options.capacity,
-            seq_lens: &vec![0; n],
+            seq_lens: &vec![options.capacity; n],
             device_budget: options.device_budget,
         };
         let plan = driver.initial_plan(&ctx)?;
