@@ -27,9 +27,10 @@ use crate::plan::Plan;
 use crate::policy::cost_model::{copy_seconds, device_bytes, predict_step, slot_bytes};
 use crate::policy::{
     best_static_plan, transparent_fraction, AdaptiveConfig, AdaptivePolicy, KvShape, LinkModel,
-    Objective, Policy, PolicyInputs, StepSample,
+    Objective, PolicyInputs,
 };
 use crate::profiles::{machine, model, MachineProfile, ModelShape};
+use crate::telemetry::StepSample;
 
 /// The simulated machine's copy paths.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -425,6 +426,7 @@ pub struct Pipeline {
     compute: Stream,
     plan: Option<Plan>,
     step_in_plan: usize,
+    steps: u64,
     ready: Vec<SimEvent>,
     done: SimEvent,
     written: SimEvent,
@@ -444,6 +446,7 @@ impl Pipeline {
             compute: Stream::Foreign(0),
             plan: None,
             step_in_plan: 0,
+            steps: 0,
             ready: Vec::new(),
             done: SimEvent::default(),
             written: SimEvent::default(),
@@ -535,8 +538,10 @@ impl Pipeline {
         let swapping = p > w;
         let start = b.stream_clock(self.compute);
         let mut stall = vec![0.0; l];
+        let mut layer_start = vec![0.0; l];
         let mut k = 0;
         for (i, &c) in spec.compute_seconds.iter().enumerate() {
+            layer_start[i] = b.stream_clock(self.compute) - start;
             if k < p && plan.pooled[k] == i {
                 let g = self.step_in_plan * p + k;
                 let slot = g % w;
@@ -572,11 +577,18 @@ impl Pipeline {
             }
         }
         self.step_in_plan += 1;
+        self.steps += 1;
         let end = b.stream_clock(self.compute);
         let after = b.stats();
         Ok(StepSample {
-            compute_seconds: spec.compute_seconds.clone(),
-            stall_seconds: stall,
+            step: self.steps - 1,
+            layer_compute: spec
+                .compute_seconds
+                .iter()
+                .zip(&stall)
+                .map(|(c, s)| c + s)
+                .collect(),
+            layer_stall: stall,
             h2d_bytes: after.h2d_bytes - stats_before.h2d_bytes,
             h2d_seconds: after.h2d_seconds - stats_before.h2d_seconds,
             h2d_copies: after.h2d_copies - stats_before.h2d_copies,
@@ -584,6 +596,9 @@ impl Pipeline {
             d2h_seconds: after.d2h_seconds - stats_before.d2h_seconds,
             d2h_copies: after.d2h_copies - stats_before.d2h_copies,
             step_seconds: end - start,
+            plan: plan.clone(),
+            layer_start,
+            ..StepSample::default()
         })
     }
 }
@@ -820,9 +835,9 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
         objective: req.objective,
         link_prior: inputs.link,
         compute_prior_seconds: inputs.compute_seconds[0],
-        budget_bytes: inputs.budget_bytes,
         ..AdaptiveConfig::default()
     });
+    policy.set_budget(inputs.budget_bytes);
     policy.set_kv(&spec.kv_shape());
     let mut pipe = Pipeline::new(r.sim)?;
     let mut steps = Vec::with_capacity(r.steps);
@@ -836,7 +851,7 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
             None => false,
         };
         let sample = pipe.run_step(&spec, &plan)?;
-        policy.observe(&sample);
+        policy.measure(&sample);
         steps.push(SimulatedStep {
             step,
             pooled_count: plan.pooled.len(),
