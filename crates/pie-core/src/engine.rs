@@ -23,7 +23,7 @@ use crate::error::{PieError, Result};
 use crate::fifo::{ring, Producer};
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
-use crate::policy_driver::{PolicyContext, PolicyDriver};
+use crate::policy::{Policy, PolicyContext};
 use crate::primitive::Ordering;
 use crate::schedule::{Ready, Schedule, SwapOp};
 pub use crate::shared::Arenas;
@@ -148,12 +148,13 @@ pub struct Engine<B: Backend> {
 
 impl<B: Backend> Engine<B> {
     /// Creates an engine for `specs` (one per engine-managed layer), laying out
-    /// arenas for the plan `driver` chooses under the budget.
+    /// arenas for the plan `policy` starts from under the budget; `policy` then
+    /// runs on the engine's policy thread (see [`crate::policy`] for the contract).
     pub fn new(
         backend: B,
         specs: Vec<LayerSpec>,
         options: EngineOptions,
-        mut driver: Box<dyn PolicyDriver>,
+        mut policy: Box<dyn Policy>,
     ) -> Result<Self> {
         if specs.is_empty() {
             return Err(PieError::config(
@@ -176,7 +177,7 @@ impl<B: Backend> Engine<B> {
             seq_lens: &vec![options.capacity; n],
             device_budget: options.device_budget,
         };
-        let plan = driver.initial_plan(&ctx)?;
+        let plan = policy.initial_plan(&ctx)?;
         plan.validate(n)?;
         check_budget(&specs, options.capacity, &plan, options.device_budget)?;
         let shared = Arc::new(Shared::new(
@@ -197,7 +198,7 @@ impl<B: Backend> Engine<B> {
         let pol = shared.clone();
         let policy = std::thread::Builder::new()
             .name("pie-policy".into())
-            .spawn(move || crate::policy_driver::run(&pol, telemetry_rx, driver))
+            .spawn(move || crate::policy_driver::run(&pol, telemetry_rx, policy))
             .map_err(|e| PieError::backend("spawn policy thread", e))?;
         let plan = Arc::new(plan);
         let mut engine = Engine {

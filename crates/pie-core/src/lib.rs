@@ -10,7 +10,8 @@
 //! * [`page_table`]: every layer's valid length and prefetch hits;
 //! * [`fifo`]: the lock-free swap queue, in execution order, wrapping across steps;
 //! * [`swapper`]: the thread that drains the FIFO and issues copies;
-//! * [`policy`]: adaptive expansion (and the static policy);
+//! * [`policy`]: the one [`Policy`] trait the engine consults, its
+//!   configuration ([`PolicyConfig`]), adaptive expansion and the static policy;
 //! * [`telemetry`]: per-layer timings and byte counts through a lock-free ring;
 //! * [`engine`]: the per-layer API the Python side calls.
 //!
@@ -40,7 +41,7 @@ pub mod swapper;
 pub mod telemetry;
 
 pub use engine::{Engine, EngineOptions};
-pub use policy_driver::{PolicyDriver, StaticDriver};
+pub use policy::{Policy, PolicyConfig, StaticPolicy};
 pub mod policy;
 pub mod profiles;
 pub mod sim;

@@ -57,6 +57,29 @@ impl Plan {
         Ok(())
     }
 
+    /// The plan pooling `layers` (a set: any order, each layer once) with
+    /// `prefetch_depth` staging slots, checked against `num_layers` layers.
+    /// The one place a user's list of layers becomes a [`Plan`].
+    pub fn from_layers(
+        mut layers: Vec<usize>,
+        prefetch_depth: usize,
+        num_layers: usize,
+    ) -> Result<Self> {
+        layers.sort_unstable();
+        if let Some(w) = layers.windows(2).find(|w| w[0] == w[1]) {
+            return Err(PieError::config(format!(
+                "pooled layer {} is listed twice; list each pooled layer once",
+                w[0]
+            )));
+        }
+        let plan = Plan {
+            pooled: layers,
+            prefetch_depth,
+        };
+        plan.validate(num_layers)?;
+        Ok(plan)
+    }
+
     /// A plan pooling `count` of `num_layers` layers, spread evenly across the
     /// depth so each prefetch has as many layers of compute as possible to hide
     /// under, with `prefetch_depth` staging slots.

@@ -1,7 +1,8 @@
 //! The policy thread: turns each finished step's timing events into a
-//! [`StepSample`], keeps the running totals, and asks a [`PolicyDriver`] whether
-//! the plan should change. A new plan is published for the caller to apply at
-//! the next step boundary; the caller never waits for this thread.
+//! [`StepSample`], keeps the running totals, and asks the engine's [`Policy`]
+//! whether the plan should change (the contract is in [`crate::policy`]). A new
+//! plan is published for the caller to apply at the next step boundary; the
+//! caller never waits for this thread.
 
 use crate::engine::check_budget;
 use crate::error::{PieError, Result};
@@ -9,9 +10,7 @@ use crate::fifo::Consumer;
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::cost_model::COPIES_PER_LAYER;
-use crate::policy::{
-    AdaptiveConfig, AdaptivePolicy, KvShape, Objective, Policy, StepSample as PolicySample,
-};
+use crate::policy::{Policy, PolicyContext};
 use crate::primitive::Ordering;
 use crate::shared::Shared;
 use crate::slots::ArenaLayout;
@@ -20,65 +19,6 @@ use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
 use crate::Backend;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// What a policy sees besides the samples.
-pub struct PolicyContext<'a> {
-    /// Layer shapes.
-    pub specs: &'a [LayerSpec],
-    /// Tokens each layer can hold.
-    pub capacity: usize,
-    /// Valid tokens per layer.
-    pub seq_lens: &'a [usize],
-    /// Device bytes the engine may use.
-    pub device_budget: Option<usize>,
-}
-
-/// Decides the plan: once at construction, then after each measured step.
-pub trait PolicyDriver: Send {
-    /// The plan to start with, before anything is measured.
-    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan>;
-    /// Sees one step's measurements; returns a new plan to apply at the next
-    /// step boundary, or `None` to keep the current one.
-    fn observe(&mut self, sample: &StepSample, ctx: &PolicyContext<'_>) -> Option<Plan>;
-}
-
-/// A fixed plan: the user pinned it, or comparisons need one.
-pub struct StaticDriver {
-    plan: Option<Plan>,
-    depth: usize,
-}
-
-impl StaticDriver {
-    /// Uses `plan` as given.
-    pub fn pinned(plan: Plan) -> Self {
-        StaticDriver {
-            depth: plan.prefetch_depth,
-            plan: Some(plan),
-        }
-    }
-
-    /// Pools the fewest layers (spread across the depth) that make the budget
-    /// hold, with `prefetch_depth` staging slots, and never changes it.
-    pub fn budget_fit(prefetch_depth: usize) -> Self {
-        StaticDriver {
-            plan: None,
-            depth: prefetch_depth,
-        }
-    }
-}
-
-impl PolicyDriver for StaticDriver {
-    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan> {
-        match &self.plan {
-            Some(p) => Ok(p.clone()),
-            None => budget_plan(ctx.specs, ctx.capacity, ctx.device_budget, self.depth),
-        }
-    }
-
-    fn observe(&mut self, _sample: &StepSample, _ctx: &PolicyContext<'_>) -> Option<Plan> {
-        None
-    }
-}
 
 /// The plan pooling the fewest layers, spread across the depth, that fits
 /// `budget` at `capacity` with up to `prefetch_depth` staging slots (fewer
@@ -112,7 +52,7 @@ pub fn budget_plan(
 pub(crate) fn run<B: Backend>(
     shared: &Shared<B>,
     ring: Consumer<StepRecord>,
-    mut driver: Box<dyn PolicyDriver>,
+    mut policy: Box<dyn Policy>,
 ) {
     loop {
         let Some(record) = ring.pop() else {
@@ -129,7 +69,7 @@ pub(crate) fn run<B: Backend>(
         if let Some(sample) = measure(shared, &record) {
             Counters::add(
                 &shared.counters.stall_ns,
-                (sample.stall_seconds() * 1e9) as u64,
+                (sample.stall_total() * 1e9) as u64,
             );
             Counters::add(&shared.counters.step_ns, (sample.step_seconds * 1e9) as u64);
             Counters::add(&shared.counters.timed_steps, 1);
@@ -143,9 +83,10 @@ pub(crate) fn run<B: Backend>(
                 device_budget: shared.device_budget,
             };
             // Prefill steps say little about decode steps: the policy plans
-            // for decode, so it only sees those.
+            // for decode, so it only sees those. A policy that errs (no plan
+            // fits) leaves the plan in force; growth re-fits it if need be.
             let decision = if record.new_tokens <= 1 {
-                driver.observe(&sample, &ctx)
+                policy.observe(&sample, &ctx).ok().flatten()
             } else {
                 None
             };
@@ -204,17 +145,20 @@ fn measure<B: Backend>(shared: &Shared<B>, record: &StepRecord) -> Option<StepSa
             sample.d2h_spans[l] = at(&set.d2h_start[l]).zip(at(&set.d2h_end[l]));
         }
     }
+    // A layer's prefetch or write-back is one copy of K and one of V.
     for &l in &record.plan.pooled {
         let h = set.h2d_bytes[l].load(Ordering::Relaxed);
         if h > 0 {
             sample.layer_stall[l] = event_span(b, &set.wait_start[l], &set.h2d_end[l]);
             sample.h2d_seconds += event_span(b, &set.h2d_start[l], &set.h2d_end[l]);
             sample.h2d_bytes += h;
+            sample.h2d_copies += COPIES_PER_LAYER;
         }
         let d = set.d2h_bytes[l].load(Ordering::Relaxed);
         if d > 0 {
             sample.d2h_seconds += event_span(b, &set.d2h_start[l], &set.d2h_end[l]);
             sample.d2h_bytes += d;
+            sample.d2h_copies += COPIES_PER_LAYER;
         }
     }
     // Events of this set are reused TIMING_SETS steps later (copy-side ones a
@@ -224,104 +168,4 @@ fn measure<B: Backend>(shared: &Shared<B>, record: &StepRecord) -> Option<StepSa
         return None;
     }
     Some(sample)
-}
-
-/// Adapts the adaptive policy ([`crate::policy::AdaptivePolicy`]) to the engine.
-pub struct AdaptiveDriver {
-    policy: AdaptivePolicy,
-}
-
-fn kv_shape(ctx: &PolicyContext<'_>) -> KvShape {
-    KvShape {
-        layer_bytes: ctx
-            .specs
-            .iter()
-            .map(|s| s.bytes(ctx.capacity) as u64)
-            .collect(),
-        valid_bytes: ctx
-            .specs
-            .iter()
-            .zip(ctx.seq_lens)
-            .map(|(s, &n)| s.valid_bytes(n) as u64)
-            .collect(),
-        // Decode writes one token per step per sequence.
-        writeback_bytes: ctx.specs.iter().map(|s| s.valid_bytes(1) as u64).collect(),
-    }
-}
-
-/// The policy's view of one measured step.
-pub(crate) fn policy_sample(s: &StepSample) -> PolicySample {
-    let prefetched = s.plan.pooled.len() as u64;
-    PolicySample {
-        compute_seconds: s
-            .layer_compute
-            .iter()
-            .zip(&s.layer_stall)
-            .map(|(c, st)| (c - st).max(0.0))
-            .collect(),
-        stall_seconds: s.layer_stall.clone(),
-        h2d_bytes: s.h2d_bytes,
-        h2d_seconds: s.h2d_seconds,
-        h2d_copies: if s.h2d_bytes > 0 {
-            COPIES_PER_LAYER * prefetched
-        } else {
-            0
-        },
-        d2h_bytes: s.d2h_bytes,
-        d2h_seconds: s.d2h_seconds,
-        d2h_copies: if s.d2h_bytes > 0 {
-            COPIES_PER_LAYER * prefetched
-        } else {
-            0
-        },
-        step_seconds: s.step_seconds,
-    }
-}
-
-impl PolicyDriver for AdaptiveDriver {
-    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan> {
-        self.policy.set_budget(ctx.device_budget.map(|b| b as u64));
-        self.policy.set_kv(&kv_shape(ctx));
-        Ok(self
-            .policy
-            .decide()?
-            .unwrap_or_else(|| self.policy.current().clone()))
-    }
-
-    fn observe(&mut self, sample: &StepSample, ctx: &PolicyContext<'_>) -> Option<Plan> {
-        self.policy.set_kv(&kv_shape(ctx));
-        self.policy.observe(&policy_sample(sample));
-        self.policy.decide().ok().flatten()
-    }
-}
-
-/// The adaptive policy with `config` (priors, budget, hysteresis) as a driver.
-pub fn adaptive_driver_with(config: AdaptiveConfig) -> Box<dyn PolicyDriver> {
-    Box::new(AdaptiveDriver {
-        policy: AdaptivePolicy::new(config),
-    })
-}
-
-/// The adaptive policy for `objective` ("speed" or "memory"), starting from
-/// `prefetch_depth` if given (the policy may change it).
-pub fn adaptive_driver(
-    objective: &str,
-    prefetch_depth: Option<usize>,
-) -> Result<Box<dyn PolicyDriver>> {
-    let objective = match objective {
-        "speed" => Objective::Speed,
-        "memory" => Objective::Memory,
-        other => {
-            return Err(PieError::config(format!(
-                "objective {other:?} is not known; use \"speed\" or \"memory\""
-            )))
-        }
-    };
-    let _ = prefetch_depth;
-    Ok(Box::new(AdaptiveDriver {
-        policy: AdaptivePolicy::new(AdaptiveConfig {
-            objective,
-            ..AdaptiveConfig::default()
-        }),
-    }))
 }

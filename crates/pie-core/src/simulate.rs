@@ -19,12 +19,12 @@ use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::cost_model::{device_bytes, predict_step, slot_bytes};
 use crate::policy::{
-    best_static_plan, transparent_fraction, AdaptiveConfig, KvShape, Objective, PolicyInputs,
-    StepSample,
+    best_static_plan, transparent_fraction, AdaptiveConfig, AdaptivePolicy, KvShape, Objective,
+    Policy, PolicyInputs, StaticPolicy,
 };
-use crate::policy_driver::{adaptive_driver_with, policy_sample, PolicyDriver, StaticDriver};
 use crate::profiles::{machine, model, MachineProfile, ModelShape};
 use crate::sim::{SimBackend, SimConfig};
+use crate::telemetry::StepSample;
 
 /// The stream the simulated model computes on.
 const COMPUTE: Stream = Stream::Foreign(0);
@@ -135,7 +135,7 @@ impl SimEngine {
         decode_steps: usize,
         start_below: usize,
         budget: Option<usize>,
-        driver: Box<dyn PolicyDriver>,
+        policy: Box<dyn Policy>,
     ) -> Result<Self> {
         let layers: Vec<_> = (0..inputs.num_layers())
             .map(|i| {
@@ -172,7 +172,7 @@ impl SimEngine {
                 timing_every: 1,
                 ..EngineOptions::default()
             },
-            driver,
+            policy,
         )?;
         let mut sim = SimEngine {
             engine,
@@ -214,7 +214,7 @@ impl SimEngine {
     /// What the policy thread measured for engine step `step`.
     fn sample(&self, step: u64) -> Result<StepSample> {
         match self.engine.last_sample() {
-            Some(s) if s.step == step => Ok(policy_sample(&s)),
+            Some(s) if s.step == step => Ok(s),
             _ => Err(PieError::internal(format!(
                 "the policy thread did not measure simulated step {step}"
             ))),
@@ -273,7 +273,7 @@ impl Pipeline {
                 Self::HEADROOM,
                 0,
                 None,
-                Box::new(StaticDriver::pinned(plan.clone())),
+                Box::new(StaticPolicy::pinned(plan.clone())),
             )?;
             self.sim = Some(sim);
             self.built_for = Some(spec.clone());
@@ -519,18 +519,17 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
     let r = resolve(req)?;
     let inputs = &r.inputs;
     let spec = PipelineSpec::from_inputs(inputs);
-    let driver = adaptive_driver_with(AdaptiveConfig {
+    let policy = Box::new(AdaptivePolicy::new(AdaptiveConfig {
         objective: req.objective,
         link_prior: inputs.link,
         compute_prior_seconds: inputs.compute_seconds[0],
-        budget_bytes: inputs.budget_bytes,
         ..AdaptiveConfig::default()
-    });
+    }));
     let backend = SimBackend::new(r.sim)?;
     let budget = inputs.budget_bytes.map(|b| b as usize);
     // Start `steps` tokens short so the run ends at the requested context
     // within the slots the profile sizes.
-    let mut sim = SimEngine::new(&backend, &spec, r.steps, r.steps, budget, driver)?;
+    let mut sim = SimEngine::new(&backend, &spec, r.steps, r.steps, budget, policy)?;
     let mut steps = Vec::with_capacity(r.steps);
     let mut previous = sim.engine.plan();
     for step in 0..r.steps {

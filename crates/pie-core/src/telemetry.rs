@@ -1,7 +1,9 @@
 //! Telemetry: per-layer compute, copy and stall times, bytes moved, peak device
 //! bytes. The caller's thread only records events into one of a few timing sets
 //! and pushes a small record into a lock-free ring; the policy thread turns the
-//! events into a [`StepSample`] (it may block on them; the caller never does).
+//! events into a [`StepSample`] (it may block on them; the caller never does),
+//! which is what the policy consumes ([`crate::policy::Policy::observe`]) and
+//! what `Engine::last_sample` reports.
 
 use crate::backend::Backend;
 use crate::error::Result;
@@ -18,25 +20,32 @@ pub const TIMING_EVERY: u64 = 4;
 /// `TIMING_SETS` timed steps, so the policy thread may lag that far behind.
 pub const TIMING_SETS: usize = 8;
 
-/// What one step measured.
+/// What one step measured: the one sample type, produced by the engine's
+/// telemetry (and by the simulator's pipeline) and consumed by the policy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepSample {
-    /// Step number (0-based, counted since the engine started).
+    /// Step number (0-based, counted since the engine, or the simulated pipeline, started).
     pub step: u64,
     /// Seconds from each layer's start to the next layer's start (the last
-    /// layer: to the end of the step). Includes everything the model runs
-    /// between engine-managed layers.
+    /// layer: to the end of the step). Includes the layer's stall and
+    /// everything the model runs between engine-managed layers; see
+    /// [`StepSample::compute_seconds`] for the compute alone.
     pub layer_compute: Vec<f64>,
     /// Seconds the compute stream waited for each layer's KV (0 for resident layers).
     pub layer_stall: Vec<f64>,
-    /// Seconds the H2D queue spent on this step's prefetches.
+    /// Seconds the H2D queue spent on this step's prefetches (sum of copy
+    /// durations, waits excluded).
     pub h2d_seconds: f64,
     /// Bytes this step's prefetches moved.
     pub h2d_bytes: u64,
+    /// Number of host-to-device copies in `h2d_bytes`.
+    pub h2d_copies: u64,
     /// Seconds the D2H queue spent on this step's write-backs.
     pub d2h_seconds: f64,
     /// Bytes this step's write-backs moved.
     pub d2h_bytes: u64,
+    /// Number of device-to-host copies in `d2h_bytes`.
+    pub d2h_copies: u64,
     /// Seconds from the first layer's start to the end of the step.
     pub step_seconds: f64,
     /// The plan the step ran under.
@@ -44,16 +53,28 @@ pub struct StepSample {
     /// Per layer: when it began, in seconds from the step's start.
     pub layer_start: Vec<f64>,
     /// Per layer: when its prefetch for this step ran (start, end), in seconds
-    /// from the step's start (negative: during the previous step).
+    /// from the step's start (negative: during the previous step). Empty when
+    /// the producer does not time copies one by one (the simulator).
     pub h2d_spans: Vec<Option<(f64, f64)>>,
     /// Per layer: when its write-back ran (start, end), from the step's start.
+    /// Empty when the producer does not time copies one by one.
     pub d2h_spans: Vec<Option<(f64, f64)>>,
 }
 
 impl StepSample {
     /// Total stall of the step.
-    pub fn stall_seconds(&self) -> f64 {
+    pub fn stall_total(&self) -> f64 {
         self.layer_stall.iter().sum()
+    }
+
+    /// Per-layer compute seconds, stalls excluded: [`StepSample::layer_compute`]
+    /// less [`StepSample::layer_stall`] (never negative).
+    pub fn compute_seconds(&self) -> Vec<f64> {
+        self.layer_compute
+            .iter()
+            .zip(self.layer_stall.iter().chain(std::iter::repeat(&0.0)))
+            .map(|(c, s)| (c - s).max(0.0))
+            .collect()
     }
 }
 

@@ -5,7 +5,7 @@
 
 use pie_core::policy::{predict_step, LinkModel, Objective, PolicyInputs};
 use pie_core::sim::{SimBackend, SimConfig};
-use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver, Stream};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticPolicy, Stream};
 
 const LAYERS: usize = 8;
 const TOKENS: usize = 1024;
@@ -37,7 +37,7 @@ fn engine_step(plan: &Plan, compute: f64, bandwidth: f64) -> f64 {
             capacity: TOKENS + 64,
             ..Default::default()
         },
-        Box::new(StaticDriver::pinned(plan.clone())),
+        Box::new(StaticPolicy::pinned(plan.clone())),
     )
     .unwrap();
     let s = Stream::Foreign(0);

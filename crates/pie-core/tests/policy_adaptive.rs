@@ -5,15 +5,21 @@
 //! ((layer weight bytes + valid KV bytes) / HBM bandwidth, bf16). The policy
 //! starts from a wrong prior (half the true bandwidth, 1 ms per layer) and
 //! learns the truth from the simulated telemetry.
+//!
+//! The policy is driven through the [`Policy`] trait as the engine drives it:
+//! the first plan from `initial_plan`, then each step's sample through
+//! `observe`, with the context (layer shapes, lengths, budget) the next step
+//! runs under.
 
 use pie_core::policy::cost_model::{device_bytes, predict_step, PolicyInputs, Prediction};
 use pie_core::policy::{
-    best_static_plan, AdaptiveConfig, AdaptivePolicy, KvShape, Objective, Policy,
+    best_static_plan, AdaptiveConfig, AdaptivePolicy, Objective, Policy, PolicyContext,
 };
 use pie_core::profiles::{machine, model, Workload};
 use pie_core::sim::SimConfig;
 use pie_core::simulate::{Pipeline, PipelineSpec};
-use pie_core::Plan;
+use pie_core::telemetry::StepSample;
+use pie_core::{LayerSpec, Plan};
 
 /// A machine, a model and a workload, as the truth the simulator runs.
 #[derive(Clone)]
@@ -21,6 +27,29 @@ struct Case {
     name: String,
     sim: SimConfig,
     inputs: PolicyInputs,
+    /// The same KV as the engine would describe it: layer shapes and lengths.
+    specs: Vec<LayerSpec>,
+    capacity: usize,
+    seq_lens: Vec<usize>,
+}
+
+impl Case {
+    fn context(&self) -> PolicyContext<'_> {
+        PolicyContext {
+            specs: &self.specs,
+            capacity: self.capacity,
+            seq_lens: &self.seq_lens,
+            device_budget: self.inputs.budget_bytes.map(|b| b as usize),
+        }
+    }
+}
+
+/// The adaptive policy under test, with the plan in force and the sample of
+/// the last step, not yet observed.
+struct Driven {
+    policy: AdaptivePolicy,
+    plan: Option<Plan>,
+    last: Option<StepSample>,
 }
 
 fn case(
@@ -48,47 +77,64 @@ fn case(
         budget_bytes: budget_share.map(|s| (total as f64 * s) as u64),
         objective,
     };
-    Case {
+    let spec = LayerSpec {
+        batch,
+        kv_heads: shape.kv_heads,
+        k_dim: shape.head_dim,
+        v_dim: shape.head_dim,
+        elem_size: shape.elem_size,
+    };
+    let c = Case {
         name: format!(
             "{machine_name} {model_name} b{batch} ctx{context} budget {budget_share:?} {}",
             objective.name()
         ),
         sim,
         inputs,
-    }
+        specs: vec![spec; l],
+        capacity: w.capacity(),
+        seq_lens: vec![context; l],
+    };
+    // The engine's description of the KV is the profile's, byte for byte.
+    let kv = c.context().kv_shape();
+    assert_eq!(kv.layer_bytes, c.inputs.layer_bytes, "{}", c.name);
+    assert_eq!(kv.valid_bytes, c.inputs.valid_bytes, "{}", c.name);
+    assert_eq!(kv.writeback_bytes, c.inputs.writeback_bytes, "{}", c.name);
+    c
 }
 
-fn policy_for(c: &Case) -> AdaptivePolicy {
+fn policy_for(c: &Case) -> Driven {
     let mut prior = c.inputs.link;
     prior.h2d_bandwidth /= 2.0;
     prior.d2h_bandwidth /= 2.0;
-    AdaptivePolicy::new(AdaptiveConfig {
-        objective: c.inputs.objective,
-        link_prior: prior,
-        compute_prior_seconds: 1e-3,
-        budget_bytes: c.inputs.budget_bytes,
-        ..AdaptiveConfig::default()
-    })
+    Driven {
+        policy: AdaptivePolicy::new(AdaptiveConfig {
+            objective: c.inputs.objective,
+            link_prior: prior,
+            compute_prior_seconds: 1e-3,
+            ..AdaptiveConfig::default()
+        }),
+        plan: None,
+        last: None,
+    }
 }
 
 /// Runs `steps` steps under `policy`, checking the budget before every step.
 /// Returns the plan and simulated step time of each step.
-fn run(
-    pipe: &mut Pipeline,
-    c: &Case,
-    policy: &mut AdaptivePolicy,
-    steps: usize,
-) -> Vec<(Plan, f64)> {
+fn run(pipe: &mut Pipeline, c: &Case, policy: &mut Driven, steps: usize) -> Vec<(Plan, f64)> {
     let spec = PipelineSpec::from_inputs(&c.inputs);
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
-        policy.set_kv(&KvShape {
-            layer_bytes: spec.layer_bytes.clone(),
-            valid_bytes: spec.valid_bytes.clone(),
-            writeback_bytes: spec.writeback_bytes.clone(),
-        });
-        policy.decide().unwrap();
-        let plan = policy.current().clone();
+        let ctx = c.context();
+        let next = match (&policy.plan, policy.last.take()) {
+            (None, _) => Some(policy.policy.initial_plan(&ctx).unwrap()),
+            (Some(_), Some(sample)) => policy.policy.observe(&sample, &ctx).unwrap(),
+            (Some(_), None) => None,
+        };
+        if let Some(p) = next {
+            policy.plan = Some(p);
+        }
+        let plan = policy.plan.clone().unwrap();
         if let Some(b) = c.inputs.budget_bytes {
             let need = device_bytes(&c.inputs.layer_bytes, &plan);
             assert!(
@@ -98,8 +144,8 @@ fn run(
             );
         }
         let sample = pipe.run_step(&spec, &plan).unwrap();
-        policy.observe(&sample);
         out.push((plan, sample.step_seconds));
+        policy.last = Some(sample);
     }
     out
 }

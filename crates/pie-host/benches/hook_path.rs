@@ -3,7 +3,7 @@
 //! layer. `cargo bench -p pie-host --bench hook_path`
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver, Stream};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticPolicy, Stream};
 use pie_host::HostBackend;
 use std::hint::black_box;
 
@@ -24,7 +24,7 @@ fn engine(plan: Plan) -> Engine<HostBackend> {
             capacity: 1 << 16,
             ..Default::default()
         },
-        Box::new(StaticDriver::pinned(plan)),
+        Box::new(StaticPolicy::pinned(plan)),
     )
     .unwrap()
 }

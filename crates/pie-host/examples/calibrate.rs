@@ -7,7 +7,7 @@
 //! `cargo run -p pie-host --release --example calibrate`
 
 use pie_core::policy::{predict_step, LinkModel, Objective, PolicyInputs};
-use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver, Stream};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticPolicy, Stream};
 use pie_host::HostBackend;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ fn run(spec: LayerSpec, plan: &Plan, compute: Duration) -> pie_core::Result<(f64
             capacity: TOKENS + STEPS + 8,
             ..Default::default()
         },
-        Box::new(StaticDriver::pinned(plan.clone())),
+        Box::new(StaticPolicy::pinned(plan.clone())),
     )?;
     let s = Stream::Foreign(0);
     // Prefill: every layer holds TOKENS tokens.

@@ -4,7 +4,7 @@
 //!
 //! `cargo run -p pie-host --example embed --release`
 
-use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticPolicy};
 use pie_host::check::{run_step, Reference};
 use pie_host::HostBackend;
 
@@ -28,7 +28,7 @@ fn main() -> pie_core::Result<()> {
         HostBackend::new()?,
         specs.clone(),
         options,
-        Box::new(StaticDriver::pinned(plan)),
+        Box::new(StaticPolicy::pinned(plan)),
     )?;
     let mut reference = Reference::new(&specs);
     // A prompt of 32 tokens, then 64 decode steps of one token.

@@ -4,7 +4,7 @@
 //! not completed, a staging slot overwritten while still read, or a lost
 //! write-back all show up as mismatches.
 
-use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticDriver};
+use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticPolicy};
 use pie_host::check::{crop, plan_of, reorder, run_step, Reference};
 use pie_host::HostBackend;
 use proptest::prelude::*;
@@ -38,7 +38,7 @@ fn run(specs: Vec<LayerSpec>, initial: Plan, ops: Vec<Op>) -> Result<(), TestCas
             capacity: 4,
             ..Default::default()
         },
-        Box::new(StaticDriver::pinned(initial)),
+        Box::new(StaticPolicy::pinned(initial)),
     )
     .unwrap();
     let mut reference = Reference::new(&specs);
@@ -126,7 +126,7 @@ fn interrupted_step_keeps_the_pool_usable() {
             capacity: 8,
             ..Default::default()
         },
-        Box::new(StaticDriver::pinned(Plan::spread(6, 4, 2))),
+        Box::new(StaticPolicy::pinned(Plan::spread(6, 4, 2))),
     )
     .unwrap();
     let mut reference = Reference::new(&specs);
@@ -171,7 +171,7 @@ fn budget_is_never_exceeded_and_too_small_a_budget_is_refused() {
             device_budget: Some(budget),
             ..Default::default()
         },
-        Box::new(StaticDriver::budget_fit(2)),
+        Box::new(StaticPolicy::budget_fit(2)),
     )
     .unwrap();
     assert!(engine.device_bytes() <= budget);
@@ -196,7 +196,7 @@ fn budget_is_never_exceeded_and_too_small_a_budget_is_refused() {
             device_budget: Some(one / 2),
             ..Default::default()
         },
-        Box::new(StaticDriver::budget_fit(2)),
+        Box::new(StaticPolicy::budget_fit(2)),
     )
     .err()
     .expect("half a layer cannot hold a staging slot");
@@ -223,7 +223,7 @@ fn prefetch_bytes_match_the_plan() {
             capacity: 64,
             ..Default::default()
         },
-        Box::new(StaticDriver::pinned(Plan::spread(6, 3, 1))),
+        Box::new(StaticPolicy::pinned(Plan::spread(6, 3, 1))),
     )
     .unwrap();
     let mut reference = Reference::new(&specs);

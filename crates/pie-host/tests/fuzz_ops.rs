@@ -14,7 +14,7 @@
 //! run is `PROPTEST_CASES=20000 cargo test -p pie-host --release --test fuzz_ops`.
 
 use pie_core::slots::ArenaLayout;
-use pie_core::{Engine, EngineOptions, ErrorKind, LayerSpec, PieError, Plan, StaticDriver, Stream};
+use pie_core::{Engine, EngineOptions, ErrorKind, LayerSpec, PieError, Plan, StaticPolicy, Stream};
 use pie_host::check::{crop, plan_of, reorder, run_step, Reference};
 use pie_host::HostBackend;
 use proptest::prelude::*;
@@ -343,7 +343,7 @@ fn new_harness(
                 device_budget: budget,
                 ..Default::default()
             },
-            Box::new(StaticDriver::pinned(initial)),
+            Box::new(StaticPolicy::pinned(initial)),
         )
     })?
     .map_err(|e| TestCaseError::fail(format!("engine construction failed: {e}")))?;
@@ -455,7 +455,7 @@ proptest! {
                 HostBackend::new().unwrap(),
                 specs.clone(),
                 EngineOptions { capacity, device_budget: Some(budget), ..Default::default() },
-                Box::new(StaticDriver::pinned(plan.clone())),
+                Box::new(StaticPolicy::pinned(plan.clone())),
             )
         })?;
         let plan_ok = plan.validate(layers).is_ok();

@@ -7,10 +7,9 @@ mod simulate;
 
 use dlpack::{Region, StreamSync};
 use errors::{config_error, state_error, to_py};
-use pie_core::policy_driver::PolicyDriver;
 use pie_core::slots::Residence;
 use pie_core::telemetry::Counters;
-use pie_core::{Backend, Buffer, Engine, EngineOptions, LayerSpec, Plan, Stream};
+use pie_core::{Backend, Buffer, Engine, EngineOptions, LayerSpec, Plan, PolicyConfig, Stream};
 use pie_cuda::CudaBackend;
 use pie_host::{FaultConfig, HostBackend};
 use pyo3::prelude::*;
@@ -41,41 +40,11 @@ struct PyEngine {
     inner: Option<AnyEngine>,
     backend: &'static str,
     device_index: i32,
-    policy: String,
-    objective: String,
+    policy: PolicyConfig,
 }
 
 fn stream(handle: u64) -> Stream {
     Stream::Foreign(handle)
-}
-
-fn make_driver(
-    policy: &str,
-    objective: &str,
-    pooled_layers: Option<Vec<usize>>,
-    prefetch_depth: Option<usize>,
-) -> PyResult<Box<dyn PolicyDriver>> {
-    use pie_core::policy_driver::StaticDriver;
-    match (pooled_layers, policy) {
-        (Some(mut pooled), _) => {
-            pooled.sort_unstable();
-            pooled.dedup();
-            let depth = prefetch_depth.unwrap_or(2);
-            Ok(Box::new(StaticDriver::pinned(Plan {
-                pooled,
-                prefetch_depth: depth,
-            })))
-        }
-        (None, "static") => Ok(Box::new(StaticDriver::budget_fit(
-            prefetch_depth.unwrap_or(2),
-        ))),
-        (None, "adaptive") => {
-            pie_core::policy_driver::adaptive_driver(objective, prefetch_depth).map_err(to_py)
-        }
-        (None, other) => Err(config_error(format!(
-            "policy {other:?} is not known; use \"adaptive\" or \"static\""
-        ))),
-    }
 }
 
 fn region<B: Backend>(
@@ -152,11 +121,14 @@ impl PyEngine {
                 "device_index {device_index} is negative; use a CUDA device ordinal"
             )));
         }
-        if !matches!(objective, "speed" | "memory") {
-            return Err(config_error(format!(
-                "objective {objective:?} is not known; use \"speed\" or \"memory\""
-            )));
-        }
+        let config = PolicyConfig::parse(
+            policy,
+            objective,
+            pooled_layers,
+            prefetch_depth,
+            specs.len(),
+        )
+        .map_err(to_py)?;
         let mut options = EngineOptions {
             capacity,
             device_budget: budget_bytes,
@@ -176,7 +148,7 @@ impl PyEngine {
                 "fault injection exists only on the host backend; pass backend=\"host\"",
             ));
         }
-        let driver = make_driver(policy, objective, pooled_layers, prefetch_depth)?;
+        let chosen = config.build();
         let (inner, name) = match backend {
             "host" => {
                 let timeout = options.wait_timeout;
@@ -184,7 +156,7 @@ impl PyEngine {
                     .detach(move || {
                         let mut b = HostBackend::with_faults(faults.unwrap_or_default())?;
                         b.set_timeout(timeout);
-                        Engine::new(b, specs, options, driver)
+                        Engine::new(b, specs, options, chosen)
                     })
                     .map_err(to_py)?;
                 (AnyEngine::Host(e), "host")
@@ -192,7 +164,7 @@ impl PyEngine {
             "cuda" => {
                 let idx = device_index as usize;
                 let e = py
-                    .detach(move || Engine::new(CudaBackend::new(idx)?, specs, options, driver))
+                    .detach(move || Engine::new(CudaBackend::new(idx)?, specs, options, chosen))
                     .map_err(to_py)?;
                 (AnyEngine::Cuda(e), "cuda")
             }
@@ -206,8 +178,7 @@ impl PyEngine {
             inner: Some(inner),
             backend: name,
             device_index,
-            policy: policy.to_string(),
-            objective: objective.to_string(),
+            policy: config,
         })
     }
 
@@ -323,15 +294,15 @@ impl PyEngine {
     }
 
     fn set_plan(&mut self, pooled_layers: Vec<usize>, prefetch_depth: usize) -> PyResult<()> {
-        let mut pooled = pooled_layers;
-        pooled.sort_unstable();
-        pooled.dedup();
-        with_engine!(self, e => e.set_plan(Plan { pooled, prefetch_depth }).map_err(to_py))
+        with_engine!(self, e => {
+            let plan = Plan::from_layers(pooled_layers, prefetch_depth, e.num_layers()).map_err(to_py)?;
+            e.set_plan(plan).map_err(to_py)
+        })
     }
 
     fn plan<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let policy = self.policy.clone();
-        let objective = self.objective.clone();
+        let policy = self.policy.kind.name();
+        let objective = self.policy.objective.name();
         with_engine!(self, e => {
             let d = PyDict::new(py);
             let plan = e.plan();

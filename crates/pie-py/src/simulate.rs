@@ -57,7 +57,7 @@ fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<SimulateRequest> {
     }
     let objective = match opt::<String>(request, "objective")? {
         Some(s) => s.parse::<Objective>().map_err(to_py)?,
-        None => Objective::Speed,
+        None => Objective::default(),
     };
     Ok(SimulateRequest {
         machine: opt(request, "machine")?,

@@ -21,12 +21,20 @@
 //!   and adopted outright when the next one departs too (a real change: compute
 //!   got faster or slower, the link slowed), so the policy settles within a few
 //!   steps of a change.
+//!
+//! Through [`Policy`], the engine's context gives the KV's shape and the budget
+//! each time. The first plan is the search's under the priors, or, when
+//! [`AdaptiveConfig::initial_prefetch_depth`] is set, the fewest pooled layers
+//! (spread across the depth) that fit the budget with that many staging slots
+//! (the search's, if not even every layer pooled fits with them); from there
+//! the policy changes pooled layers and depth as its measurements warrant.
 
 use super::cost_model::{device_bytes, predict_unchecked, LinkModel, PolicyInputs, Prediction};
 use super::search::{best_static_plan, Choice, TIE_TOLERANCE};
-use super::{KvShape, Objective, Policy, StepSample};
+use super::{KvShape, Objective, Policy, PolicyContext};
 use crate::error::{PieError, Result};
 use crate::plan::Plan;
+use crate::telemetry::StepSample;
 
 /// Tuning of the [`AdaptivePolicy`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,8 +45,9 @@ pub struct AdaptiveConfig {
     pub link_prior: LinkModel,
     /// Per-layer compute seconds assumed before the first sample.
     pub compute_prior_seconds: f64,
-    /// Device budget for engine-managed KV (`None`: no limit).
-    pub budget_bytes: Option<u64>,
+    /// The staging slots of the first plan (see the module docs); later plans
+    /// may change them. `None`: the search chooses them under the priors.
+    pub initial_prefetch_depth: Option<usize>,
     /// Weight of a new sample in the smoothed estimates (0..=1).
     pub smoothing: f64,
     /// Relative departure from an estimate that marks a sample as a possible change.
@@ -57,7 +66,7 @@ impl Default for AdaptiveConfig {
             // a conservative prior that measurements replace after the first copies.
             link_prior: LinkModel::symmetric(25e9, 10e-6),
             compute_prior_seconds: 1e-3,
-            budget_bytes: None,
+            initial_prefetch_depth: None,
             smoothing: 0.3,
             jump_threshold: 0.2,
             switch_gain: 0.03,
@@ -108,6 +117,8 @@ impl Estimate {
 pub struct AdaptivePolicy {
     config: AdaptiveConfig,
     kv: Option<KvShape>,
+    /// Device budget for engine-managed KV (`None`: no limit).
+    budget_bytes: Option<u64>,
     /// Set when the capacity, layer count or budget changed since the last decision.
     reshaped: bool,
     compute: Vec<f64>,
@@ -123,11 +134,12 @@ pub struct AdaptivePolicy {
 }
 
 impl AdaptivePolicy {
-    /// A policy with `config`; it needs [`Policy::set_kv`] before its first decision.
+    /// A policy with `config`; it plans once it has seen a [`PolicyContext`].
     pub fn new(config: AdaptiveConfig) -> Self {
         AdaptivePolicy {
             config,
             kv: None,
+            budget_bytes: None,
             reshaped: true,
             compute: Vec::new(),
             compute_measured: false,
@@ -152,10 +164,13 @@ impl AdaptivePolicy {
         self.decisions
     }
 
-    /// The current estimates as cost-model inputs (errors before [`Policy::set_kv`]).
+    /// The current estimates as cost-model inputs (errors before the policy
+    /// saw a [`PolicyContext`]).
     pub fn estimates(&self) -> Result<PolicyInputs> {
         let kv = self.kv.as_ref().ok_or_else(|| {
-            PieError::state("the adaptive policy needs the KV shape (set_kv) before it can plan")
+            PieError::state(
+                "the adaptive policy needs the KV shape (a policy context) before it can plan",
+            )
         })?;
         let l = kv.num_layers();
         let compute = if self.compute.len() == l {
@@ -175,7 +190,7 @@ impl AdaptivePolicy {
             valid_bytes: kv.valid_bytes.clone(),
             writeback_bytes: kv.writeback_bytes.clone(),
             link,
-            budget_bytes: self.config.budget_bytes,
+            budget_bytes: self.budget_bytes,
             objective: self.config.objective,
         };
         inputs.validate()?;
@@ -290,13 +305,15 @@ fn similar(a: &PolicyInputs, b: &PolicyInputs) -> bool {
             .all(|(&x, &y)| close(x as f64, y as f64))
 }
 
-impl Policy for AdaptivePolicy {
-    fn observe(&mut self, sample: &StepSample) {
+/// The byte-level steps the [`Policy`] methods are made of; the what-if
+/// simulator, which has bytes rather than layer shapes, drives them directly.
+impl AdaptivePolicy {
+    /// Feeds one step's measurements into the estimates.
+    pub(crate) fn measure(&mut self, sample: &StepSample) {
+        let compute = sample.compute_seconds();
         let expected = self.kv.as_ref().map(KvShape::num_layers);
-        if expected.is_none_or(|l| l == sample.compute_seconds.len())
-            && !sample.compute_seconds.is_empty()
-        {
-            self.update_compute(&sample.compute_seconds);
+        if expected.is_none_or(|l| l == compute.len()) && !compute.is_empty() {
+            self.update_compute(&compute);
         }
         let cfg = self.config;
         let bw = |bytes: u64, seconds: f64, copies: u64, latency: f64| {
@@ -321,7 +338,8 @@ impl Policy for AdaptivePolicy {
         }
     }
 
-    fn set_kv(&mut self, kv: &KvShape) {
+    /// Tells the policy the KV's current shape.
+    pub(crate) fn set_kv(&mut self, kv: &KvShape) {
         let reshaped = self
             .kv
             .as_ref()
@@ -330,14 +348,17 @@ impl Policy for AdaptivePolicy {
         self.kv = Some(kv.clone());
     }
 
-    fn set_budget(&mut self, budget_bytes: Option<u64>) {
-        if self.config.budget_bytes != budget_bytes {
-            self.config.budget_bytes = budget_bytes;
+    /// Tells the policy the device budget (`None`: no limit).
+    pub(crate) fn set_budget(&mut self, budget_bytes: Option<u64>) {
+        if self.budget_bytes != budget_bytes {
+            self.budget_bytes = budget_bytes;
             self.reshaped = true;
         }
     }
 
-    fn decide(&mut self) -> Result<Option<Plan>> {
+    /// At a step boundary: the plan to switch to, or `None` to keep the
+    /// current one. Errors when no plan can honour the budget.
+    pub(crate) fn decide(&mut self) -> Result<Option<Plan>> {
         let mut inputs = self.estimates()?;
         if !self.compute_measured {
             // Until compute is measured, pool only what the budget forces: a
@@ -373,8 +394,46 @@ impl Policy for AdaptivePolicy {
         Ok(None)
     }
 
-    fn current(&self) -> &Plan {
-        &self.current
+    /// With [`AdaptiveConfig::initial_prefetch_depth`]: the fewest pooled
+    /// layers, spread across the depth, that fit the budget with that many
+    /// staging slots; `None` when not even all of them fit (or no depth is set).
+    fn start_plan(&self) -> Option<Plan> {
+        let depth = self.config.initial_prefetch_depth?;
+        let kv = self.kv.as_ref()?;
+        let n = kv.num_layers();
+        (0..=n)
+            .map(|count| match count {
+                0 => Plan::all_resident(),
+                _ => Plan::spread(n, count, depth),
+            })
+            .find(|p| {
+                self.budget_bytes
+                    .is_none_or(|b| device_bytes(&kv.layer_bytes, p) <= b)
+            })
+    }
+
+    fn see(&mut self, ctx: &PolicyContext<'_>) {
+        self.set_budget(ctx.device_budget.map(|b| b as u64));
+        self.set_kv(&ctx.kv_shape());
+    }
+}
+
+impl Policy for AdaptivePolicy {
+    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan> {
+        self.see(ctx);
+        if let Some(plan) = self.start_plan() {
+            // Later changes need evidence, as any non-mandatory one.
+            self.reshaped = false;
+            self.switch(plan.clone());
+            return Ok(plan);
+        }
+        Ok(self.decide()?.unwrap_or_else(|| self.current.clone()))
+    }
+
+    fn observe(&mut self, sample: &StepSample, ctx: &PolicyContext<'_>) -> Result<Option<Plan>> {
+        self.see(ctx);
+        self.measure(sample);
+        self.decide()
     }
 }
 
@@ -384,8 +443,8 @@ mod tests {
 
     fn sample(compute: f64, layers: usize) -> StepSample {
         StepSample {
-            compute_seconds: vec![compute; layers],
-            stall_seconds: vec![0.0; layers],
+            layer_compute: vec![compute; layers],
+            layer_stall: vec![0.0; layers],
             step_seconds: compute * layers as f64,
             ..StepSample::default()
         }
@@ -407,17 +466,52 @@ mod tests {
 
     #[test]
     fn first_decision_respects_budget_and_errors_without_room() {
-        let mut p = AdaptivePolicy::new(AdaptiveConfig {
-            budget_bytes: Some(6 * 1024),
-            ..AdaptiveConfig::default()
-        });
+        let mut p = AdaptivePolicy::new(AdaptiveConfig::default());
+        p.set_budget(Some(6 * 1024));
         assert!(p.decide().is_err(), "no KV shape yet");
         p.set_kv(&KvShape::uniform(8, 1024, 1024, 16));
-        p.observe(&sample(1e-3, 8));
+        p.measure(&sample(1e-3, 8));
         let plan = p.decide().unwrap().expect("a first plan");
         assert!(device_bytes(&[1024; 8], &plan) <= 6 * 1024);
         assert!(!plan.pooled.is_empty());
         p.set_budget(Some(100));
         assert!(p.decide().is_err());
+    }
+
+    #[test]
+    fn starts_from_the_given_prefetch_depth() {
+        use crate::layout::LayerSpec;
+        use crate::slots::ArenaLayout;
+        let specs = vec![
+            LayerSpec {
+                batch: 1,
+                kv_heads: 1,
+                k_dim: 256,
+                v_dim: 256,
+                elem_size: 2,
+            };
+            8
+        ];
+        let layer = ArenaLayout::device_bytes_for(&specs[..1], 64, &Plan::all_resident());
+        let ctx = PolicyContext {
+            specs: &specs,
+            capacity: 64,
+            seq_lens: &[32; 8],
+            device_budget: Some(6 * layer),
+        };
+        let start = |depth: Option<usize>| {
+            let mut p = AdaptivePolicy::new(AdaptiveConfig {
+                initial_prefetch_depth: depth,
+                ..AdaptiveConfig::default()
+            });
+            let plan = p.initial_plan(&ctx).unwrap();
+            assert_eq!(p.current, plan);
+            plan
+        };
+        // The fewest pooled layers that fit 6 slots with the given depth.
+        assert_eq!(start(Some(1)), Plan::spread(8, 3, 1));
+        assert_eq!(start(Some(2)), Plan::spread(8, 4, 2));
+        // Eight slots never fit in six: the search's own first plan.
+        assert_eq!(start(Some(8)), start(None));
     }
 }

@@ -1,106 +1,106 @@
-//! Which layers to pool and how deep to prefetch: the cost model, the search
-//! over static plans, and the policies the engine consults at step boundaries.
+//! Which layers to pool and how deep to prefetch: the one [`Policy`] trait the
+//! engine consults, its configuration, the cost model, and the search.
 //!
+//! * [`config`]: [`PolicyConfig`], the user's choice parsed and validated once,
+//!   and [`PolicyConfig::build`], which gives the boxed policy;
+//! * [`adaptive`]: Pie's adaptive expansion ([`AdaptivePolicy`]): smooths
+//!   telemetry, re-plans, applies mandatory changes at once and others with hysteresis;
+//! * [`static_policy`]: a plan that never changes ([`StaticPolicy`]: pinned, or
+//!   the fewest pooled layers that fit the budget);
 //! * [`cost_model`]: an event-driven predictor of a plan's steady-state step;
 //! * [`search`]: the best static plan for given inputs (exhaustive over layer
-//!   sets for small models, a justified restricted search for large ones);
-//! * [`adaptive`]: Pie's adaptive expansion: smooths telemetry, re-plans,
-//!   applies mandatory changes at once and others with hysteresis;
-//! * [`static_policy`]: a pinned plan.
+//!   sets for small models, a justified restricted search for large ones).
 //!
-//! The engine's contract with a [`Policy`]: after every step it calls
-//! [`Policy::observe`] with that step's [`StepSample`]; whenever the KV's
-//! shape (capacity, valid length) or the budget changes it calls
-//! [`Policy::set_kv`] / [`Policy::set_budget`]; at each step boundary it calls
-//! [`Policy::decide`] and applies the returned plan, if any, before the next step.
+//! # The engine's contract with a [`Policy`]
+//!
+//! 1. [`crate::Engine::new`] calls [`Policy::initial_plan`] once, on the
+//!    caller's thread, with the engine's layer specs, its capacity, every
+//!    length at 0 and the device budget. The engine checks the plan (layer
+//!    indices, budget) and fails to start when it is wrong or the policy errs.
+//! 2. The policy then lives on the engine's policy thread. Every
+//!    [`crate::telemetry::TIMING_EVERY`]-th step is timed; for each timed
+//!    *decode* step (at most one new token per layer; prefills are not shown)
+//!    whose events were all recorded and not yet reused, the thread turns the
+//!    events into a [`StepSample`] and calls [`Policy::observe`] with it and
+//!    the context as it is then (capacity and lengths now, budget).
+//! 3. A plan `observe` returns is published when it is valid, fits the budget
+//!    at the current capacity and differs from the plan in force; the caller
+//!    switches to it at its next step boundary and never waits for the policy.
+//!    An error from `observe`, or a plan that fails those checks, is dropped:
+//!    the plan in force stays.
+//! 4. The policy is not called when the KV grows, shrinks or is reset, nor on
+//!    [`crate::Engine::set_plan`]; it sees their effect in the next context.
+//!    When growth makes the plan in force overflow the budget, the engine
+//!    re-fits the plan itself at once (the fewest pooled layers that fit).
 
 pub mod adaptive;
+pub mod config;
 pub mod cost_model;
 pub mod search;
 pub mod static_policy;
 
 pub use adaptive::{AdaptiveConfig, AdaptivePolicy};
+pub use config::{Objective, PolicyConfig, PolicyKind, DEFAULT_PREFETCH_DEPTH};
 pub use cost_model::{predict_step, LinkModel, PolicyInputs, Prediction};
 pub use search::{
     best_static_plan, best_static_plan_in, transparent_fraction, Choice, SearchSpace,
 };
 pub use static_policy::StaticPolicy;
 
-use crate::error::{PieError, Result};
+use crate::error::Result;
+use crate::layout::LayerSpec;
 use crate::plan::Plan;
+use crate::telemetry::StepSample;
 
-/// What a policy optimises.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Objective {
-    /// Fastest step within the budget: keep as much KV resident as the budget
-    /// allows, pool only what it forces, and hide those copies as well as possible.
-    #[default]
-    Speed,
-    /// Least device memory with no measurable stall: pool as much as the link can
-    /// hide under compute (falls back to the fastest plan when the budget forces a stall).
-    Memory,
+/// What the engine holds when it consults a policy.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyContext<'a> {
+    /// Shapes of the engine-managed layers, in execution order.
+    pub specs: &'a [LayerSpec],
+    /// Tokens each layer can hold (the size of a device slot).
+    pub capacity: usize,
+    /// Valid tokens per layer.
+    pub seq_lens: &'a [usize],
+    /// Device bytes the engine's arena may use; `None` for no limit.
+    pub device_budget: Option<usize>,
 }
 
-impl Objective {
-    /// The objective's lowercase name ("speed" or "memory").
-    pub fn name(self) -> &'static str {
-        match self {
-            Objective::Speed => "speed",
-            Objective::Memory => "memory",
+impl PolicyContext<'_> {
+    /// The KV's shape in bytes: per layer, its slot at the capacity, its valid
+    /// tokens (what a prefetch moves) and one decode step's new token (what a
+    /// write-back moves).
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layer_bytes: self
+                .specs
+                .iter()
+                .map(|s| s.bytes(self.capacity) as u64)
+                .collect(),
+            valid_bytes: self
+                .specs
+                .iter()
+                .zip(self.seq_lens)
+                .map(|(s, &n)| s.valid_bytes(n) as u64)
+                .collect(),
+            // Decode writes one token per step per sequence.
+            writeback_bytes: self.specs.iter().map(|s| s.valid_bytes(1) as u64).collect(),
         }
     }
 }
 
-impl std::str::FromStr for Objective {
-    type Err = PieError;
+/// A source of plans, consulted by the engine (see the module docs for when).
+pub trait Policy: Send {
+    /// The plan to start with, before anything is measured. Errors when no
+    /// plan can honour the budget.
+    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan>;
 
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "speed" => Ok(Objective::Speed),
-            "memory" => Ok(Objective::Memory),
-            other => Err(PieError::config(format!(
-                "unknown objective {other:?}; use \"speed\" or \"memory\""
-            ))),
-        }
-    }
+    /// Sees one measured decode step and the engine's state after it; returns
+    /// the plan to switch to at the next step boundary, or `None` to keep the
+    /// current one. Errors when no plan can honour the budget.
+    fn observe(&mut self, sample: &StepSample, ctx: &PolicyContext<'_>) -> Result<Option<Plan>>;
 }
 
-/// What the engine measured during one step (produced by telemetry).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StepSample {
-    /// Per-layer compute seconds, stalls excluded (one entry per layer).
-    pub compute_seconds: Vec<f64>,
-    /// Per-layer seconds the compute stream waited for the layer's KV.
-    pub stall_seconds: Vec<f64>,
-    /// Host-to-device bytes copied during the step.
-    pub h2d_bytes: u64,
-    /// Seconds the H2D queue spent copying (sum of copy durations, waits excluded).
-    pub h2d_seconds: f64,
-    /// Number of host-to-device copies in `h2d_bytes`.
-    pub h2d_copies: u64,
-    /// Device-to-host bytes copied during the step.
-    pub d2h_bytes: u64,
-    /// Seconds the D2H queue spent copying.
-    pub d2h_seconds: f64,
-    /// Number of device-to-host copies in `d2h_bytes`.
-    pub d2h_copies: u64,
-    /// Wall (or virtual) seconds of the whole step.
-    pub step_seconds: f64,
-}
-
-impl StepSample {
-    /// Total stall seconds of the step.
-    pub fn stall_total(&self) -> f64 {
-        self.stall_seconds.iter().sum()
-    }
-
-    /// Total compute seconds of the step.
-    pub fn compute_total(&self) -> f64 {
-        self.compute_seconds.iter().sum()
-    }
-}
-
-/// The KV's shape as the engine holds it now.
+/// The KV's shape in bytes, as the cost model sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvShape {
     /// Per-layer bytes at the current capacity (the size of a device slot).
@@ -130,24 +130,4 @@ impl KvShape {
     pub fn num_layers(&self) -> usize {
         self.layer_bytes.len()
     }
-}
-
-/// A source of plans, consulted by the engine at step boundaries.
-pub trait Policy: Send {
-    /// Feeds the telemetry of the step that just ended.
-    fn observe(&mut self, sample: &StepSample);
-
-    /// Tells the policy the KV's current shape (after growth, shrink or each
-    /// step's new token).
-    fn set_kv(&mut self, kv: &KvShape);
-
-    /// Tells the policy the device budget for engine-managed KV (`None`: no limit).
-    fn set_budget(&mut self, budget_bytes: Option<u64>);
-
-    /// At a step boundary: the plan to switch to, or `None` to keep the current
-    /// one. Errors when no plan can honour the budget.
-    fn decide(&mut self) -> Result<Option<Plan>>;
-
-    /// The plan most recently returned by [`Policy::decide`].
-    fn current(&self) -> &Plan;
 }

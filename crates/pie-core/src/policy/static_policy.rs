@@ -1,92 +1,89 @@
-//! A pinned plan: the user chose which layers to pool and how deep to prefetch.
+//! A plan that never changes: the one the user pinned, or the fewest pooled
+//! layers (spread across the depth) that fit the budget at the start.
 
-use super::cost_model::device_bytes;
-use super::{KvShape, Policy, StepSample};
-use crate::error::{PieError, Result};
+use super::{Policy, PolicyContext};
+use crate::error::Result;
 use crate::plan::Plan;
+use crate::policy_driver::budget_plan;
+use crate::telemetry::StepSample;
 
-/// Returns its pinned plan once, then never changes it. It checks the plan
-/// against the KV's shape and the budget it is told about, and errors (rather
-/// than silently exceeding the budget) when the plan no longer fits.
-#[derive(Clone, Debug)]
+/// Gives its plan at the start and never changes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StaticPolicy {
-    plan: Plan,
-    issued: bool,
-    kv: Option<KvShape>,
-    budget_bytes: Option<u64>,
+    pinned: Option<Plan>,
+    prefetch_depth: usize,
 }
 
 impl StaticPolicy {
-    /// A policy pinned to `plan`.
-    pub fn new(plan: Plan) -> Self {
+    /// Holds `plan` as given (the engine checks it against the layers and the budget).
+    pub fn pinned(plan: Plan) -> Self {
         StaticPolicy {
-            plan,
-            issued: false,
-            kv: None,
-            budget_bytes: None,
+            prefetch_depth: plan.prefetch_depth,
+            pinned: Some(plan),
         }
     }
 
-    fn check(&self) -> Result<()> {
-        let Some(kv) = &self.kv else {
-            return Ok(());
-        };
-        self.plan.validate(kv.num_layers())?;
-        if let Some(budget) = self.budget_bytes {
-            let need = device_bytes(&kv.layer_bytes, &self.plan);
-            if need > budget {
-                return Err(PieError::budget(format!(
-                    "the pinned plan ({} pooled layers, prefetch depth {}) needs {need} device bytes but the budget is {budget}; pool more layers or raise the budget",
-                    self.plan.pooled.len(),
-                    self.plan.prefetch_depth
-                )));
-            }
+    /// Pools the fewest layers (spread across the depth) that make the budget
+    /// hold at the engine's starting capacity, with up to `prefetch_depth`
+    /// staging slots (fewer if that is what it takes to fit).
+    pub fn budget_fit(prefetch_depth: usize) -> Self {
+        StaticPolicy {
+            pinned: None,
+            prefetch_depth,
         }
-        Ok(())
     }
 }
 
 impl Policy for StaticPolicy {
-    fn observe(&mut self, _sample: &StepSample) {}
-
-    fn set_kv(&mut self, kv: &KvShape) {
-        self.kv = Some(kv.clone());
-    }
-
-    fn set_budget(&mut self, budget_bytes: Option<u64>) {
-        self.budget_bytes = budget_bytes;
-    }
-
-    fn decide(&mut self) -> Result<Option<Plan>> {
-        self.check()?;
-        if self.issued {
-            return Ok(None);
+    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan> {
+        match &self.pinned {
+            Some(plan) => Ok(plan.clone()),
+            None => budget_plan(
+                ctx.specs,
+                ctx.capacity,
+                ctx.device_budget,
+                self.prefetch_depth,
+            ),
         }
-        self.issued = true;
-        Ok(Some(self.plan.clone()))
     }
 
-    fn current(&self) -> &Plan {
-        &self.plan
+    fn observe(&mut self, _sample: &StepSample, _ctx: &PolicyContext<'_>) -> Result<Option<Plan>> {
+        Ok(None)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::LayerSpec;
+    use crate::slots::ArenaLayout;
 
     #[test]
-    fn returns_plan_once_and_checks_budget() {
-        let plan = Plan {
-            pooled: vec![1, 3],
-            prefetch_depth: 1,
+    fn budget_fit_pools_the_fewest_layers_and_never_changes() {
+        let specs = vec![
+            LayerSpec {
+                batch: 1,
+                kv_heads: 1,
+                k_dim: 256,
+                v_dim: 256,
+                elem_size: 2,
+            };
+            4
+        ];
+        let layer = ArenaLayout::device_bytes_for(&specs[..1], 16, &Plan::all_resident());
+        let ctx = PolicyContext {
+            specs: &specs,
+            capacity: 16,
+            seq_lens: &[0; 4],
+            device_budget: Some(3 * layer),
         };
-        let mut p = StaticPolicy::new(plan.clone());
-        p.set_kv(&KvShape::uniform(4, 1024, 512, 8));
-        p.set_budget(Some(3 * 1024));
-        assert_eq!(p.decide().unwrap(), Some(plan));
-        assert_eq!(p.decide().unwrap(), None);
-        p.set_budget(Some(2 * 1024));
-        assert!(p.decide().is_err());
+        let mut p = StaticPolicy::budget_fit(2);
+        let plan = p.initial_plan(&ctx).unwrap();
+        assert_eq!(plan, Plan::spread(4, 2, 1));
+        let sample = StepSample::default();
+        assert_eq!(p.observe(&sample, &ctx).unwrap(), None);
+        let mut p = StaticPolicy::pinned(plan.clone());
+        assert_eq!(p.initial_plan(&ctx).unwrap(), plan);
+        assert_eq!(p.observe(&sample, &ctx).unwrap(), None);
     }
 }

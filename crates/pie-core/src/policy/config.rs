@@ -1,0 +1,293 @@
+//! The user's choice of policy, parsed and validated once: [`PolicyConfig`]
+//! (with [`PolicyKind`] and [`Objective`]), and [`PolicyConfig::build`], which
+//! makes the [`Policy`] the engine consults. Bindings pass the user's strings
+//! and numbers through [`PolicyConfig::parse`] untouched.
+
+use std::str::FromStr;
+
+use super::{AdaptiveConfig, AdaptivePolicy, Policy, StaticPolicy};
+use crate::error::{PieError, Result};
+use crate::plan::Plan;
+
+/// Staging slots pooled layers share when the user pins layers or picks the
+/// static policy without saying how many.
+pub const DEFAULT_PREFETCH_DEPTH: usize = 2;
+
+/// What a policy optimises.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Objective {
+    /// Fastest step within the budget: keep as much KV resident as the budget
+    /// allows, pool only what it forces, and hide those copies as well as possible.
+    #[default]
+    Speed,
+    /// Least device memory with no measurable stall: pool as much as the link can
+    /// hide under compute (falls back to the fastest plan when the budget forces a stall).
+    Memory,
+}
+
+impl Objective {
+    /// The objective's name, as [`FromStr`] accepts it ("speed" or "memory").
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Speed => "speed",
+            Objective::Memory => "memory",
+        }
+    }
+}
+
+impl FromStr for Objective {
+    type Err = PieError;
+
+    /// Accepts exactly the names [`Objective::name`] gives.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "speed" => Ok(Objective::Speed),
+            "memory" => Ok(Objective::Memory),
+            other => Err(PieError::config(format!(
+                "unknown objective {other:?}; use \"speed\" or \"memory\""
+            ))),
+        }
+    }
+}
+
+/// Which policy chooses the plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    /// Pie's adaptive expansion ([`AdaptivePolicy`]): re-plans from measurements.
+    #[default]
+    Adaptive,
+    /// A plan that never changes ([`StaticPolicy`]): the pinned one, or the
+    /// fewest pooled layers that fit the budget.
+    Static,
+}
+
+impl PolicyKind {
+    /// The kind's name, as [`FromStr`] accepts it ("adaptive" or "static").
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Adaptive => "adaptive",
+            PolicyKind::Static => "static",
+        }
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = PieError;
+
+    /// Accepts exactly the names [`PolicyKind::name`] gives.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "adaptive" => Ok(PolicyKind::Adaptive),
+            "static" => Ok(PolicyKind::Static),
+            other => Err(PieError::config(format!(
+                "unknown policy {other:?}; use \"adaptive\" or \"static\""
+            ))),
+        }
+    }
+}
+
+/// Which policy the engine consults, and how it starts.
+///
+/// [`PolicyConfig::parse`] makes one from the user's raw choices; the default
+/// is the adaptive policy optimising for speed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// The policy. [`PolicyConfig::parse`] sets [`PolicyKind::Static`] when
+    /// a plan is pinned.
+    pub kind: PolicyKind,
+    /// What the adaptive policy optimises (the static policy ignores it).
+    pub objective: Objective,
+    /// Staging slots: where the adaptive policy starts (it may change them),
+    /// what the static policy keeps. `None`: the adaptive policy picks its own,
+    /// the static one uses [`DEFAULT_PREFETCH_DEPTH`].
+    pub prefetch_depth: Option<usize>,
+    /// A plan the user pinned; when set, [`PolicyConfig::build`] gives a static
+    /// policy holding it, whatever `kind` says.
+    pub pinned: Option<Plan>,
+}
+
+impl PolicyConfig {
+    /// Parses the user's choices for a model with `num_layers` engine-managed
+    /// layers: `policy` ("adaptive" or "static"), `objective` ("speed" or
+    /// "memory"), the layers to pin in host memory (any order; each once, each
+    /// below `num_layers`; pinning makes the policy static) and the prefetch
+    /// depth (at least 1). Errors with a [`PieError::Config`] that says what to change.
+    pub fn parse(
+        policy: &str,
+        objective: &str,
+        pooled_layers: Option<Vec<usize>>,
+        prefetch_depth: Option<usize>,
+        num_layers: usize,
+    ) -> Result<Self> {
+        let mut kind: PolicyKind = policy.parse()?;
+        let objective: Objective = objective.parse()?;
+        if prefetch_depth == Some(0) {
+            return Err(PieError::config(
+                "prefetch_depth must be at least 1 (the device staging slots pooled layers share), not 0",
+            ));
+        }
+        let pinned = match pooled_layers {
+            Some(layers) => {
+                kind = PolicyKind::Static;
+                let depth = prefetch_depth.unwrap_or(DEFAULT_PREFETCH_DEPTH);
+                Some(Plan::from_layers(layers, depth, num_layers)?)
+            }
+            None => None,
+        };
+        Ok(PolicyConfig {
+            kind,
+            objective,
+            prefetch_depth,
+            pinned,
+        })
+    }
+
+    /// A config holding `plan` (static).
+    pub fn pinned(plan: Plan) -> Self {
+        PolicyConfig {
+            kind: PolicyKind::Static,
+            prefetch_depth: Some(plan.prefetch_depth),
+            pinned: Some(plan),
+            ..PolicyConfig::default()
+        }
+    }
+
+    /// The policy this config describes, for [`crate::Engine::new`].
+    pub fn build(&self) -> Box<dyn Policy> {
+        if let Some(plan) = &self.pinned {
+            return Box::new(StaticPolicy::pinned(plan.clone()));
+        }
+        match self.kind {
+            PolicyKind::Static => Box::new(StaticPolicy::budget_fit(
+                self.prefetch_depth.unwrap_or(DEFAULT_PREFETCH_DEPTH),
+            )),
+            PolicyKind::Adaptive => Box::new(AdaptivePolicy::new(AdaptiveConfig {
+                objective: self.objective,
+                initial_prefetch_depth: self.prefetch_depth,
+                ..AdaptiveConfig::default()
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn parse(
+        policy: &str,
+        objective: &str,
+        layers: Option<Vec<usize>>,
+        depth: Option<usize>,
+    ) -> Result<PolicyConfig> {
+        PolicyConfig::parse(policy, objective, layers, depth, 4)
+    }
+
+    fn config_error(r: Result<PolicyConfig>) -> String {
+        let e = r.expect_err("a config error");
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for o in [Objective::Speed, Objective::Memory] {
+            assert_eq!(o.name().parse::<Objective>().unwrap(), o);
+        }
+        for k in [PolicyKind::Adaptive, PolicyKind::Static] {
+            assert_eq!(k.name().parse::<PolicyKind>().unwrap(), k);
+        }
+    }
+
+    #[test]
+    fn parses_the_defaults_and_each_choice() {
+        assert_eq!(
+            parse("adaptive", "speed", None, None).unwrap(),
+            PolicyConfig::default()
+        );
+        let c = parse("adaptive", "memory", None, Some(3)).unwrap();
+        assert_eq!(
+            (c.kind, c.objective, c.prefetch_depth, c.pinned),
+            (PolicyKind::Adaptive, Objective::Memory, Some(3), None)
+        );
+        let c = parse("static", "speed", None, None).unwrap();
+        assert_eq!((c.kind, c.prefetch_depth), (PolicyKind::Static, None));
+    }
+
+    #[test]
+    fn pinned_layers_are_sorted_get_the_default_depth_and_make_the_policy_static() {
+        let c = parse("adaptive", "speed", Some(vec![3, 0, 2]), None).unwrap();
+        assert_eq!(c.kind, PolicyKind::Static);
+        assert_eq!(
+            c.pinned,
+            Some(Plan {
+                pooled: vec![0, 2, 3],
+                prefetch_depth: DEFAULT_PREFETCH_DEPTH
+            })
+        );
+        let c = parse("static", "speed", Some(vec![1]), Some(1)).unwrap();
+        assert_eq!(c.pinned.unwrap().prefetch_depth, 1);
+        let c = parse("static", "speed", Some(vec![]), None).unwrap();
+        assert_eq!(c.pinned.unwrap().pooled, Vec::<usize>::new());
+    }
+
+    #[test]
+    fn bad_inputs_say_what_to_change() {
+        let e = config_error(parse("adaptive", "beauty", None, None));
+        assert!(e.contains("unknown objective \"beauty\""), "{e}");
+        assert!(e.contains("use \"speed\" or \"memory\""), "{e}");
+        // One rule: names are matched exactly, as they are reported.
+        let e = config_error(parse("adaptive", "Speed", None, None));
+        assert!(e.contains("\"Speed\""), "{e}");
+        let e = config_error(parse("random", "speed", None, None));
+        assert!(e.contains("unknown policy \"random\""), "{e}");
+        assert!(e.contains("use \"adaptive\" or \"static\""), "{e}");
+        let e = config_error(parse("adaptive", "speed", None, Some(0)));
+        assert!(e.contains("prefetch_depth must be at least 1"), "{e}");
+        let e = config_error(parse("static", "speed", Some(vec![1]), Some(0)));
+        assert!(e.contains("prefetch_depth must be at least 1"), "{e}");
+        let e = config_error(parse("static", "speed", Some(vec![2, 1, 2]), None));
+        assert!(e.contains("pooled layer 2 is listed twice"), "{e}");
+        let e = config_error(parse("static", "speed", Some(vec![1, 4]), None));
+        assert!(e.contains("pooled layer 4 does not exist"), "{e}");
+        assert!(e.contains("4 cache layers (0..3)"), "{e}");
+    }
+
+    #[test]
+    fn build_gives_the_configured_policy() {
+        use super::super::PolicyContext;
+        use crate::layout::LayerSpec;
+        let specs = vec![
+            LayerSpec {
+                batch: 1,
+                kv_heads: 1,
+                k_dim: 256,
+                v_dim: 256,
+                elem_size: 2,
+            };
+            4
+        ];
+        let ctx = PolicyContext {
+            specs: &specs,
+            capacity: 16,
+            seq_lens: &[0; 4],
+            device_budget: None,
+        };
+        let pinned = Plan {
+            pooled: vec![1, 3],
+            prefetch_depth: 1,
+        };
+        let mut p = PolicyConfig::pinned(pinned.clone()).build();
+        assert_eq!(p.initial_plan(&ctx).unwrap(), pinned);
+        // No budget: the static and the adaptive policy start all resident.
+        for c in [
+            parse("static", "speed", None, None).unwrap(),
+            parse("adaptive", "speed", None, Some(1)).unwrap(),
+            PolicyConfig::default(),
+        ] {
+            let mut p = c.build();
+            assert_eq!(p.initial_plan(&ctx).unwrap(), Plan::all_resident(), "{c:?}");
+        }
+    }
+}
