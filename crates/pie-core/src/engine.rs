@@ -13,20 +13,19 @@
 
 use crate::backend::{Backend, CopyShape, Mem, Stream};
 use crate::error::{PieError, Result};
-use crate::fifo::{ring, Producer};
 use crate::layout::LayerSpec;
 use crate::layout::{align_up, SLOT_ALIGN};
 use crate::page_table::{PageTable, Residence};
 use crate::plan::Plan;
 use crate::policy_driver::{PolicyContext, PolicyDriver};
-use crate::primitive::{AtomicBool, AtomicU64, Ordering};
+use crate::primitive::{AtomicBool, AtomicU64, JoinHandle, Ordering, ThreadBuilder};
 use crate::slots::ArenaLayout;
 use crate::swapper::{self, SwapOp};
 use crate::telemetry::{Counters, StepRecord, StepSample, TimingSet, TIMING_EVERY, TIMING_SETS};
+use crate::wake::{self, Sender};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Both arenas and the layout that carves them.
@@ -81,8 +80,8 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) counters: Counters,
     pub(crate) ops_done: AtomicU64,
     pub(crate) prefetches_issued: AtomicU64,
-    pub(crate) swapper_sleeping: AtomicBool,
-    pub(crate) policy_sleeping: AtomicBool,
+    /// Set once by `close`, then both threads are notified; each stops when
+    /// it finds its ring empty.
     pub(crate) shutdown: AtomicBool,
     pub(crate) poisoned: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -231,8 +230,8 @@ enum Target<'a, B: Backend> {
 /// The pie-rs engine over backend `B`.
 pub struct Engine<B: Backend> {
     shared: Arc<Shared<B>>,
-    fifo: Producer<SwapOp>,
-    telemetry: Producer<StepRecord>,
+    fifo: Sender<SwapOp>,
+    telemetry: Sender<StepRecord>,
     pipeline: Pipeline,
     ops_pushed: u64,
     /// Step records pushed to the policy thread.
@@ -304,8 +303,6 @@ impl<B: Backend> Engine<B> {
             counters: Counters::default(),
             ops_done: AtomicU64::new(0),
             prefetches_issued: AtomicU64::new(0),
-            swapper_sleeping: AtomicBool::new(false),
-            policy_sleeping: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -319,18 +316,20 @@ impl<B: Backend> Engine<B> {
             specs,
             backend,
         });
-        let (fifo, fifo_rx) = ring(4 * n + 64);
-        let (telemetry, telemetry_rx) = ring(4 * TIMING_SETS);
+        let (fifo, fifo_rx) = wake::channel(4 * n + 64);
+        let (telemetry, telemetry_rx) = wake::channel(4 * TIMING_SETS);
         let sw = shared.clone();
-        let swapper = std::thread::Builder::new()
+        let swapper = ThreadBuilder::new()
             .name("pie-swapper".into())
             .spawn(move || swapper::run(&sw, fifo_rx))
             .map_err(|e| PieError::backend("spawn swapper thread", e))?;
         let pol = shared.clone();
-        let policy = std::thread::Builder::new()
+        let policy = ThreadBuilder::new()
             .name("pie-policy".into())
             .spawn(move || crate::policy_driver::run(&pol, telemetry_rx, driver))
             .map_err(|e| PieError::backend("spawn policy thread", e))?;
+        let fifo = fifo.bind(swapper.thread().clone());
+        let telemetry = telemetry.bind(policy.thread().clone());
         let plan = Arc::new(plan);
         let mut engine = Engine {
             pipeline: Pipeline::new(plan.clone(), n),
@@ -449,11 +448,6 @@ impl<B: Backend> Engine<B> {
             }
         }
         self.ops_pushed += 1;
-        if self.shared.swapper_sleeping.load(Ordering::SeqCst) {
-            if let Some(t) = &self.swapper {
-                t.thread().unpark();
-            }
-        }
         Ok(())
     }
 
@@ -514,9 +508,8 @@ impl<B: Backend> Engine<B> {
             if Instant::now() > deadline {
                 return Err(self.hang("the swapper did not drain its queue"));
             }
-            if let Some(t) = &self.swapper {
-                t.thread().unpark();
-            }
+            // No wake-up needed: every push woke the swapper, and it sleeps
+            // only on an empty FIFO (`wake`).
             std::thread::yield_now();
         }
         self.shared.backend.synchronize_queues()?;
@@ -632,15 +625,15 @@ impl<B: Backend> Engine<B> {
                 let target = self.pipeline.issued_base + seq + 1;
                 let deadline = Instant::now() + self.wait_timeout;
                 let mut spins = 0u32;
+                // The prefetch was pushed, and a push leaves the swapper awake
+                // until it has popped it (`wake`): waiting needs no wake-up,
+                // only a bound in case the copy engine hangs.
                 while self.shared.prefetches_issued.load(Ordering::Acquire) < target {
                     self.shared.check()?;
                     spins += 1;
                     if spins > 256 {
                         if Instant::now() > deadline {
                             return Err(self.hang("a prefetch was never issued"));
-                        }
-                        if let Some(t) = &self.swapper {
-                            t.thread().unpark();
                         }
                         std::thread::yield_now();
                     } else {
@@ -744,14 +737,10 @@ impl<B: Backend> Engine<B> {
                 complete: self.step_complete,
                 new_tokens: self.step_tokens,
             };
-            // A full ring means the policy thread lags: drop the sample, never block.
+            // A full ring means the policy thread lags: drop the sample, never
+            // block. A push wakes the policy thread.
             if self.telemetry.push(record).is_ok() {
                 self.records_pushed += 1;
-            }
-            if self.shared.policy_sleeping.load(Ordering::SeqCst) {
-                if let Some(t) = &self.policy {
-                    t.thread().unpark();
-                }
             }
         }
         Counters::add(&self.shared.counters.steps, 1);
@@ -1202,9 +1191,6 @@ impl<B: Backend> Engine<B> {
                     "the policy thread stopped draining its ring",
                 ));
             }
-            if let Some(t) = &self.policy {
-                t.thread().unpark();
-            }
             std::thread::sleep(Duration::from_micros(200));
         }
         Ok(())
@@ -1222,13 +1208,15 @@ impl<B: Backend> Engine<B> {
         }
         let _ = self.quiesce();
         // The swapper drains what is left (skipping it once poisoned) before it
-        // sees the shutdown flag on an empty FIFO.
-        self.shared.shutdown.store(true, Ordering::SeqCst);
+        // sees the shutdown flag on an empty FIFO; the notifies wake both
+        // threads if they sleep (`wake`).
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.fifo.notify();
+        self.telemetry.notify();
         for t in [self.swapper.take(), self.policy.take()]
             .into_iter()
             .flatten()
         {
-            t.thread().unpark();
             let _ = t.join();
         }
         let arenas = self.shared.arenas.swap(None);

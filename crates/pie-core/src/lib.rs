@@ -8,6 +8,7 @@
 //! * [`page_table`]: where every layer's KV lives and which copies are in flight;
 //! * [`slots`]: the arenas' slot bookkeeping;
 //! * [`fifo`]: the lock-free swap queue, in execution order, wrapping across steps;
+//! * [`wake`]: the ring's wake-up handshake, so its consumer thread can sleep;
 //! * [`swapper`]: the thread that drains the FIFO and issues copies;
 //! * [`policy`]: adaptive expansion (and the static policy);
 //! * [`telemetry`]: per-layer timings and byte counts through a lock-free ring;
@@ -35,6 +36,7 @@ mod primitive;
 pub mod slots;
 pub mod swapper;
 pub mod telemetry;
+pub mod wake;
 
 pub use engine::{Engine, EngineOptions};
 pub use policy_driver::{PolicyDriver, StaticDriver};

@@ -5,7 +5,6 @@
 
 use crate::engine::{check_budget, Shared};
 use crate::error::{PieError, Result};
-use crate::fifo::Consumer;
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::{
@@ -15,6 +14,7 @@ use crate::primitive::Ordering;
 use crate::slots::ArenaLayout;
 use crate::telemetry::span as event_span;
 use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_EVERY, TIMING_SETS};
+use crate::wake::Receiver;
 use crate::Backend;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,24 +106,14 @@ pub fn budget_plan(
     )))
 }
 
-/// Body of the policy thread.
+/// Body of the policy thread: sleeps on an empty ring until the next record
+/// or the shutdown ([`crate::wake`]).
 pub(crate) fn run<B: Backend>(
     shared: &Shared<B>,
-    ring: Consumer<StepRecord>,
+    ring: Receiver<StepRecord>,
     mut driver: Box<dyn PolicyDriver>,
 ) {
-    loop {
-        let Some(record) = ring.pop() else {
-            if shared.shutdown.load(Ordering::Acquire) {
-                return;
-            }
-            shared.policy_sleeping.store(true, Ordering::SeqCst);
-            if ring.is_empty() && !shared.shutdown.load(Ordering::SeqCst) {
-                std::thread::park_timeout(Duration::from_millis(20));
-            }
-            shared.policy_sleeping.store(false, Ordering::SeqCst);
-            continue;
-        };
+    while let Some(record) = ring.recv(&shared.shutdown) {
         if let Some(sample) = measure(shared, &record) {
             Counters::add(
                 &shared.counters.stall_ns,

@@ -6,11 +6,10 @@
 use crate::backend::{Backend, Mem, Stream};
 use crate::engine::Shared;
 use crate::error::Result;
-use crate::fifo::Consumer;
 use crate::page_table::Residence;
 use crate::primitive::Ordering;
 use crate::telemetry::Counters;
-use std::time::Duration;
+use crate::wake::Receiver;
 
 /// One operation in the swap FIFO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,38 +50,24 @@ pub enum SwapOp {
     },
 }
 
-/// Runs the swapper loop until the engine shuts down.
-pub(crate) fn run<B: Backend>(shared: &Shared<B>, fifo: Consumer<SwapOp>) {
-    let mut idle_spins = 0u32;
-    loop {
-        match fifo.pop() {
-            Some(op) => {
-                idle_spins = 0;
-                if !shared.is_poisoned() {
-                    if let Err(e) = process(shared, op) {
-                        shared.poison(e);
-                    }
-                }
-                shared.ops_done.fetch_add(1, Ordering::Release);
-                if let SwapOp::Prefetch { .. } = op {
-                    shared.prefetches_issued.fetch_add(1, Ordering::Release);
-                }
+/// Empty polls of the FIFO before the swapper sleeps: within a step the next
+/// op usually follows within microseconds.
+const IDLE_SPINS: u32 = 64;
+
+/// Runs the swapper loop until the engine shuts down (after draining the FIFO).
+/// It sleeps only on an empty FIFO and every push wakes it ([`crate::wake`]),
+/// so a pushed op is always processed without the caller waking anyone.
+pub(crate) fn run<B: Backend>(shared: &Shared<B>, fifo: Receiver<SwapOp>) {
+    let fifo = fifo.spin_first(IDLE_SPINS);
+    while let Some(op) = fifo.recv(&shared.shutdown) {
+        if !shared.is_poisoned() {
+            if let Err(e) = process(shared, op) {
+                shared.poison(e);
             }
-            None => {
-                if shared.shutdown.load(Ordering::Acquire) {
-                    return;
-                }
-                idle_spins += 1;
-                if idle_spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    shared.swapper_sleeping.store(true, Ordering::SeqCst);
-                    if fifo.is_empty() && !shared.shutdown.load(Ordering::SeqCst) {
-                        std::thread::park_timeout(Duration::from_millis(50));
-                    }
-                    shared.swapper_sleeping.store(false, Ordering::SeqCst);
-                }
-            }
+        }
+        shared.ops_done.fetch_add(1, Ordering::Release);
+        if let SwapOp::Prefetch { .. } = op {
+            shared.prefetches_issued.fetch_add(1, Ordering::Release);
         }
     }
 }
