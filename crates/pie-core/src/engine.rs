@@ -20,18 +20,17 @@ mod transition;
 
 use crate::backend::{Backend, CopyShape, Mem, Stream};
 use crate::error::{PieError, Result};
-use crate::fifo::{ring, Producer};
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::{Policy, PolicyContext};
-use crate::primitive::Ordering;
+use crate::primitive::{JoinHandle, Ordering, ThreadBuilder};
 use crate::schedule::{Ready, Schedule, SwapOp};
 pub use crate::shared::Arenas;
 use crate::shared::Shared;
 use crate::slots::{ArenaLayout, Residence};
 use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
+use crate::wake::{self, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Options of an engine.
@@ -59,11 +58,11 @@ impl Default for EngineOptions {
     }
 }
 
-/// The caller's end of the swap FIFO: pushes what the schedule emits, waking
-/// the swapper when it sleeps.
+/// The caller's end of the swap FIFO: pushes what the schedule emits (a push
+/// wakes the swapper if it sleeps, [`crate::wake`]).
 struct Submitter<B: Backend> {
     shared: Arc<Shared<B>>,
-    fifo: Producer<SwapOp>,
+    fifo: Sender<SwapOp>,
     swapper: Option<JoinHandle<()>>,
     /// Operations pushed over the engine's life.
     pushed: u64,
@@ -92,16 +91,7 @@ impl<B: Backend> Submitter<B> {
             }
         }
         self.pushed += 1;
-        if self.shared.swapper_sleeping.load(Ordering::SeqCst) {
-            self.unpark();
-        }
         Ok(())
-    }
-
-    fn unpark(&self) {
-        if let Some(t) = &self.swapper {
-            t.thread().unpark();
-        }
     }
 
     /// Pushes every op `f` emits, stopping at the first failure.
@@ -129,7 +119,7 @@ fn hang<B: Backend>(shared: &Shared<B>, timeout: Duration, what: &str) -> PieErr
 pub struct Engine<B: Backend> {
     shared: Arc<Shared<B>>,
     submit: Submitter<B>,
-    telemetry: Producer<StepRecord>,
+    telemetry: Sender<StepRecord>,
     schedule: Schedule,
     /// Step records pushed to the policy thread.
     records_pushed: u64,
@@ -188,18 +178,20 @@ impl<B: Backend> Engine<B> {
             options.device_budget,
             options.timing_every,
         )?);
-        let (fifo, fifo_rx) = ring(4 * n + 64);
-        let (telemetry, telemetry_rx) = ring(4 * TIMING_SETS);
+        let (fifo, fifo_rx) = wake::channel(4 * n + 64);
+        let (telemetry, telemetry_rx) = wake::channel(4 * TIMING_SETS);
         let sw = shared.clone();
-        let swapper = std::thread::Builder::new()
+        let swapper = ThreadBuilder::new()
             .name("pie-swapper".into())
             .spawn(move || crate::swapper::run(&sw, fifo_rx))
             .map_err(|e| PieError::backend("spawn swapper thread", e))?;
         let pol = shared.clone();
-        let policy = std::thread::Builder::new()
+        let policy = ThreadBuilder::new()
             .name("pie-policy".into())
             .spawn(move || crate::policy_driver::run(&pol, telemetry_rx, policy))
             .map_err(|e| PieError::backend("spawn policy thread", e))?;
+        let fifo = fifo.bind(swapper.thread().clone());
+        let telemetry = telemetry.bind(policy.thread().clone());
         let plan = Arc::new(plan);
         let mut engine = Engine {
             schedule: Schedule::new(plan.clone(), n),
@@ -322,7 +314,8 @@ impl<B: Backend> Engine<B> {
             if Instant::now() > deadline {
                 return Err(self.hang("the swapper did not drain its queue"));
             }
-            self.submit.unpark();
+            // No wake-up needed: every push woke the swapper, and it sleeps
+            // only on an empty FIFO (`wake`).
             std::thread::yield_now();
         }
         self.shared.backend.synchronize_queues()?;
@@ -441,6 +434,9 @@ impl<B: Backend> Engine<B> {
                 }
             }
         };
+        // The prefetch was pushed, and a push leaves the swapper awake until
+        // it has popped it (`wake`): waiting needs no wake-up, only a bound in
+        // case the copy engine hangs.
         let deadline = Instant::now() + self.wait_timeout;
         let mut spins = 0u32;
         while self
@@ -456,7 +452,6 @@ impl<B: Backend> Engine<B> {
                 if Instant::now() > deadline {
                     return Err(self.hang("a prefetch was never issued"));
                 }
-                self.submit.unpark();
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -539,14 +534,10 @@ impl<B: Backend> Engine<B> {
                 complete: self.step_complete,
                 new_tokens: self.step_tokens,
             };
-            // A full ring means the policy thread lags: drop the sample, never block.
+            // A full ring means the policy thread lags: drop the sample, never
+            // block. A push wakes the policy thread.
             if self.telemetry.push(record).is_ok() {
                 self.records_pushed += 1;
-            }
-            if self.shared.policy_sleeping.load(Ordering::SeqCst) {
-                if let Some(t) = &self.policy {
-                    t.thread().unpark();
-                }
             }
         }
         Counters::add(&self.shared.counters.steps, 1);
@@ -813,9 +804,6 @@ impl<B: Backend> Engine<B> {
                     "the policy thread stopped draining its ring",
                 ));
             }
-            if let Some(t) = &self.policy {
-                t.thread().unpark();
-            }
             std::thread::sleep(Duration::from_micros(200));
         }
         Ok(())
@@ -833,13 +821,15 @@ impl<B: Backend> Engine<B> {
         }
         let _ = self.quiesce();
         // The swapper drains what is left (skipping it once poisoned) before it
-        // sees the shutdown flag on an empty FIFO.
-        self.shared.health.shutdown.store(true, Ordering::SeqCst);
+        // sees the shutdown flag on an empty FIFO; the notifies wake both
+        // threads if they sleep (`wake`).
+        self.shared.health.shutdown.store(true, Ordering::Release);
+        self.submit.fifo.notify();
+        self.telemetry.notify();
         for t in [self.submit.swapper.take(), self.policy.take()]
             .into_iter()
             .flatten()
         {
-            t.thread().unpark();
             let _ = t.join();
         }
         let arenas = self.shared.arenas.swap(None);

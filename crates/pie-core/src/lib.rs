@@ -9,6 +9,7 @@
 //! * [`slots`]: the arenas' layout, the one answer to where a layer's KV lives;
 //! * [`page_table`]: every layer's valid length and prefetch hits;
 //! * [`fifo`]: the lock-free swap queue, in execution order, wrapping across steps;
+//! * [`wake`]: the ring's wake-up handshake, so its consumer thread can sleep;
 //! * [`swapper`]: the thread that drains the FIFO and issues copies;
 //! * [`policy`]: the one [`Policy`] trait the engine consults, its
 //!   configuration ([`PolicyConfig`]), adaptive expansion and the static policy;
@@ -39,6 +40,7 @@ mod shared;
 pub mod slots;
 pub mod swapper;
 pub mod telemetry;
+pub mod wake;
 
 pub use engine::{Engine, EngineOptions};
 pub use policy::{Policy, PolicyConfig, StaticPolicy};

@@ -6,7 +6,6 @@
 
 use crate::engine::check_budget;
 use crate::error::{PieError, Result};
-use crate::fifo::Consumer;
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::cost_model::COPIES_PER_LAYER;
@@ -16,6 +15,7 @@ use crate::shared::Shared;
 use crate::slots::ArenaLayout;
 use crate::telemetry::span as event_span;
 use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
+use crate::wake::Receiver;
 use crate::Backend;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,24 +48,14 @@ pub fn budget_plan(
     )))
 }
 
-/// Body of the policy thread.
+/// Body of the policy thread: sleeps on an empty ring until the next record
+/// or the shutdown ([`crate::wake`]).
 pub(crate) fn run<B: Backend>(
     shared: &Shared<B>,
-    ring: Consumer<StepRecord>,
+    ring: Receiver<StepRecord>,
     mut policy: Box<dyn Policy>,
 ) {
-    loop {
-        let Some(record) = ring.pop() else {
-            if shared.health.shutdown.load(Ordering::Acquire) {
-                return;
-            }
-            shared.policy_sleeping.store(true, Ordering::SeqCst);
-            if ring.is_empty() && !shared.health.shutdown.load(Ordering::SeqCst) {
-                std::thread::park_timeout(Duration::from_millis(20));
-            }
-            shared.policy_sleeping.store(false, Ordering::SeqCst);
-            continue;
-        };
+    while let Some(record) = ring.recv(&shared.health.shutdown) {
         if let Some(sample) = measure(shared, &record) {
             Counters::add(
                 &shared.counters.stall_ns,

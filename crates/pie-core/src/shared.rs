@@ -71,6 +71,8 @@ pub(crate) struct SwapperProgress {
 /// or by the caller (shutdown).
 #[derive(Default)]
 pub(crate) struct Health {
+    /// Set once by `close`, then both threads are notified; each stops when
+    /// it finds its ring empty.
     pub(crate) shutdown: AtomicBool,
     poisoned: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -163,10 +165,6 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) plans: PlanExchange,
     pub(crate) caller: CallerView,
     pub(crate) policy: PolicyProgress,
-    /// Whether the swapper is about to park (it writes; the caller reads).
-    pub(crate) swapper_sleeping: AtomicBool,
-    /// Whether the policy thread is about to park (it writes; the caller reads).
-    pub(crate) policy_sleeping: AtomicBool,
 }
 
 impl<B: Backend> Shared<B> {
@@ -200,8 +198,6 @@ impl<B: Backend> Shared<B> {
                 capacity: AtomicU64::new(capacity as u64),
             },
             policy: PolicyProgress::default(),
-            swapper_sleeping: AtomicBool::new(false),
-            policy_sleeping: AtomicBool::new(false),
             device_budget,
             timing_every: timing_every.max(1),
             specs,

@@ -5,48 +5,33 @@
 
 use crate::backend::{Backend, Mem, Stream};
 use crate::error::Result;
-use crate::fifo::Consumer;
 use crate::primitive::Ordering;
 use crate::schedule::SwapOp;
 use crate::shared::Shared;
 use crate::telemetry::Counters;
-use std::time::Duration;
+use crate::wake::Receiver;
 
-/// Runs the swapper loop until the engine shuts down.
-pub(crate) fn run<B: Backend>(shared: &Shared<B>, fifo: Consumer<SwapOp>) {
-    let mut idle_spins = 0u32;
-    loop {
-        match fifo.pop() {
-            Some(op) => {
-                idle_spins = 0;
-                if !shared.health.is_poisoned() {
-                    if let Err(e) = process(shared, op) {
-                        shared.health.poison(e);
-                    }
-                }
-                shared.swapper.ops_done.fetch_add(1, Ordering::Release);
-                if let SwapOp::Prefetch { .. } = op {
-                    shared
-                        .swapper
-                        .prefetches_issued
-                        .fetch_add(1, Ordering::Release);
-                }
+/// Empty polls of the FIFO before the swapper sleeps: within a step the next
+/// op usually follows within microseconds.
+const IDLE_SPINS: u32 = 64;
+
+/// Runs the swapper loop until the engine shuts down (after draining the FIFO).
+/// It sleeps only on an empty FIFO and every push wakes it ([`crate::wake`]),
+/// so a pushed op is always processed without the caller waking anyone.
+pub(crate) fn run<B: Backend>(shared: &Shared<B>, fifo: Receiver<SwapOp>) {
+    let fifo = fifo.spin_first(IDLE_SPINS);
+    while let Some(op) = fifo.recv(&shared.health.shutdown) {
+        if !shared.health.is_poisoned() {
+            if let Err(e) = process(shared, op) {
+                shared.health.poison(e);
             }
-            None => {
-                if shared.health.shutdown.load(Ordering::Acquire) {
-                    return;
-                }
-                idle_spins += 1;
-                if idle_spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    shared.swapper_sleeping.store(true, Ordering::SeqCst);
-                    if fifo.is_empty() && !shared.health.shutdown.load(Ordering::SeqCst) {
-                        std::thread::park_timeout(Duration::from_millis(50));
-                    }
-                    shared.swapper_sleeping.store(false, Ordering::SeqCst);
-                }
-            }
+        }
+        shared.swapper.ops_done.fetch_add(1, Ordering::Release);
+        if let SwapOp::Prefetch { .. } = op {
+            shared
+                .swapper
+                .prefetches_issued
+                .fetch_add(1, Ordering::Release);
         }
     }
 }
