@@ -14,6 +14,7 @@
 use crate::backend::{Backend, CopyShape, Mem, Stream};
 use crate::error::{PieError, Result};
 use crate::fifo::{ring, Producer};
+use crate::fit::{budget_plan, check_budget, check_shapes, grown_capacity};
 use crate::layout::LayerSpec;
 use crate::layout::{align_up, SLOT_ALIGN};
 use crate::page_table::{PageTable, Residence};
@@ -262,18 +263,7 @@ impl<B: Backend> Engine<B> {
         options: EngineOptions,
         mut driver: Box<dyn PolicyDriver>,
     ) -> Result<Self> {
-        if specs.is_empty() {
-            return Err(PieError::config(
-                "no cache layers to manage; the model must have at least one full-attention layer",
-            ));
-        }
-        for s in &specs {
-            s.validate()?;
-        }
-        if options.capacity == 0 {
-            return Err(PieError::config("capacity must be at least 1 token"));
-        }
-        crate::slots::check_capacity(&specs, options.capacity)?;
+        check_shapes(&specs, options.capacity)?;
         let n = specs.len();
         let ctx = PolicyContext {
             specs: &specs,
@@ -852,15 +842,19 @@ impl<B: Backend> Engine<B> {
         self.resume()
     }
 
-    /// Grows every layer to hold at least `tokens` tokens (capacity doubles, so
-    /// token-by-token growth is amortized). Returns whether arenas were rebuilt.
+    /// Grows every layer to hold at least `tokens` tokens. The engine decides
+    /// the new capacity, the one rule of growth ([`crate::fit::grown_capacity`]):
+    /// at least double the current one and at least `tokens`, rounded up to a
+    /// multiple of [`crate::fit::CAPACITY_QUANTUM`], so token-by-token growth
+    /// is amortized; read [`Engine::capacity`] for what it chose. Where that
+    /// would overflow, exactly `tokens`. Returns whether arenas were rebuilt.
     pub fn ensure_capacity(&mut self, tokens: usize) -> Result<bool> {
         self.shared.check()?;
         let cap = self.capacity();
         if tokens <= cap {
             return Ok(false);
         }
-        let new_cap = tokens.max(cap.saturating_mul(2));
+        let new_cap = grown_capacity(cap, tokens);
         // Doubling may overflow where `tokens` itself does not: fall back to it.
         let new_cap = if crate::slots::check_capacity(&self.shared.specs, new_cap).is_ok() {
             new_cap
@@ -895,7 +889,7 @@ impl<B: Backend> Engine<B> {
         .is_err()
         {
             // Mandatory expansion: the current plan no longer fits.
-            plan = crate::policy_driver::budget_plan(
+            plan = budget_plan(
                 &self.shared.specs,
                 capacity,
                 self.shared.device_budget,
@@ -1250,25 +1244,4 @@ impl<B: Backend> Drop for Engine<B> {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-/// Checks that `plan` at `capacity` fits `budget`, saying by how much it does not.
-pub fn check_budget(
-    specs: &[LayerSpec],
-    capacity: usize,
-    plan: &Plan,
-    budget: Option<usize>,
-) -> Result<()> {
-    if let Some(budget) = budget {
-        let need = ArenaLayout::device_bytes_for(specs, capacity, plan);
-        if need > budget {
-            return Err(PieError::budget(format!(
-                "the plan needs {need} device bytes for {} layers at {capacity} tokens ({} pooled, {} staging slots) but the budget is {budget}; raise gpu_budget or pool more layers",
-                specs.len(),
-                plan.pooled.len(),
-                plan.staging_slots()
-            )));
-        }
-    }
-    Ok(())
 }

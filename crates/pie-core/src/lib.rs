@@ -7,6 +7,7 @@
 //! * [`plan`]: which layers are pooled (spread across the depth) and the prefetch depth;
 //! * [`page_table`]: where every layer's KV lives and which copies are in flight;
 //! * [`slots`]: the arenas' slot bookkeeping;
+//! * [`fit`]: capacity rounding and growth, and which plan fits a device budget;
 //! * [`fifo`]: the lock-free swap queue, in execution order, wrapping across steps;
 //! * [`swapper`]: the thread that drains the FIFO and issues copies;
 //! * [`policy`]: adaptive expansion (and the static policy);
@@ -29,6 +30,7 @@ pub use layout::LayerSpec;
 pub use plan::Plan;
 pub mod engine;
 pub mod fifo;
+pub mod fit;
 pub mod page_table;
 pub mod policy_driver;
 mod primitive;

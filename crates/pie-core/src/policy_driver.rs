@@ -3,16 +3,16 @@
 //! the plan should change. A new plan is published for the caller to apply at
 //! the next step boundary; the caller never waits for this thread.
 
-use crate::engine::{check_budget, Shared};
+use crate::engine::Shared;
 use crate::error::{PieError, Result};
 use crate::fifo::Consumer;
+use crate::fit::{budget_plan, check_budget};
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::{
     AdaptiveConfig, AdaptivePolicy, KvShape, Objective, Policy, StepSample as PolicySample,
 };
 use crate::primitive::Ordering;
-use crate::slots::ArenaLayout;
 use crate::telemetry::span as event_span;
 use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_EVERY, TIMING_SETS};
 use crate::Backend;
@@ -76,34 +76,6 @@ impl PolicyDriver for StaticDriver {
     fn observe(&mut self, _sample: &StepSample, _ctx: &PolicyContext<'_>) -> Option<Plan> {
         None
     }
-}
-
-/// The plan pooling the fewest layers, spread across the depth, that fits
-/// `budget` at `capacity` with up to `prefetch_depth` staging slots (fewer
-/// slots if that is what it takes to fit).
-pub fn budget_plan(
-    specs: &[LayerSpec],
-    capacity: usize,
-    budget: Option<usize>,
-    prefetch_depth: usize,
-) -> Result<Plan> {
-    let n = specs.len();
-    let Some(budget) = budget else {
-        return Ok(Plan::all_resident());
-    };
-    for count in 0..=n {
-        for depth in (1..=prefetch_depth.max(1)).rev() {
-            let plan = Plan::spread(n, count, depth);
-            if ArenaLayout::device_bytes_for(specs, capacity, &plan) <= budget {
-                return Ok(plan);
-            }
-        }
-    }
-    let one = Plan::spread(n, n, 1);
-    Err(PieError::budget(format!(
-        "a device budget of {budget} bytes cannot hold even one staging slot for {n} layers at {capacity} tokens (needs {} bytes with every layer pooled); raise gpu_budget, or lower the batch size or max_length",
-        ArenaLayout::device_bytes_for(specs, capacity, &one)
-    )))
 }
 
 /// Body of the policy thread.
