@@ -21,6 +21,7 @@ use crate::page_table::{PageTable, Residence};
 use crate::plan::Plan;
 use crate::policy_driver::{PolicyContext, PolicyDriver};
 use crate::primitive::{AtomicBool, AtomicU64, Ordering};
+use crate::reorder::Move;
 use crate::slots::ArenaLayout;
 use crate::swapper::{self, SwapOp};
 use crate::telemetry::{Counters, StepRecord, StepSample, TimingSet, TIMING_EVERY, TIMING_SETS};
@@ -768,10 +769,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Reorders the batch of every layer as beam search does: afterwards
-    /// sequence `b` holds what sequence `idx[b]` held. Goes through a host
-    /// scratch buffer with the backend's copies, so it works for resident and
-    /// pooled layers alike (the Python side does the same with torch views).
-    pub fn reorder(&mut self, idx: &[usize]) -> Result<()> {
+    /// sequence `b` holds what sequence `idx[b]` held. Moves, in place where
+    /// each layer's KV is now (its device slot, or its host buffer if pooled),
+    /// only the valid tokens of the sequences that change, as planned by
+    /// [`crate::reorder::moves`]. The copies run on `stream` (the compute
+    /// stream, so they follow the compute that wrote the KV; on the host
+    /// backend the caller's thread), and the call returns once they are done.
+    pub fn reorder(&mut self, idx: &[usize], stream: Stream) -> Result<()> {
         self.shared.check()?;
         for (l, spec) in self.shared.specs.iter().enumerate() {
             if idx.len() != spec.batch || idx.iter().any(|&i| i >= spec.batch) {
@@ -781,20 +785,33 @@ impl<B: Backend> Engine<B> {
                 )));
             }
         }
+        let (moves, slots) = crate::reorder::moves(idx);
+        if moves.is_empty() {
+            return Ok(());
+        }
         self.quiesce()?;
         let arenas = self.arenas();
         let cap = arenas.layout.capacity;
         let b = &self.shared.backend;
-        let largest = self
-            .shared
-            .specs
+        let specs = &self.shared.specs;
+        let lens: Vec<usize> = (0..specs.len())
+            .map(|l| self.shared.page_table.seq_len(l))
+            .collect();
+        // A scratch slot holds one sequence's valid K then V, densely.
+        let slot_bytes = specs
             .iter()
-            .map(|s| s.bytes(cap))
+            .zip(&lens)
+            .map(|(s, &n)| s.kv_heads * n * (s.k_token_bytes() + s.v_token_bytes()))
             .max()
             .unwrap_or(0);
-        let scratch = b.alloc_host(largest.max(1))?;
-        for (l, spec) in self.shared.specs.iter().enumerate() {
-            if self.shared.page_table.seq_len(l) == 0 {
+        let scratch = if slots > 0 && slot_bytes > 0 {
+            Some(b.alloc_host(slots * slot_bytes)?)
+        } else {
+            None
+        };
+        for (l, spec) in specs.iter().enumerate() {
+            let n = lens[l];
+            if n == 0 {
                 continue;
             }
             let (on_device, off) = match (arenas.layout.device_slot[l], arenas.layout.host_slot[l])
@@ -810,34 +827,48 @@ impl<B: Backend> Engine<B> {
                     Mem::Host(&*arenas.host, off + o)
                 }
             };
-            b.copy(
-                Stream::D2H,
-                layer(0),
-                Mem::Host(&scratch, 0),
-                CopyShape::contiguous(spec.bytes(cap)),
-            )?;
-            b.synchronize_queues()?;
-            let back = if on_device { Stream::H2D } else { Stream::D2H };
-            for (block, per_seq) in [
-                (0, spec.kv_heads * cap * spec.k_token_bytes()),
+            let heads = spec.kv_heads;
+            // (block offset in the layer, bytes per token, offset in a scratch slot)
+            let blocks = [
+                (0, spec.k_token_bytes(), 0),
                 (
-                    spec.k_bytes(cap),
-                    spec.kv_heads * cap * spec.v_token_bytes(),
+                    spec.v_offset(cap),
+                    spec.v_token_bytes(),
+                    heads * n * spec.k_token_bytes(),
                 ),
-            ] {
-                for (dst, &src) in idx.iter().enumerate() {
-                    if dst != src {
-                        b.copy(
-                            back,
-                            Mem::Host(&scratch, block + src * per_seq),
-                            layer(block + dst * per_seq),
-                            CopyShape::contiguous(per_seq),
-                        )?;
+            ];
+            for (block, tok, in_slot) in blocks {
+                let (width, pitch) = (n * tok, cap * tok);
+                let seq = |s: usize| layer(block + s * heads * pitch);
+                let shape = |src_pitch, dst_pitch| {
+                    CopyShape {
+                        width,
+                        height: heads,
+                        src_pitch,
+                        dst_pitch,
                     }
+                    .normalized()
+                };
+                for &m in &moves {
+                    let at = |k: usize| -> Result<Mem<'_, B>> {
+                        let s = scratch
+                            .as_ref()
+                            .ok_or_else(|| PieError::state("reorder scratch missing"))?;
+                        Ok(Mem::Host(s, k * slot_bytes + in_slot))
+                    };
+                    let (src, dst, shape) = match m {
+                        Move::Save { src, slot } => (seq(src), at(slot)?, shape(pitch, width)),
+                        Move::Copy { src, dst } => (seq(src), seq(dst), shape(pitch, pitch)),
+                        Move::Restore { slot, dst } => (at(slot)?, seq(dst), shape(width, pitch)),
+                    };
+                    b.copy(stream, src, dst, shape)?;
                 }
             }
-            b.synchronize_queues()?;
         }
+        let done = b.new_event()?;
+        b.record(&done, stream)?;
+        b.synchronize(&done)?;
+        drop(scratch);
         drop(arenas);
         self.resume()
     }

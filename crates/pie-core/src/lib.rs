@@ -8,6 +8,7 @@
 //! * [`page_table`]: where every layer's KV lives and which copies are in flight;
 //! * [`slots`]: the arenas' slot bookkeeping;
 //! * [`fit`]: capacity rounding and growth, and which plan fits a device budget;
+//! * [`reorder`]: beam search's reorder as in-place per-sequence copies;
 //! * [`fifo`]: the lock-free swap queue, in execution order, wrapping across steps;
 //! * [`swapper`]: the thread that drains the FIFO and issues copies;
 //! * [`policy`]: adaptive expansion (and the static policy);
@@ -34,6 +35,7 @@ pub mod fit;
 pub mod page_table;
 pub mod policy_driver;
 mod primitive;
+pub mod reorder;
 pub mod slots;
 pub mod swapper;
 pub mod telemetry;
