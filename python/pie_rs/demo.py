@@ -139,7 +139,6 @@ def _run_demo(args: argparse.Namespace, device: torch.device, threads: int) -> i
             plots.timeline(
                 samples,
                 out_dir / "demo_timeline.png",
-                pie.prefetch_depth or 1,
                 title=(
                     f"pie-rs, {len(samples)} sampled decode steps: {pie.resident_layers} resident / "
                     f"{pie.pooled_layers} pooled layers, prefetch depth {pie.prefetch_depth} ({device.type})"
