@@ -100,7 +100,11 @@ class Engine:
     def set_seq_len(self, layer: int, tokens: int) -> None:
         """Crop a layer to ``tokens`` tokens (only shrinking)."""
     def ensure_capacity(self, tokens: int) -> bool:
-        """Grows every layer to hold ``tokens``; True if arenas were reallocated."""
+        """Grows every layer to hold at least ``tokens``; True if arenas were reallocated.
+
+        The engine picks the new capacity (the one growth rule): at least double the current one
+        and at least ``tokens``, rounded up to :data:`CAPACITY_QUANTUM`. Read :attr:`capacity`.
+        """
     def quiesce(self) -> None:
         """Waits for all copies; afterwards host copies of pooled layers are authoritative."""
     def resume(self) -> None:
@@ -110,6 +114,20 @@ class Engine:
         """Byte offset of a resident layer's slot in the device arena (None if pooled)."""
     def host_offset(self, layer: int) -> int | None:
         """Byte offset of a pooled layer's buffer in the host arena (None if resident)."""
+    def layer_view(self, layer: int) -> dict[str, Any]:
+        """Where a layer's KV is now and how it lies in its slot.
+
+        ``device_offset`` (its device-arena byte offset if resident, else None), ``host_offset``
+        (its host-arena byte offset if pooled, else None), and the keys of :func:`layer_geometry`
+        at the engine's capacity.
+        """
+    def reorder(self, indices: list[int], stream: int) -> None:
+        """Beam search's reorder of every layer: sequence ``b`` takes what ``indices[b]`` held.
+
+        Moves only the valid tokens of the sequences that change, in place (device slot or host
+        buffer), on ``stream`` after the work already queued there; returns when they are done.
+        Raises ConfigError unless ``indices`` holds one index in ``0..batch`` per sequence.
+        """
     def reset(self) -> None:
         """Empties every layer for a new sequence, keeping arenas and what the policy learned."""
     def device_region(self) -> Region: ...
@@ -130,3 +148,42 @@ def list_profiles() -> dict[str, dict[str, str]]:
 
 def cuda_copy_bench(sizes: list[int], iters: int = 10, device_index: int = 0) -> list[dict[str, Any]]:
     """The engine's own H2D, D2H and simultaneous copy bandwidth (GB/s) per size."""
+
+#: Byte alignment of every slot in the engine's arenas (slots lie ``slot_bytes`` apart).
+SLOT_ALIGN: int
+#: Capacities are rounded up to a multiple of this many tokens (:func:`round_capacity`).
+CAPACITY_QUANTUM: int
+
+def layer_geometry(batch: int, kv_heads: int, k_dim: int, v_dim: int, elem_size: int, capacity: int) -> dict[str, Any]:
+    """Where K and V of a layer of this shape lie inside its slot at ``capacity`` tokens.
+
+    Keys: ``capacity``; ``k_offset`` and ``v_offset`` (bytes from the slot's start); ``k_shape``
+    ``[batch, kv_heads, capacity, k_dim]`` and ``v_shape``; ``k_strides`` and ``v_strides``
+    (elements); ``bytes`` (K and V) and ``slot_bytes`` (rounded up to :data:`SLOT_ALIGN`).
+    Raises ConfigError for a zero or negative dimension, an unsupported element size, or a
+    size that overflows.
+    """
+
+def round_capacity(tokens: int) -> int:
+    """``tokens`` rounded up to a multiple of :data:`CAPACITY_QUANTUM` (at least one quantum)."""
+
+def device_bytes(
+    layers: list[tuple[int, int, int, int, int]], capacity: int, pooled_layers: list[int], prefetch_depth: int
+) -> int:
+    """Device bytes an engine for ``layers`` at ``capacity`` tokens takes under this plan.
+
+    Resident slots plus ``prefetch_depth`` staging slots (clamped to the pooled layers), each
+    aligned. Raises ConfigError for invalid shapes, capacity or plan (unsorted, out of range,
+    depth 0 with layers pooled).
+    """
+
+def fit_plan(
+    layers: list[tuple[int, int, int, int, int]], capacity: int, budget_bytes: int | None, prefetch_depth: int
+) -> dict[str, Any]:
+    """The plan an engine fits into ``budget_bytes`` (None: no limit), without building one.
+
+    The fewest pooled layers, spread across the depth, with up to ``prefetch_depth`` staging
+    slots: ``{"pooled_layers", "prefetch_depth", "device_bytes"}``. The plan a ``policy="static"``
+    engine built with these arguments starts from. Raises BudgetError (stating the minimum)
+    when not even every layer pooled through one staging slot fits, ConfigError for bad inputs.
+    """

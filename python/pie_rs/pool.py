@@ -13,9 +13,10 @@ from torch import nn
 
 from . import _core
 from ._budget import parse_budget, total_host_memory
+from ._engine import EngineSettings, engine_layers
 from ._errors import BackendError, ConfigError, StateError
 from ._model import MANAGED, ModelInfo, inspect_model
-from .cache import _STAT_KEYS, PieCache
+from .cache import PieCache, empty_stats
 
 __all__ = ["Pool", "attach"]
 
@@ -44,30 +45,13 @@ class Pool:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        info: ModelInfo,
-        *,
-        backend: str,
-        budget_bytes: int | None,
-        policy: str,
-        objective: str,
-        pooled_layers: list[int] | None,
-        prefetch_depth: int | None,
+        self, model: nn.Module, info: ModelInfo, settings: EngineSettings, pooled_layers: list[int] | None = None
     ) -> None:
         self._model: nn.Module | None = model
         self.info = info
-        self.backend = backend
-        self.budget_bytes = budget_bytes
-        self.policy = policy
-        self.objective = objective
-        self.pooled_layers = pooled_layers
-        self.engine_pooled_layers = None if pooled_layers is None else [info.managed.index(i) for i in pooled_layers]
-        self.prefetch_depth = prefetch_depth
-        self.device_index = 0
-        if info.device.type == "cuda":
-            index = info.device.index
-            self.device_index = torch.cuda.current_device() if index is None else index
+        #: How this pool's engines are built (fixed at :func:`attach`).
+        self.settings = settings
+        self._pooled_layers = pooled_layers
         self._closed = False
         self._caches: weakref.WeakSet[PieCache] = weakref.WeakSet()
         self._last: PieCache | None = None
@@ -80,6 +64,41 @@ class Pool:
         self.generations = 0
 
     # ------------------------------------------------------------------------- public
+    @property
+    def backend(self) -> str:
+        """``"cuda"`` or ``"host"``."""
+        return self.settings.backend
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The device budget of the KV cache in bytes (``None``: no limit)."""
+        return self.settings.budget_bytes
+
+    @property
+    def policy(self) -> str:
+        """``"adaptive"`` or ``"static"``."""
+        return self.settings.policy
+
+    @property
+    def objective(self) -> str:
+        """What the adaptive policy optimises: ``"speed"`` or ``"memory"``."""
+        return self.settings.objective
+
+    @property
+    def pooled_layers(self) -> list[int] | None:
+        """The pinned pooled layers (model layer indices), if the plan was pinned."""
+        return None if self._pooled_layers is None else list(self._pooled_layers)
+
+    @property
+    def prefetch_depth(self) -> int | None:
+        """The pinned prefetch depth, if pinned."""
+        return self.settings.prefetch_depth
+
+    @property
+    def kept_engine(self) -> _core.Engine | None:
+        """The engine kept, emptied, for the next cache (``None`` when none is kept)."""
+        return None if self._kept is None else self._kept[0]
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`detach` was called."""
@@ -119,7 +138,7 @@ class Pool:
         if self._last is not None:
             stats = self._last.stats()
         else:
-            stats = {key: 0 for key in _STAT_KEYS} | {"stall_seconds": 0.0}
+            stats = empty_stats()
             stats["sliding_layers"] = len(self.info.layers) - len(self.info.managed)
             stats["sliding_kv_bytes"] = 0
         stats["generations"] = self.generations
@@ -149,7 +168,7 @@ class Pool:
             if model.__dict__.get(_ATTR) is self:
                 del model.__dict__[_ATTR]
         for cache in list(self._caches):
-            cache._shared.close()
+            cache.close()
         self.release()
         self._model = None
 
@@ -175,20 +194,19 @@ class Pool:
         state = "detached" if self._closed else f"backend={self.backend!r}, budget_bytes={self.budget_bytes}"
         return f"Pool({state}, layers={len(self.info.layers)}, managed={len(self.info.managed)})"
 
-    # ------------------------------------------------------------------------ private
-    def _check(self) -> None:
-        if self._closed:
-            raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
+    def keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
+        """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before.
 
-    def _keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
-        """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before."""
+        ``sliding_estimate`` is what the sliding-window layers were given of the budget when the
+        engine was made (the engine's budget is the pool's less that).
+        """
         if self._closed:
             engine.close()
             return
         self.release()
         self._kept = (engine, batch, dtype, sliding_estimate)
 
-    def _take_engine(
+    def take_engine(
         self, batch: int, dtype: torch.dtype, capacity: int, sliding_estimate: int
     ) -> tuple[_core.Engine, int] | None:
         """The kept engine, emptied, if it serves ``batch``/``dtype`` at ``capacity`` tokens.
@@ -210,7 +228,7 @@ class Pool:
                 and (engine.capacity >= capacity or sliding_estimate <= kept_sliding)
             )
             if fits:
-                _empty(engine)
+                engine.reset()  # every token dropped; memory, plan and policy state kept
                 if engine.capacity < capacity:
                     engine.ensure_capacity(capacity)
                 return engine, kept_sliding
@@ -218,6 +236,11 @@ class Pool:
             fits = False
         engine.close()
         return None
+
+    # ------------------------------------------------------------------------ private
+    def _check(self) -> None:
+        if self._closed:
+            raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
 
     def _install(self, model: nn.Module) -> None:
         # The per-layer path stays out of the hooks: each layer's first update begins it (and ends
@@ -228,8 +251,7 @@ class Pool:
         keyword = self.info.cache_keyword
         for idx, module in enumerate(self.info.decoder_layers):
             if idx in managed and idx + 1 not in managed:
-                e = self.info.managed.index(idx)
-                self._handles.append(module.register_forward_hook(_post_hook(e, keyword), with_kwargs=True))
+                self._handles.append(module.register_forward_hook(_post_hook(idx, keyword), with_kwargs=True))
         pool_ref = weakref.ref(self)
         if self.info.managed:
             # Once per forward: a PieCache made by another model's pool is refused before
@@ -262,9 +284,9 @@ class Pool:
             # The cache outlives generate only if the output carries it (return_dict_in_generate).
             # Otherwise its engine is kept for the next call, unless generate failed.
             if out is None:
-                cache._shared.close()
+                cache.close()
             elif not _holds(out, cache):
-                cache._shared.release()
+                cache.release()
         return out
 
     def _should_inject(self, kwargs: dict[str, Any]) -> bool:
@@ -330,17 +352,6 @@ def _holds(out: Any, cache: PieCache) -> bool:
     return False
 
 
-def _empty(engine: _core.Engine) -> None:
-    """Drops every token an engine holds, keeping its memory, plan and policy state."""
-    reset = getattr(engine, "reset", None)
-    if reset is not None:
-        reset()
-        return
-    for layer in range(engine.num_layers):
-        if engine.seq_len(layer):
-            engine.set_seq_len(layer, 0)
-
-
 def _owner_check(pool_ref: weakref.ref[Pool], keyword: str) -> Callable[..., None]:
     """A pre-hook on the first managed decoder layer: the cache must come from this model's pool."""
 
@@ -350,7 +361,7 @@ def _owner_check(pool_ref: weakref.ref[Pool], keyword: str) -> Callable[..., Non
             cache = _find_cache(args, kwargs)
             if cache is None:
                 return
-        if cache._shared.pool is not pool_ref():
+        if cache.pool is not pool_ref():
             raise ConfigError(
                 "this PieCache was made by the pool of another model; make one with this model's pool.new_cache()"
             )
@@ -358,8 +369,8 @@ def _owner_check(pool_ref: weakref.ref[Pool], keyword: str) -> Callable[..., Non
     return pre_hook
 
 
-def _post_hook(e: int, keyword: str) -> Callable[..., None]:
-    """The forward hook of the decoder layer of engine layer ``e``: the layer is done."""
+def _post_hook(layer_idx: int, keyword: str) -> Callable[..., None]:
+    """The forward hook of decoder layer ``layer_idx`` (engine-managed): the layer is done."""
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         cache = kwargs.get(keyword)
@@ -367,9 +378,7 @@ def _post_hook(e: int, keyword: str) -> Callable[..., None]:
             cache = _find_cache(args, kwargs)
             if cache is None:
                 return
-        shared = cache._shared
-        if shared.engine is not None:
-            shared.done(e)
+        cache.end_layer(layer_idx)
 
     return post_hook
 
@@ -483,30 +492,22 @@ def attach(
     budget_bytes = parse_budget(gpu_budget, available, device_total=_device_total(resolved, info.device))
     if pinned is not None or prefetch_depth is not None:
         policy = "static"
-    pool = Pool(
-        model,
-        info,
+    device_index = 0
+    if info.device.type == "cuda":
+        device_index = torch.cuda.current_device() if info.device.index is None else info.device.index
+    settings = EngineSettings(
         backend=resolved,
+        device_index=device_index,
         budget_bytes=budget_bytes,
         policy=policy,
         objective=objective,
-        pooled_layers=pinned,
+        pooled_layers=None if pinned is None else tuple(info.managed.index(i) for i in pinned),
         prefetch_depth=prefetch_depth,
     )
+    pool = Pool(model, info, settings, pinned)
     if info.managed:
         # A small probe engine checks the options against the engine itself (plan, policy,
         # backend availability) now rather than at the first generate.
-        probe = _core.Engine(
-            resolved,
-            [(1, li.kv_heads, li.k_dim, li.v_dim, 1) for li in info.layers if li.kind == MANAGED],
-            1,
-            device_index=pool.device_index,
-            budget_bytes=budget_bytes,
-            policy=policy,
-            objective=objective,
-            pooled_layers=pool.engine_pooled_layers,
-            prefetch_depth=prefetch_depth,
-        )
-        probe.close()
+        settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
     pool._install(model)
     return pool

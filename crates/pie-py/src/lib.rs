@@ -3,6 +3,7 @@
 
 mod dlpack;
 mod errors;
+mod geometry;
 mod simulate;
 
 use dlpack::{Region, StreamSync};
@@ -266,6 +267,31 @@ impl PyEngine {
         }))
     }
 
+    /// Where layer `layer`'s KV is now (`device_offset` if resident,
+    /// `host_offset` if pooled) and its geometry at the engine's capacity.
+    fn layer_view<'py>(&mut self, py: Python<'py>, layer: usize) -> PyResult<Bound<'py, PyDict>> {
+        with_engine!(self, e => {
+            let Some(&spec) = e.specs().get(layer) else {
+                return Err(config_error(format!("layer {layer} is out of range; the engine manages {} layers", e.num_layers())));
+            };
+            let arenas = e.arenas();
+            let d = geometry::geometry_dict(py, &spec.geometry(arenas.layout.capacity).map_err(to_py)?)?;
+            d.set_item("device_offset", arenas.layout.device_slot[layer])?;
+            d.set_item("host_offset", arenas.layout.host_slot[layer])?;
+            Ok(d)
+        })
+    }
+
+    /// Beam search's reorder of every layer, in the engine (GIL released).
+    fn reorder(&mut self, py: Python<'_>, indices: Vec<i64>, stream: u64) -> PyResult<()> {
+        let idx = indices
+            .iter()
+            .map(|&i| usize::try_from(i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| config_error(format!("reorder indices {indices:?} include a negative index; give one index in 0..batch per sequence")))?;
+        with_engine!(self, e => py.detach(|| e.reorder(&idx, self::stream(stream))).map_err(to_py))
+    }
+
     fn reset(&mut self, py: Python<'_>) -> PyResult<()> {
         with_engine!(self, e => py.detach(|| e.reset()).map_err(to_py))
     }
@@ -453,5 +479,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_probe, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_copy_bench, m)?)?;
     simulate::register(m)?;
+    geometry::register(m)?;
     Ok(())
 }
