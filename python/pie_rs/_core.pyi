@@ -22,6 +22,20 @@ class StateError(PieError, RuntimeError):
 class InternalError(PieError, RuntimeError):
     """An engine invariant broke: a bug in pie-rs, not in the calling code; please report it."""
 
+def policy_config(
+    policy: str,
+    objective: str,
+    pooled_layers: list[int] | None,
+    prefetch_depth: int | None,
+    num_layers: int,
+) -> dict[str, Any]:
+    """A pool's policy options parsed once by pie-core, as every engine of the pool will parse them.
+
+    Returns ``{"policy", "objective", "pooled_layers", "prefetch_depth"}``: pinned layers make the
+    policy ``"static"`` and come back sorted; unknown names, duplicate or out-of-range layers and a
+    zero depth raise ``ConfigError``.
+    """
+
 def cuda_available() -> bool:
     """Whether a CUDA driver and at least one device can be used (never raises)."""
 

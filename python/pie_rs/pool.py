@@ -21,8 +21,6 @@ from .cache import PieCache, empty_stats
 __all__ = ["Pool", "attach"]
 
 _BACKENDS = ("auto", "cuda", "host")
-_POLICIES = ("adaptive", "static")
-_OBJECTIVES = ("speed", "memory")
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 _ATTR = "_pie_rs_pool"
 
@@ -91,7 +89,7 @@ class Pool:
 
     @property
     def prefetch_depth(self) -> int | None:
-        """The pinned prefetch depth, if pinned."""
+        """The prefetch depth given at attach: a static plan's staging slots, or where the adaptive policy starts."""
         return self.settings.prefetch_depth
 
     @property
@@ -416,6 +414,11 @@ def _available_memory(backend: str, device: torch.device) -> int:
 
 
 def _check_plan(info: ModelInfo, pooled_layers: object, prefetch_depth: object) -> list[int] | None:
+    """Checks the Python types of a pinned plan and that its layers are ones the engine manages.
+
+    Returns the model-layer indices as given; pie-core's ``policy_config`` orders them and refuses
+    duplicates (the one set of plan rules).
+    """
     if prefetch_depth is not None and (
         isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1
     ):
@@ -435,9 +438,7 @@ def _check_plan(info: ModelInfo, pooled_layers: object, prefetch_depth: object) 
                 f"layer {idx} is a sliding-window layer, which pie-rs keeps on the device; it cannot be pooled"
             )
         out.append(idx)
-    if len(set(out)) != len(out):
-        raise ConfigError(f"pooled_layers lists a layer twice: {list(pooled_layers)}")
-    return sorted(out)
+    return out
 
 
 def attach(
@@ -481,17 +482,22 @@ def attach(
         raise StateError("this model is already attached to pie-rs; call pool.detach() before attaching again")
     info = inspect_model(model)
     resolved = _resolve_backend(backend, info.device)
-    if policy not in _POLICIES:
-        raise ConfigError(f"policy must be one of {', '.join(map(repr, _POLICIES))}, got {policy!r}")
-    if objective not in _OBJECTIVES:
-        raise ConfigError(f"objective must be one of {', '.join(map(repr, _OBJECTIVES))}, got {objective!r}")
+    for name, value in (("policy", policy), ("objective", objective)):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
     pinned = _check_plan(info, pooled_layers, prefetch_depth)
+    # pie-core parses the options once, as every engine of this pool will.
+    config = _core.policy_config(
+        policy,
+        objective,
+        None if pinned is None else [info.managed.index(i) for i in pinned],
+        prefetch_depth,
+        max(1, len(info.managed)),
+    )
     available = None
     if isinstance(gpu_budget, float):
         available = _available_memory(resolved, info.device)
     budget_bytes = parse_budget(gpu_budget, available, device_total=_device_total(resolved, info.device))
-    if pinned is not None or prefetch_depth is not None:
-        policy = "static"
     device_index = 0
     if info.device.type == "cuda":
         device_index = torch.cuda.current_device() if info.device.index is None else info.device.index
@@ -499,12 +505,13 @@ def attach(
         backend=resolved,
         device_index=device_index,
         budget_bytes=budget_bytes,
-        policy=policy,
-        objective=objective,
-        pooled_layers=None if pinned is None else tuple(info.managed.index(i) for i in pinned),
-        prefetch_depth=prefetch_depth,
+        policy=config["policy"],
+        objective=config["objective"],
+        pooled_layers=None if config["pooled_layers"] is None else tuple(config["pooled_layers"]),
+        prefetch_depth=config["prefetch_depth"],
     )
-    pool = Pool(model, info, settings, pinned)
+    pinned_model = None if config["pooled_layers"] is None else [info.managed[e] for e in config["pooled_layers"]]
+    pool = Pool(model, info, settings, pinned_model)
     if info.managed:
         # A small probe engine checks the options against the engine itself (plan, policy,
         # backend availability) now rather than at the first generate.

@@ -423,6 +423,32 @@ fn host_region_of<B: Backend>(e: &Engine<B>) -> Region {
     host_region::<B>(&e.arenas().host)
 }
 
+/// Parses a pool's policy options once, as every engine of the pool will:
+/// `{"policy", "objective", "pooled_layers", "prefetch_depth"}` after pie-core's
+/// rules (pinned layers make the policy static and are sorted), or a ConfigError.
+#[pyfunction]
+#[pyo3(signature = (policy, objective, pooled_layers, prefetch_depth, num_layers))]
+fn policy_config<'py>(
+    py: Python<'py>,
+    policy: &str,
+    objective: &str,
+    pooled_layers: Option<Vec<usize>>,
+    prefetch_depth: Option<usize>,
+    num_layers: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let config = PolicyConfig::parse(policy, objective, pooled_layers, prefetch_depth, num_layers)
+        .map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("policy", config.kind.name())?;
+    d.set_item("objective", config.objective.name())?;
+    d.set_item(
+        "pooled_layers",
+        config.pinned.as_ref().map(|p| p.pooled.clone()),
+    )?;
+    d.set_item("prefetch_depth", config.prefetch_depth)?;
+    Ok(d)
+}
+
 /// Whether a CUDA driver and at least one device can be used (never raises).
 #[pyfunction]
 fn cuda_available() -> bool {
@@ -475,6 +501,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<PyEngine>()?;
     m.add_class::<Region>()?;
+    m.add_function(wrap_pyfunction!(policy_config, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_probe, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_copy_bench, m)?)?;
