@@ -6,7 +6,7 @@
 //!
 //! `cargo bench -p pie-host --bench host_attention` prints the ratio table
 //! first (best of several calls each), then criterion's figures;
-//! `PIE_ATTN_QUICK=1` keeps only the smaller shapes.
+//! `PIE_ATTN_QUICK=1` keeps only the smaller shapes, `PIE_ATTN_THREADS=n` one thread count.
 
 use criterion::{criterion_group, Criterion, Throughput};
 use pie_host::attention::{bf16, AttentionOptions, HostAttention, View4};
@@ -74,6 +74,9 @@ impl Layer {
 }
 
 fn thread_counts() -> Vec<usize> {
+    if let Some(t) = std::env::var("PIE_ATTN_THREADS").ok().and_then(|t| t.parse().ok()) {
+        return vec![t];
+    }
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     if all > 1 {
         vec![1, all]
