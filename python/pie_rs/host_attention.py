@@ -182,10 +182,7 @@ def partial_attention(
     v = value.to(torch.float32).repeat_interleave(group, dim=1)
     s = (scale if scale is not None else q.shape[-1] ** -0.5) * (q @ k.transpose(-1, -2))
     if mask is not None:
-        if mask.dtype == torch.bool:
-            s = s.masked_fill(~mask, float("-inf"))
-        else:
-            s = s + mask.to(torch.float32)
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(torch.float32)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     return p @ v, lse
