@@ -74,7 +74,10 @@ impl Layer {
 }
 
 fn thread_counts() -> Vec<usize> {
-    if let Some(t) = std::env::var("PIE_ATTN_THREADS").ok().and_then(|t| t.parse().ok()) {
+    if let Some(t) = std::env::var("PIE_ATTN_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+    {
         return vec![t];
     }
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -97,7 +97,9 @@ impl Imported {
             .iter()
             .map(|&s| usize::try_from(s))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| config_error(format!("{what} has negative strides; pass .contiguous()")))?;
+            .map_err(|_| {
+                config_error(format!("{what} has negative strides; pass .contiguous()"))
+            })?;
         // SAFETY: only pointer arithmetic on the descriptor (data + byte
         // offset), which the producer guarantees lies in its allocation.
         let ptr = unsafe { t.offset_bytes_ptr() }
@@ -171,9 +173,8 @@ impl Imported {
     fn view<T>(&self, kind: Kind) -> PyResult<View4<'_, T>> {
         self.expect_kind(kind)?;
         let (shape, strides) = self.dims4()?;
-        View4::new(self.slice::<T>()?, shape, strides).map_err(|e| {
-            config_error(format!("{}: {e}", self.what))
-        })
+        View4::new(self.slice::<T>()?, shape, strides)
+            .map_err(|e| config_error(format!("{}: {e}", self.what)))
     }
 
     fn dims4(&self) -> PyResult<([usize; 4], [usize; 4])> {
@@ -183,7 +184,11 @@ impl Imported {
                 self.what, self.shape
             ))
         })?;
-        let strides: [usize; 4] = self.strides.as_slice().try_into().expect("same rank as shape");
+        let strides: [usize; 4] = self
+            .strides
+            .as_slice()
+            .try_into()
+            .expect("same rank as shape");
         Ok((shape, strides))
     }
 
@@ -263,16 +268,16 @@ impl Kv {
                 }
                 Ok(k.kind)
             }
-            Kv::Layer { .. } => Ok(match kv_dtype {
-                Some(DType::F32) => Kind::F32,
-                Some(DType::F16) => Kind::F16,
-                Some(DType::BF16) => Kind::BF16,
-                None => {
-                    return Err(config_error(
+            Kv::Layer { .. } => {
+                Ok(match kv_dtype {
+                    Some(DType::F32) => Kind::F32,
+                    Some(DType::F16) => Kind::F16,
+                    Some(DType::BF16) => Kind::BF16,
+                    None => return Err(config_error(
                         "a layer region needs kv_dtype (\"bfloat16\", \"float16\" or \"float32\")",
-                    ))
-                }
-            }),
+                    )),
+                })
+            }
         }
     }
 
@@ -500,10 +505,7 @@ fn merge_attention(
         )));
     }
     let (os, ls) = (o.shape.clone(), l.shape.clone());
-    let (oo_s, ol_s) = (
-        dense_f32(&oo)?,
-        dense_f32(&ol)?,
-    );
+    let (oo_s, ol_s) = (dense_f32(&oo)?, dense_f32(&ol)?);
     let o = o.out_f32(&os)?;
     let l = l.out_f32(&ls)?;
     py.detach(|| pie_host::attention::merge_into(o, l, oo_s, ol_s))

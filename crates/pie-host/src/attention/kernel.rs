@@ -72,9 +72,11 @@ impl<'a, Q: Element, K: Element> Ctx<'a, Q, K> {
                 "{q_heads} query heads are not a multiple of {kv_heads} KV heads (GQA needs q_heads = k * kv_heads)"
             )));
         }
-        let group = if kv_heads == 0 { 0 } else { q_heads / kv_heads };
+        let group = q_heads.checked_div(kv_heads).unwrap_or(0);
         let rows = batch * q_heads * q_len;
-        let want_out = rows.checked_mul(v_dim).ok_or_else(|| cfg("output too large".into()))?;
+        let want_out = rows
+            .checked_mul(v_dim)
+            .ok_or_else(|| cfg("output too large".into()))?;
         if out_len != want_out || lse_len != rows {
             return Err(cfg(format!(
                 "out must hold {want_out} floats ([batch, q_heads, q_len, v_dim] = [{batch}, {q_heads}, {q_len}, {v_dim}]) \
@@ -262,7 +264,7 @@ impl<Q: Element, K: Element> WithSimd for Block<'_, '_, Q, K> {
             }
             let mut kt = vec![0.0f32; TILE * dk];
             let mut vt = vec![0.0f32; TILE * dv];
-            let mut sc = vec![0.0f32; TILE];
+            let mut sc = [0.0f32; TILE];
             let mut start = u0;
             while start < u1 {
                 let end = (start + TILE).min(u1);
@@ -274,10 +276,7 @@ impl<Q: Element, K: Element> WithSimd for Block<'_, '_, Q, K> {
                     prefetch(ctx.value.row(b, kh, t));
                 }
                 for t in 0..n {
-                    K::load(
-                        ctx.key.row(b, kh, start + t),
-                        &mut kt[t * dk..(t + 1) * dk],
-                    );
+                    K::load(ctx.key.row(b, kh, start + t), &mut kt[t * dk..(t + 1) * dk]);
                     K::load(
                         ctx.value.row(b, kh, start + t),
                         &mut vt[t * dv..(t + 1) * dv],
@@ -434,8 +433,7 @@ fn weighted_sum<S: Simd>(s: S, p: &[f32], v: &[f32], dv: usize, acc: &mut [f32])
     while t + 4 <= n {
         let w = [p[t], p[t + 1], p[t + 2], p[t + 3]];
         if w != [0.0; 4] {
-            let rows: [&[f32]; 4] =
-                std::array::from_fn(|i| &v[(t + i) * dv..(t + i + 1) * dv]);
+            let rows: [&[f32]; 4] = std::array::from_fn(|i| &v[(t + i) * dv..(t + i + 1) * dv]);
             let (ah, at) = S::as_mut_simd_f32s(acc);
             let split: [_; 4] = std::array::from_fn(|i| S::as_simd_f32s(rows[i]));
             let wv: [_; 4] = std::array::from_fn(|i| s.splat_f32s(w[i]));
@@ -501,12 +499,22 @@ fn exp_sub<S: Simd>(s: S, x: &mut [f32], m: f32) -> f32 {
 pub(crate) fn exp_nonpos<S: Simd>(s: S, x: S::f32s) -> S::f32s {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let underflow = s.less_than_f32s(x, s.splat_f32s(-87.3));
-    let t = s.mul_add_f32s(x, s.splat_f32s(std::f32::consts::LOG2_E), s.splat_f32s(MAGIC));
+    let t = s.mul_add_f32s(
+        x,
+        s.splat_f32s(std::f32::consts::LOG2_E),
+        s.splat_f32s(MAGIC),
+    );
     let n = s.sub_f32s(t, s.splat_f32s(MAGIC));
     let r = s.mul_add_f32s(n, s.splat_f32s(-0.693_359_4), x);
     let r = s.mul_add_f32s(n, s.splat_f32s(2.121_944_4e-4), r);
     let mut p = s.splat_f32s(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
         p = s.mul_add_f32s(p, r, s.splat_f32s(c));
     }
     let r2 = s.mul_f32s(r, r);

@@ -33,7 +33,7 @@ pub fn merge_into(
             Err(PieError::config("out has values but lse has no rows"))
         };
     }
-    if out.len() % rows != 0 {
+    if !out.len().is_multiple_of(rows) {
         return Err(PieError::config(format!(
             "out holds {} values, not a whole number of rows for {rows} lse values",
             out.len()

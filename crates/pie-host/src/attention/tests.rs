@@ -61,7 +61,12 @@ fn case() -> impl Strategy<Value = Case> {
             proptest::option::of(1.0f32..30.0),
             proptest::option::of(0.05f32..1.0),
         ),
-        (0u8..3, any::<bool>(), 1usize..4, prop_oneof![Just(1usize), Just(7), Just(512)]),
+        (
+            0u8..3,
+            any::<bool>(),
+            1usize..4,
+            prop_oneof![Just(1usize), Just(7), Just(512)],
+        ),
         any::<u64>(),
     )
         .prop_map(
@@ -121,9 +126,18 @@ impl Case {
     fn data(&self) -> Data {
         let mut rng = Rng(self.seed ^ 0xDEAD_BEEF);
         let n = |len: usize, rng: &mut Rng| (0..len).map(|_| rng.sym(2.0)).collect::<Vec<_>>();
-        let q = n(self.batch * self.q_heads() * self.q_len * self.k_dim, &mut rng);
-        let k = n(self.batch * self.kv_heads * self.tokens * self.k_dim, &mut rng);
-        let v = n(self.batch * self.kv_heads * self.tokens * self.v_dim, &mut rng);
+        let q = n(
+            self.batch * self.q_heads() * self.q_len * self.k_dim,
+            &mut rng,
+        );
+        let k = n(
+            self.batch * self.kv_heads * self.tokens * self.k_dim,
+            &mut rng,
+        );
+        let v = n(
+            self.batch * self.kv_heads * self.tokens * self.v_dim,
+            &mut rng,
+        );
         let mask_shape = if self.mask_broadcast {
             [self.batch, 1, 1, self.tokens]
         } else {
@@ -219,10 +233,10 @@ fn reference(c: &Case, d: &Data, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, 
     (out, lse)
 }
 
-fn run<Q: Element, K: Element>(
-    c: &Case,
-    d: &Data,
-) -> (Result<(Vec<f32>, Vec<f32>)>, Vec<f64>, Vec<f64>, Vec<f64>) {
+/// The kernel's `(out, lse)`, and the query, key and value it read, widened to f64.
+type Ran = (Result<(Vec<f32>, Vec<f32>)>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+fn run<Q: Element, K: Element>(c: &Case, d: &Data) -> Ran {
     let qh = c.q_heads();
     let q: Vec<Q> = d.q.iter().map(|&x| Q::from_f32(x)).collect();
     let k: Vec<K> = d.k.iter().map(|&x| K::from_f32(x)).collect();
@@ -356,8 +370,14 @@ proptest! {
 #[test]
 fn one_token_gives_its_value_and_logit() {
     let q = [1.0f32, 2.0, 3.0, 4.0];
-    let k: Vec<bf16> = [0.5f32, -1.0, 0.25, 2.0].iter().map(|&x| bf16::from_f32(x)).collect();
-    let v: Vec<bf16> = [3.0f32, -7.5, 0.125].iter().map(|&x| bf16::from_f32(x)).collect();
+    let k: Vec<bf16> = [0.5f32, -1.0, 0.25, 2.0]
+        .iter()
+        .map(|&x| bf16::from_f32(x))
+        .collect();
+    let v: Vec<bf16> = [3.0f32, -7.5, 0.125]
+        .iter()
+        .map(|&x| bf16::from_f32(x))
+        .collect();
     let attn = HostAttention::new(1).unwrap();
     let mut out = [0.0f32; 3];
     let mut lse = [0.0f32; 1];
@@ -412,7 +432,9 @@ fn token_split_between_threads_matches_one_piece() {
     let (b, kvh, g, n, d) = (1, 2, 4, 3000, 64);
     let mut rng = Rng(7);
     let q: Vec<f32> = (0..b * kvh * g * d).map(|_| rng.sym(1.0)).collect();
-    let k: Vec<bf16> = (0..b * kvh * n * d).map(|_| bf16::from_f32(rng.sym(3.0))).collect();
+    let k: Vec<bf16> = (0..b * kvh * n * d)
+        .map(|_| bf16::from_f32(rng.sym(3.0)))
+        .collect();
     let qv = View4::contiguous(&q, [b, kvh * g, 1, d]).unwrap();
     let kv = View4::contiguous(&k, [b, kvh, n, d]).unwrap();
     let go = |attn: HostAttention| {
@@ -590,11 +612,13 @@ fn layer_kv_reads_the_engine_layout() {
     let (k, v) = layer_kv(&layer, &spec, cap).unwrap();
     assert_eq!(k.shape(), [2, 3, 6, 4]);
     assert_eq!(v.shape(), [2, 3, 6, 5]);
-    // K[1, 2, 3, :] and V[0, 1, 5, :] by the layout's own byte geometry.
-    let k_off = (1 * 3 + 2) * cap * 4 + 3 * 4;
+    // K[1, 2, 3, :] and V[0, 1, 5, :] by the layout's own byte geometry:
+    // row (b * kv_heads + h), token t.
+    let row = |b: usize, h: usize| b * spec.kv_heads + h;
+    let k_off = row(1, 2) * cap * 4 + 3 * 4;
     assert_eq!(k.row(1, 2, 3)[0].to_f32(), k_off as f32);
     let v_base = spec.k_bytes(cap) / 2;
-    let v_off = v_base + (0 * 3 + 1) * cap * 5 + 5 * 5;
+    let v_off = v_base + row(0, 1) * cap * 5 + 5 * 5;
     assert_eq!(v.row(0, 1, 5)[4].to_f32(), (v_off + 4) as f32);
     assert!(layer_kv(&layer[..n - 1], &spec, cap).is_err());
     let as_f32: Vec<f32> = vec![0.0; n];
@@ -605,7 +629,13 @@ fn layer_kv_reads_the_engine_layout() {
 fn merge_checks_sizes_and_keeps_empty_sides() {
     let mut out = vec![1.0, 2.0, 3.0, 4.0];
     let mut lse = vec![f32::NEG_INFINITY, 0.5];
-    merge_into(&mut out, &mut lse, &[5.0, 6.0, 7.0, 8.0], &[0.0, f32::NEG_INFINITY]).unwrap();
+    merge_into(
+        &mut out,
+        &mut lse,
+        &[5.0, 6.0, 7.0, 8.0],
+        &[0.0, f32::NEG_INFINITY],
+    )
+    .unwrap();
     assert_eq!(out, [5.0, 6.0, 3.0, 4.0]);
     assert_eq!(lse, [0.0, 0.5]);
     let mut both = vec![0.0; 2];
@@ -628,6 +658,9 @@ fn triad_measures_something_plausible() {
     let attn = HostAttention::new(2).unwrap();
     let t = attn.stream_triad(1 << 16, 3).unwrap();
     assert_eq!(t.bytes, 24 << 16);
-    assert!(t.bytes_per_second > 1e8 && t.bytes_per_second.is_finite(), "{t:?}");
+    assert!(
+        t.bytes_per_second > 1e8 && t.bytes_per_second.is_finite(),
+        "{t:?}"
+    );
     assert!(attn.stream_triad(0, 1).is_err());
 }
