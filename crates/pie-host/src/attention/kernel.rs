@@ -264,32 +264,36 @@ impl<Q: Element, K: Element> WithSimd for Block<'_, '_, Q, K> {
             }
             let mut kt = vec![0.0f32; TILE * dk];
             let mut vt = vec![0.0f32; TILE * dv];
-            let mut sc = [0.0f32; TILE];
+            let mut sc_all = vec![0.0f32; rows * TILE];
             let mut start = u0;
             while start < u1 {
                 let end = (start + TILE).min(u1);
                 let n = end - start;
-                // Ask for the next tile while this one computes: the loads
-                // below would otherwise stall on memory one tile at a time.
-                for t in end..(end + TILE).min(u1) {
-                    prefetch(ctx.key.row(b, kh, t));
-                    prefetch(ctx.value.row(b, kh, t));
-                }
-                for t in 0..n {
-                    K::load(ctx.key.row(b, kh, start + t), &mut kt[t * dk..(t + 1) * dk]);
-                    K::load(
-                        ctx.value.row(b, kh, start + t),
-                        &mut vt[t * dv..(t + 1) * dv],
-                    );
+                // Widen the tile's K and V two tokens at a time, scoring each
+                // pair as it comes, and ask for the same tokens of the next
+                // tile: memory traffic is spread over the computation instead
+                // of stalling in one burst per tile.
+                let mut t = 0;
+                while t < n {
+                    let pair = (n - t).min(2);
+                    for j in t..t + pair {
+                        let tok = start + j;
+                        K::load(ctx.key.row(b, kh, tok), &mut kt[j * dk..(j + 1) * dk]);
+                        K::load(ctx.value.row(b, kh, tok), &mut vt[j * dv..(j + 1) * dv]);
+                        if tok + TILE < u1 {
+                            prefetch(ctx.key.row(b, kh, tok + TILE));
+                            prefetch(ctx.value.row(b, kh, tok + TILE));
+                        }
+                    }
+                    scores(s, &q, &kt[t * dk..(t + pair) * dk], dk, &mut sc_all[t..]);
+                    t += pair;
                 }
                 for r in 0..rows {
                     let (rl, rh) = (lo[r].max(start), hi[r].min(end));
                     if rl >= rh {
                         continue;
                     }
-                    let qr = &q[r * dk..(r + 1) * dk];
-                    let sc = &mut sc[..n];
-                    scores(s, qr, &kt[..n * dk], dk, sc);
+                    let sc = &mut sc_all[r * TILE..r * TILE + n];
                     if let Some(c) = ctx.softcap {
                         for x in sc.iter_mut() {
                             *x = c * (*x / c).tanh();
@@ -395,32 +399,91 @@ fn scale<S: Simd>(s: S, x: &mut [f32], a: f32) {
     }
 }
 
-/// `out[t] = q . k[t]` for the `out.len()` rows of `k` (each `dk` long).
+/// `out[r * TILE + t] = q_r . k_t` for every row `q_r` of `q` and each of the
+/// rows `k_t` of `k` (all `dk` long). Four query rows and two tokens at a
+/// time: each K vector is loaded once for four rows, and eight independent
+/// FMA chains hide the FMA latency.
 #[inline(always)]
 fn scores<S: Simd>(s: S, q: &[f32], k: &[f32], dk: usize, out: &mut [f32]) {
-    let (qh, qt) = S::as_simd_f32s(q);
+    let rows = q.len() / dk;
+    let n = k.len() / dk;
     let zero = s.splat_f32s(0.0);
-    for (t, o) in out.iter_mut().enumerate() {
-        let kr = &k[t * dk..(t + 1) * dk];
-        let (kh, kt) = S::as_simd_f32s(kr);
-        // Four independent chains hide the FMA latency.
-        let mut acc = [zero; 4];
-        let mut qc = qh.chunks_exact(4);
-        let mut kc = kh.chunks_exact(4);
-        for (a, b) in (&mut qc).zip(&mut kc) {
+    let mut r = 0;
+    while r + 4 <= rows {
+        let qs: [_; 4] =
+            std::array::from_fn(|i| S::as_simd_f32s(&q[(r + i) * dk..(r + i + 1) * dk]));
+        let tail =
+            |kt: &[f32], i: usize| -> f32 { qs[i].1.iter().zip(kt).map(|(a, b)| a * b).sum() };
+        let mut t = 0;
+        while t + 2 <= n {
+            let (ka, kat) = S::as_simd_f32s(&k[t * dk..(t + 1) * dk]);
+            let (kb, kbt) = S::as_simd_f32s(&k[(t + 1) * dk..(t + 2) * dk]);
+            let mut a = [zero; 4];
+            let mut b = [zero; 4];
+            for (((((x, y), q0), q1), q2), q3) in ka
+                .iter()
+                .zip(kb)
+                .zip(qs[0].0)
+                .zip(qs[1].0)
+                .zip(qs[2].0)
+                .zip(qs[3].0)
+            {
+                a[0] = s.mul_add_f32s(*q0, *x, a[0]);
+                b[0] = s.mul_add_f32s(*q0, *y, b[0]);
+                a[1] = s.mul_add_f32s(*q1, *x, a[1]);
+                b[1] = s.mul_add_f32s(*q1, *y, b[1]);
+                a[2] = s.mul_add_f32s(*q2, *x, a[2]);
+                b[2] = s.mul_add_f32s(*q2, *y, b[2]);
+                a[3] = s.mul_add_f32s(*q3, *x, a[3]);
+                b[3] = s.mul_add_f32s(*q3, *y, b[3]);
+            }
             for i in 0..4 {
-                acc[i] = s.mul_add_f32s(a[i], b[i], acc[i]);
+                out[(r + i) * TILE + t] = s.reduce_sum_f32s(a[i]) + tail(kat, i);
+                out[(r + i) * TILE + t + 1] = s.reduce_sum_f32s(b[i]) + tail(kbt, i);
+            }
+            t += 2;
+        }
+        if t < n {
+            let (ka, kat) = S::as_simd_f32s(&k[t * dk..(t + 1) * dk]);
+            let mut a = [zero; 4];
+            for ((((x, q0), q1), q2), q3) in ka
+                .iter()
+                .zip(qs[0].0)
+                .zip(qs[1].0)
+                .zip(qs[2].0)
+                .zip(qs[3].0)
+            {
+                a[0] = s.mul_add_f32s(*q0, *x, a[0]);
+                a[1] = s.mul_add_f32s(*q1, *x, a[1]);
+                a[2] = s.mul_add_f32s(*q2, *x, a[2]);
+                a[3] = s.mul_add_f32s(*q3, *x, a[3]);
+            }
+            for i in 0..4 {
+                out[(r + i) * TILE + t] = s.reduce_sum_f32s(a[i]) + tail(kat, i);
             }
         }
-        for (a, b) in qc.remainder().iter().zip(kc.remainder()) {
-            acc[0] = s.mul_add_f32s(*a, *b, acc[0]);
+        r += 4;
+    }
+    for r in r..rows {
+        let (qh, qt) = S::as_simd_f32s(&q[r * dk..(r + 1) * dk]);
+        for t in 0..n {
+            let (kh, kt) = S::as_simd_f32s(&k[t * dk..(t + 1) * dk]);
+            // Four independent chains hide the FMA latency.
+            let mut acc = [zero; 4];
+            let mut qc = qh.chunks_exact(4);
+            let mut kc = kh.chunks_exact(4);
+            for (a, b) in (&mut qc).zip(&mut kc) {
+                for i in 0..4 {
+                    acc[i] = s.mul_add_f32s(a[i], b[i], acc[i]);
+                }
+            }
+            for (a, b) in qc.remainder().iter().zip(kc.remainder()) {
+                acc[0] = s.mul_add_f32s(*a, *b, acc[0]);
+            }
+            let v = s.add_f32s(s.add_f32s(acc[0], acc[1]), s.add_f32s(acc[2], acc[3]));
+            let tail: f32 = qt.iter().zip(kt).map(|(a, b)| a * b).sum();
+            out[r * TILE + t] = s.reduce_sum_f32s(v) + tail;
         }
-        let v = s.add_f32s(s.add_f32s(acc[0], acc[1]), s.add_f32s(acc[2], acc[3]));
-        let mut sum = s.reduce_sum_f32s(v);
-        for (a, b) in qt.iter().zip(kt) {
-            sum += a * b;
-        }
-        *o = sum;
     }
 }
 
@@ -433,22 +496,28 @@ fn weighted_sum<S: Simd>(s: S, p: &[f32], v: &[f32], dv: usize, acc: &mut [f32])
     while t + 4 <= n {
         let w = [p[t], p[t + 1], p[t + 2], p[t + 3]];
         if w != [0.0; 4] {
-            let rows: [&[f32]; 4] = std::array::from_fn(|i| &v[(t + i) * dv..(t + i + 1) * dv]);
-            let (ah, at) = S::as_mut_simd_f32s(acc);
-            let split: [_; 4] = std::array::from_fn(|i| S::as_simd_f32s(rows[i]));
+            let rows: [_; 4] =
+                std::array::from_fn(|i| S::as_simd_f32s(&v[(t + i) * dv..(t + i + 1) * dv]));
             let wv: [_; 4] = std::array::from_fn(|i| s.splat_f32s(w[i]));
-            for (c, a) in ah.iter_mut().enumerate() {
-                let x = s.mul_add_f32s(wv[0], split[0].0[c], *a);
-                let y = s.mul_f32s(wv[1], split[1].0[c]);
-                let x = s.mul_add_f32s(wv[2], split[2].0[c], x);
-                let y = s.mul_add_f32s(wv[3], split[3].0[c], y);
+            let (ah, at) = S::as_mut_simd_f32s(acc);
+            for ((((a, x0), x1), x2), x3) in ah
+                .iter_mut()
+                .zip(rows[0].0)
+                .zip(rows[1].0)
+                .zip(rows[2].0)
+                .zip(rows[3].0)
+            {
+                let x = s.mul_add_f32s(wv[0], *x0, *a);
+                let y = s.mul_f32s(wv[1], *x1);
+                let x = s.mul_add_f32s(wv[2], *x2, x);
+                let y = s.mul_add_f32s(wv[3], *x3, y);
                 *a = s.add_f32s(x, y);
             }
             for (c, a) in at.iter_mut().enumerate() {
-                *a += w[0] * split[0].1[c]
-                    + w[1] * split[1].1[c]
-                    + w[2] * split[2].1[c]
-                    + w[3] * split[3].1[c];
+                *a += w[0] * rows[0].1[c]
+                    + w[1] * rows[1].1[c]
+                    + w[2] * rows[2].1[c]
+                    + w[3] * rows[3].1[c];
             }
         }
         t += 4;
