@@ -55,6 +55,8 @@ struct Imported {
     kind: Kind,
     shape: Vec<usize>,
     strides: Vec<usize>,
+    /// Elements from `ptr` to one past the last addressed.
+    span: usize,
     read_only: bool,
 }
 
@@ -100,6 +102,9 @@ impl Imported {
             .map_err(|_| {
                 config_error(format!("{what} has negative strides; pass .contiguous()"))
             })?;
+        let span = Self::compute_span(&shape, &strides)
+            .filter(|&n| n.checked_mul(kind.size()).is_some())
+            .ok_or_else(|| config_error(format!("{what}: shape {shape:?} and strides overflow")))?;
         // SAFETY: only pointer arithmetic on the descriptor (data + byte
         // offset), which the producer guarantees lies in its allocation.
         let ptr = unsafe { t.offset_bytes_ptr() }
@@ -111,6 +116,7 @@ impl Imported {
             kind,
             shape,
             strides,
+            span,
             read_only,
         })
     }
@@ -119,17 +125,19 @@ impl Imported {
         self.shape.iter().product()
     }
 
-    /// Elements from the first to one past the last addressed (0 if empty).
-    fn span(&self) -> usize {
-        if self.numel() == 0 {
-            return 0;
+    /// Elements from the first to one past the last addressed (0 if empty),
+    /// computed when the tensor is imported; `None` if it overflows.
+    fn compute_span(shape: &[usize], strides: &[usize]) -> Option<usize> {
+        if shape.contains(&0) {
+            return Some(0);
         }
-        1 + self
-            .shape
-            .iter()
-            .zip(&self.strides)
-            .map(|(d, s)| (d - 1) * s)
-            .sum::<usize>()
+        shape.iter().zip(strides).try_fold(1usize, |acc, (d, s)| {
+            (d - 1).checked_mul(*s).and_then(|x| acc.checked_add(x))
+        })
+    }
+
+    fn span(&self) -> usize {
+        self.span
     }
 
     /// The byte range the tensor addresses.
