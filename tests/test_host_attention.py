@@ -230,3 +230,28 @@ def test_device_tensors_are_refused():
 def test_stream_triad_reports_a_bandwidth():
     t = _core.stream_triad(threads=1, elements=1 << 18, passes=2)
     assert t["bytes"] == 24 << 18 and t["bytes_per_second"] > 1e8
+
+
+def test_gil_is_released_while_the_kernel_runs():
+    """Python code on another thread makes progress while a long kernel call is inside Rust."""
+    import threading
+    import time
+
+    q, k, v = _qkv(2, 32, 8, 1, 16384, 128, dtype=torch.bfloat16, seed=9)
+    span: list[float] = []
+
+    def call():
+        t0 = time.perf_counter()
+        host_attention(q, k, v, threads=1)
+        span.extend([t0, time.perf_counter()])
+
+    ticks: list[float] = []
+    worker = threading.Thread(target=call)
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    worker.join()
+    t0, t1 = span
+    inside = [t for t in ticks if t0 + 0.002 < t < t1 - 0.002]
+    assert t1 - t0 > 0.005, "the call was too short to tell"
+    assert len(inside) > 100, f"{len(inside)} ticks during a {1e3 * (t1 - t0):.1f} ms call: the GIL was held"
