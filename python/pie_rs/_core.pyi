@@ -201,3 +201,50 @@ def fit_plan(
     engine built with these arguments starts from. Raises BudgetError (stating the minimum)
     when not even every layer pooled through one staging slot fits, ConfigError for bad inputs.
     """
+
+def host_attention(
+    query: Any,
+    key: Any,
+    value: Any | None,
+    out: Any,
+    lse: Any,
+    *,
+    layer: tuple[int, int, int, int] | None = None,
+    capacity: int | None = None,
+    offset: int = 0,
+    kv_dtype: str | None = None,
+    lengths: list[int] | None = None,
+    query_positions: list[int] | None = None,
+    mask: Any | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    threads: int | None = None,
+) -> None:
+    """Decode attention over KV in host memory, written into ``out`` and ``lse``.
+
+    ``query`` ``[batch, q_heads, q_len, k_dim]`` and KV are CPU tensors read
+    zero-copy through DLPack (any strides with a dense last dimension): either
+    ``key`` ``[batch, kv_heads, tokens, k_dim]`` and ``value``
+    ``[batch, kv_heads, tokens, v_dim]``, or ``key`` a 1-D byte tensor or
+    ``Region`` holding a layer in the engine's layout (K then V) at ``offset``
+    bytes, with ``value=None``, ``layer=(batch, kv_heads, k_dim, v_dim)``,
+    ``capacity`` and ``kv_dtype``. float32, float16 or bfloat16; ``q_heads`` a
+    multiple of ``kv_heads``. ``out`` ``[batch, q_heads, q_len, v_dim]`` and
+    ``lse`` ``[batch, q_heads, q_len]`` are dense float32 tensors sharing no
+    memory with the inputs; ``lse`` is the natural log-sum-exp of each row's
+    scaled logits (``-inf``, with ``out`` 0, where no key is visible).
+    ``mask`` ``[batch|1, q_heads|1, q_len|1, >=keys]``: bool (True attends)
+    or float32 (added). Query row ``i`` sits at ``query_positions[b] + i``
+    (default ``lengths[b] - q_len``) for ``causal`` and ``window``. Runs on
+    ``threads`` threads (default: all cores) with the GIL released; do not
+    write these tensors from another thread meanwhile. Bad shapes or options
+    raise ``ConfigError``.
+    """
+
+def merge_attention(out: Any, lse: Any, other_out: Any, other_lse: Any) -> None:
+    """Merges a partial attention result into ``(out, lse)`` in place (exact LSE merge), float32 CPU tensors."""
+
+def stream_triad(threads: int | None = None, elements: int = 16777216, passes: int = 5) -> dict[str, Any]:
+    """This machine's memory bandwidth by a STREAM triad (best pass; 24 bytes per element)."""

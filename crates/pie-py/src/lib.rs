@@ -1,6 +1,7 @@
 //! `pie_rs._core`: thin Python bindings of the pie-rs engine. Conversions,
 //! errors, GIL release and DLPack only; the logic lives in pie-core.
 
+mod attention;
 mod dlpack;
 mod errors;
 mod geometry;
@@ -507,5 +508,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_copy_bench, m)?)?;
     simulate::register(m)?;
     geometry::register(m)?;
+    attention::register(m)?;
     Ok(())
 }
