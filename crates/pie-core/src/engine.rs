@@ -498,6 +498,24 @@ impl<B: Backend> Engine<B> {
         Ok(start + n_new)
     }
 
+    /// [`Engine::layer_written`] for a batch of sequences laid end to end in the
+    /// layer (a paged cache seen as one sequence): `n_new` tokens in all, at
+    /// most `per_sequence` of them for any one sequence. The policy thread
+    /// tells decode steps from prefills by the latter, so a step in which every
+    /// sequence gained one token is measured as a decode step.
+    pub fn layer_written_batch(
+        &mut self,
+        layer: usize,
+        n_new: usize,
+        per_sequence: usize,
+        stream: Stream,
+    ) -> Result<usize> {
+        let before = self.step_tokens;
+        let len = self.layer_written(layer, n_new, stream)?;
+        self.step_tokens = before.max(per_sequence.min(n_new));
+        Ok(len)
+    }
+
     /// `layer`'s compute is done: a pooled layer's staging slot goes back to
     /// the FIFO and the next prefetch is queued into it. The last layer ends the step.
     pub fn layer_done(&mut self, layer: usize, stream: Stream) -> Result<()> {

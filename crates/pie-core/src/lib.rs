@@ -14,7 +14,8 @@
 //! * [`policy`]: the one [`Policy`] trait the engine consults, its
 //!   configuration ([`PolicyConfig`]), adaptive expansion and the static policy;
 //! * [`telemetry`]: per-layer timings and byte counts through a lock-free ring;
-//! * [`engine`]: the per-layer API the Python side calls.
+//! * [`engine`]: the per-layer API the Python side calls;
+//! * [`serving`]: continuous batching in virtual time over the engine on the sim backend.
 //!
 //! Hardware sits behind [`backend::Backend`]: `pie_host::HostBackend` (threads
 //! doing real memcpy, in the `pie-host` crate), [`sim::SimBackend`] (virtual
@@ -47,4 +48,5 @@ pub use policy::{Policy, PolicyConfig, StaticPolicy};
 pub mod policy;
 pub mod profiles;
 pub mod sim;
+pub mod serving;
 pub mod simulate;
