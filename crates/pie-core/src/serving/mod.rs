@@ -162,6 +162,8 @@ pub struct ServingRequest {
     pub h2d_gbps: Option<f64>,
     /// Override: device-to-host bandwidth, GB/s.
     pub d2h_gbps: Option<f64>,
+    /// Override: fixed cost of one copy, microseconds (both directions).
+    pub copy_latency_us: Option<f64>,
     /// Override: the scheduler's limits.
     pub limits: Option<SchedulerLimits>,
     /// Explicit requests instead of generated ones (tests, replays of a
@@ -204,8 +206,11 @@ pub struct MethodReport {
     pub steps: u64,
     /// Requests finished.
     pub finished: usize,
-    /// Output tokens generated (each request's exactly once).
+    /// Output tokens of the finished requests (each request's own count).
     pub output_tokens: u64,
+    /// Tokens the steps emitted (one per decoding and per prefilled request
+    /// per step): equal to `output_tokens` when no token is counted twice.
+    pub emitted_tokens: u64,
     /// Prompt tokens of the requests.
     pub prompt_tokens: u64,
     /// Tokens prefilled again after a recompute preemption.
@@ -353,6 +358,15 @@ pub fn resolve(req: &ServingRequest) -> Result<(ServingSetup, Vec<(f64, Vec<Requ
     let h2d = positive("h2d_gbps", req.h2d_gbps)?.unwrap_or(machine.h2d_gbps);
     let d2h = positive("d2h_gbps", req.d2h_gbps)?.unwrap_or(machine.d2h_gbps);
     let budget_mib = positive("gpu_budget_mib", req.gpu_budget_mib)?;
+    let latency_us = match req.copy_latency_us {
+        Some(l) if !(l.is_finite() && l >= 0.0) => {
+            return Err(PieError::config(format!(
+                "copy_latency_us must be a non-negative number (got {l})"
+            )))
+        }
+        Some(l) => l,
+        None => machine.copy_latency_us,
+    };
     let limits = req.limits.unwrap_or_default();
     if limits.max_running == 0 || limits.max_batched_tokens == 0 {
         return Err(PieError::config(
@@ -430,6 +444,8 @@ pub fn resolve(req: &ServingRequest) -> Result<(ServingSetup, Vec<(f64, Vec<Requ
         sim: SimConfig {
             h2d_bandwidth: h2d * 1e9,
             d2h_bandwidth: d2h * 1e9,
+            h2d_latency: latency_us * 1e-6,
+            d2h_latency: latency_us * 1e-6,
             ..machine.sim_config()
         },
         budget_bytes: budget,

@@ -575,6 +575,7 @@ impl<'a> Run<'a> {
             let batch = decoding.len() + prefills.len();
             self.report.peak_running = self.report.peak_running.max(batch);
             self.running_sum += batch as f64;
+            self.report.emitted_tokens += batch as u64;
             // Tokens: every decoding request appended its last token's KV and
             // emitted one; every prefill wrote its tokens and emitted one.
             for &i in &decoding {
