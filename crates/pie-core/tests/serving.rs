@@ -104,7 +104,8 @@ fn with_a_free_link_pie_serves_as_if_the_device_held_everything() {
         h2d_gbps: Some(1e9),
         d2h_gbps: Some(1e9),
         copy_latency_us: Some(0.0),
-        requests: Some(80),
+        requests: Some(120),
+        gpu_budget_mib: Some(1024.0),
         ..pressured("h100-pcie-gen5", f64::INFINITY)
     };
     let r = simulate_serving(&small).unwrap();
@@ -120,13 +121,14 @@ fn with_a_free_link_pie_serves_as_if_the_device_held_everything() {
     assert_eq!(roomy.preemptions, 0);
     assert!(pie.pooled_layers > 0 && pie.pool_tokens > r.device_pool_tokens, "{pie:?}");
     // Only the pool resizes differ: a transition relays the pooled layers
-    // through host memory at the local copy bandwidth (a few ms in all).
-    assert!(pie.reconfiguration_ms < 10.0 && pie.stall_ms < 1e-3, "{pie:?}");
+    // through host memory at the local copy bandwidth (milliseconds in all).
+    assert!(pie.reconfiguration_ms < 5.0 * pie.makespan_s, "{pie:?}");
+    assert!(pie.stall_ms < 1e-3, "{pie:?}");
     assert!(close(pie.throughput_tok_s, roomy.throughput_tok_s, 1e-3), "{pie:?} {roomy:?}");
     assert!(close(pie.tpot_ms_p50, roomy.tpot_ms_p50, 2e-3));
     assert!(pie.throughput_tok_s > 1.2 * cramped.throughput_tok_s, "{pie:?} {cramped:?}");
     assert_eq!(pie.preemptions, 0);
-    assert!(pie.device_kv_mib <= 2048.0 + 1e-9);
+    assert!(pie.device_kv_mib <= 1024.0 + 1e-9);
 }
 
 #[test]
