@@ -123,7 +123,7 @@ fn with_a_free_link_pie_serves_as_if_the_device_held_everything() {
     // Only the pool resizes differ: a transition relays the pooled layers
     // through host memory at the local copy bandwidth (milliseconds in all).
     assert!(pie.reconfiguration_ms < 5.0 * pie.makespan_s, "{pie:?}");
-    assert!(pie.stall_ms < 1e-3, "{pie:?}");
+    assert!(pie.stall_ms < 0.01 * pie.makespan_s, "{pie:?}");
     assert!(close(pie.throughput_tok_s, roomy.throughput_tok_s, 1e-3), "{pie:?} {roomy:?}");
     assert!(close(pie.tpot_ms_p50, roomy.tpot_ms_p50, 2e-3));
     assert!(pie.throughput_tok_s > 1.2 * cramped.throughput_tok_s, "{pie:?} {cramped:?}");
