@@ -124,8 +124,10 @@ fn with_a_free_link_pie_serves_as_if_the_device_held_everything() {
     // through host memory at the local copy bandwidth (milliseconds in all).
     assert!(pie.reconfiguration_ms < 5.0 * pie.makespan_s, "{pie:?}");
     assert!(pie.stall_ms < 0.01 * pie.makespan_s, "{pie:?}");
-    assert!(close(pie.throughput_tok_s, roomy.throughput_tok_s, 1e-3), "{pie:?} {roomy:?}");
-    assert!(close(pie.tpot_ms_p50, roomy.tpot_ms_p50, 2e-3));
+    assert_eq!((pie.steps, pie.peak_running), (roomy.steps, roomy.peak_running));
+    let extra = (pie.reconfiguration_ms + pie.stall_ms) * 1e-3;
+    assert!(close(pie.makespan_s, roomy.makespan_s + extra, 1e-9), "{pie:?} {roomy:?}");
+    assert!(close(pie.tpot_ms_p50, roomy.tpot_ms_p50, 1e-2));
     assert!(pie.throughput_tok_s > 1.2 * cramped.throughput_tok_s, "{pie:?} {cramped:?}");
     assert_eq!(pie.preemptions, 0);
     assert!(pie.device_kv_mib <= 1024.0 + 1e-9);
