@@ -47,6 +47,6 @@ pub use engine::{Engine, EngineOptions};
 pub use policy::{Policy, PolicyConfig, StaticPolicy};
 pub mod policy;
 pub mod profiles;
-pub mod sim;
 pub mod serving;
+pub mod sim;
 pub mod simulate;

@@ -86,14 +86,23 @@ fn one_request_takes_its_prefill_and_decodes_in_closed_form() {
     let (setup, _, _) = resolve(&req).unwrap();
     let l = setup.model.layers as f64;
     let prefill = l * layer_seconds(&setup, &[], &[100]);
-    let decodes: f64 = (0..49).map(|j| l * layer_seconds(&setup, &[100 + j + 1], &[])).sum();
+    let decodes: f64 = (0..49)
+        .map(|j| l * layer_seconds(&setup, &[100 + j + 1], &[]))
+        .sum();
     let r = simulate_serving(&req).unwrap();
     for (m, x) in &r.runs[0].methods {
-        assert!(close(x.ttft_ms_p50, prefill * 1e3, 1e-9), "{m:?} {x:?} {prefill}");
+        assert!(
+            close(x.ttft_ms_p50, prefill * 1e3, 1e-9),
+            "{m:?} {x:?} {prefill}"
+        );
         assert!(close(x.makespan_s, prefill + decodes, 1e-9), "{m:?} {x:?}");
         assert!(close(x.throughput_tok_s, 50.0 / (prefill + decodes), 1e-9));
         assert!(close(x.tpot_ms_p50, decodes * 1e3 / 49.0, 1e-9));
-        assert_eq!((x.steps, x.preemptions, x.pooled_layers), (50, 0, 0), "{m:?}");
+        assert_eq!(
+            (x.steps, x.preemptions, x.pooled_layers),
+            (50, 0, 0),
+            "{m:?}"
+        );
         assert!(x.stall_ms < 1e-6, "{m:?} {x:?}");
     }
 }
@@ -119,16 +128,28 @@ fn with_a_free_link_pie_serves_as_if_the_device_held_everything() {
     .unwrap();
     let roomy = method(&roomy, Method::NoPooling);
     assert_eq!(roomy.preemptions, 0);
-    assert!(pie.pooled_layers > 0 && pie.pool_tokens > r.device_pool_tokens, "{pie:?}");
+    assert!(
+        pie.pooled_layers > 0 && pie.pool_tokens > r.device_pool_tokens,
+        "{pie:?}"
+    );
     // Only the pool resizes differ: a transition relays the pooled layers
     // through host memory at the local copy bandwidth (milliseconds in all).
     assert!(pie.reconfiguration_ms < 5.0 * pie.makespan_s, "{pie:?}");
     assert!(pie.stall_ms < 0.01 * pie.makespan_s, "{pie:?}");
-    assert_eq!((pie.steps, pie.peak_running), (roomy.steps, roomy.peak_running));
+    assert_eq!(
+        (pie.steps, pie.peak_running),
+        (roomy.steps, roomy.peak_running)
+    );
     let extra = (pie.reconfiguration_ms + pie.stall_ms) * 1e-3;
-    assert!(close(pie.makespan_s, roomy.makespan_s + extra, 1e-9), "{pie:?} {roomy:?}");
+    assert!(
+        close(pie.makespan_s, roomy.makespan_s + extra, 1e-9),
+        "{pie:?} {roomy:?}"
+    );
     assert!(close(pie.tpot_ms_p50, roomy.tpot_ms_p50, 1e-2));
-    assert!(pie.throughput_tok_s > 1.2 * cramped.throughput_tok_s, "{pie:?} {cramped:?}");
+    assert!(
+        pie.throughput_tok_s > 1.2 * cramped.throughput_tok_s,
+        "{pie:?} {cramped:?}"
+    );
     assert_eq!(pie.preemptions, 0);
     assert!(pie.device_kv_mib <= 1024.0 + 1e-9);
 }
@@ -142,7 +163,10 @@ fn with_a_hopeless_link_nothing_pools_and_pie_is_no_pooling() {
     };
     let r = simulate_serving(&slow).unwrap();
     let base = method(&r, Method::NoPooling);
-    assert!(base.preemptions > 0, "the budget must pressure the scheduler");
+    assert!(
+        base.preemptions > 0,
+        "the budget must pressure the scheduler"
+    );
     for m in [Method::Pie, Method::StaticOffload] {
         let x = method(&r, m);
         assert_eq!(x.pooled_layers, 0, "{m:?} {x:?}");
@@ -186,11 +210,17 @@ fn pie_beats_no_pooling_under_pressure_on_gh200_and_reports_equal_performance() 
     })
     .unwrap();
     let (base, pie) = (method(&r, Method::NoPooling), method(&r, Method::Pie));
-    assert!(pie.throughput_tok_s > 1.05 * base.throughput_tok_s, "{pie:?} {base:?}");
+    assert!(
+        pie.throughput_tok_s > 1.05 * base.throughput_tok_s,
+        "{pie:?} {base:?}"
+    );
     assert!(pie.host_kv_mib > 0.0 && pie.pool_tokens > r.device_pool_tokens);
     let eq = r.equal_performance.expect("asked for");
     assert!(eq.memory_ratio > 1.0, "{eq:?}");
-    assert!(eq.pie_throughput_tok_s >= 0.99 * eq.no_pooling_throughput_tok_s, "{eq:?}");
+    assert!(
+        eq.pie_throughput_tok_s >= 0.99 * eq.no_pooling_throughput_tok_s,
+        "{eq:?}"
+    );
 }
 
 #[test]
@@ -239,7 +269,10 @@ fn bad_requests_say_what_to_change() {
         gpu_budget_mib: Some(-5.0),
         ..base()
     });
-    assert!(m.contains("gpu_budget_mib must be a positive number"), "{m}");
+    assert!(
+        m.contains("gpu_budget_mib must be a positive number"),
+        "{m}"
+    );
     // A 70B model's weights do not fit an RTX 4090: the default budget says so.
     let (_, m) = err(ServingRequest {
         machine: Some("rtx4090-pcie-gen4".into()),

@@ -3,6 +3,7 @@
 
 mod dlpack;
 mod errors;
+mod serving;
 mod simulate;
 
 use dlpack::{Region, StreamSync};
@@ -453,5 +454,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_probe, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_copy_bench, m)?)?;
     simulate::register(m)?;
+    serving::register(m)?;
     Ok(())
 }

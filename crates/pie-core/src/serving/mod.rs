@@ -342,7 +342,11 @@ fn positive(name: &str, v: Option<f64>) -> Result<Option<f64>> {
 
 /// The device bytes the longest request's KV needs with every layer resident.
 pub fn one_request_bytes(setup: &ServingSetup, requests: &[Request]) -> u64 {
-    let longest = requests.iter().map(Request::max_kv_tokens).max().unwrap_or(1);
+    let longest = requests
+        .iter()
+        .map(Request::max_kv_tokens)
+        .max()
+        .unwrap_or(1);
     let tokens = longest.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS;
     crate::slots::ArenaLayout::device_bytes_for(
         &setup.specs(),
@@ -385,10 +389,9 @@ pub fn resolve(req: &ServingRequest) -> Result<(ServingSetup, Vec<(f64, Vec<Requ
             if w.is_empty() {
                 return Err(PieError::config("the workload has no requests"));
             }
-            if let Some(r) = w
-                .iter()
-                .find(|r| r.prompt == 0 || r.output == 0 || !(r.arrival.is_finite() && r.arrival >= 0.0))
-            {
+            if let Some(r) = w.iter().find(|r| {
+                r.prompt == 0 || r.output == 0 || !(r.arrival.is_finite() && r.arrival >= 0.0)
+            }) {
                 return Err(PieError::config(format!(
                     "request {} needs a prompt and an output of at least one token and a finite arrival time (got {r:?})",
                     r.id
@@ -508,16 +511,17 @@ pub fn simulate_serving(req: &ServingRequest) -> Result<ServingReport> {
         && methods.contains(&Method::Pie)
     {
         // At the most loaded rate (the last of the highest).
-        let (i, _) = workloads
-            .iter()
-            .enumerate()
-            .fold((0, f64::NEG_INFINITY), |(bi, br), (i, (r, _))| {
-                if *r >= br || r.is_nan() {
-                    (i, *r)
-                } else {
-                    (bi, br)
-                }
-            });
+        let (i, _) =
+            workloads
+                .iter()
+                .enumerate()
+                .fold((0, f64::NEG_INFINITY), |(bi, br), (i, (r, _))| {
+                    if *r >= br || r.is_nan() {
+                        (i, *r)
+                    } else {
+                        (bi, br)
+                    }
+                });
         let reference = runs[i]
             .methods
             .iter()
@@ -566,7 +570,11 @@ pub fn equal_performance(
 ) -> Result<EqualPerformance> {
     let target = EQUAL_THROUGHPUT * reference;
     let tokens: f64 = requests.iter().map(|r| r.output as f64).sum();
-    let limit = if target > 0.0 { tokens / target } else { f64::INFINITY };
+    let limit = if target > 0.0 {
+        tokens / target
+    } else {
+        f64::INFINITY
+    };
     let full = setup.budget_bytes;
     let (mut lo, mut hi) = (one_request_bytes(setup, requests).saturating_sub(1), full);
     let mut runs = 0;

@@ -118,7 +118,10 @@ pub fn static_offload_plan(setup: &ServingSetup, requests: &[Request]) -> Result
         let inputs = full_pool_inputs(setup, k, seqs);
         let step = predict_step(&inputs, &plan)?.step_seconds;
         let rate = seqs as f64 / step;
-        if best.as_ref().is_none_or(|(b, _, _)| rate > *b * (1.0 + 1e-9)) {
+        if best
+            .as_ref()
+            .is_none_or(|(b, _, _)| rate > *b * (1.0 + 1e-9))
+        {
             best = Some((rate, plan, k));
         }
     }
@@ -480,11 +483,18 @@ impl<'a> Run<'a> {
 
     /// One engine step: every layer computes `compute` seconds and writes
     /// `n_new` tokens (at most `per_sequence` for one sequence).
-    fn engine_step(&mut self, held: usize, compute: f64, n_new: usize, per_sequence: usize) -> Result<()> {
+    fn engine_step(
+        &mut self,
+        held: usize,
+        compute: f64,
+        n_new: usize,
+        per_sequence: usize,
+    ) -> Result<()> {
         let cap = self.engine.capacity();
         // Compaction: freed space is reused by the allocator, so the layers'
         // valid prefix keeps it until more than 1/8 of it is free.
-        if self.engine_tokens + n_new > cap || (self.engine_tokens - held) * 8 > self.engine_tokens {
+        if self.engine_tokens + n_new > cap || (self.engine_tokens - held) * 8 > self.engine_tokens
+        {
             for l in 0..self.setup.model.layers {
                 self.engine.set_seq_len(l, held)?;
             }
