@@ -270,11 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.serving:
         return _serving_main(args)
-    serving_only = [
-        f"--{k.replace('_', '-')}" for k in ("rate", "rates", "requests", "seed", "methods") if getattr(args, k) is not None
-    ]
-    if serving_only or args.no_equal_performance:
-        print(f"pie-rs simulate: {', '.join(serving_only or ['--no-equal-performance'])} need --serving", file=sys.stderr)
+    serving_only = [f"--{k}" for k in ("rate", "rates", "requests", "seed", "methods") if getattr(args, k) is not None]
+    if args.no_equal_performance:
+        serving_only.append("--no-equal-performance")
+    if serving_only:
+        print(f"pie-rs simulate: {', '.join(serving_only)} need --serving", file=sys.stderr)
         return 2
     try:
         report = _core.simulate(build_request(args))
