@@ -8,7 +8,7 @@ use pie_core::serving::{
 };
 use pie_core::ErrorKind;
 
-fn method<'a>(r: &'a pie_core::serving::ServingReport, m: Method) -> &'a MethodReport {
+fn method(r: &pie_core::serving::ServingReport, m: Method) -> &MethodReport {
     &r.runs[0]
         .methods
         .iter()
@@ -83,7 +83,7 @@ fn one_request_takes_its_prefill_and_decodes_in_closed_form() {
         equal_performance: Some(false),
         ..ServingRequest::default()
     };
-    let (setup, _, _) = resolve(&req).unwrap();
+    let setup = resolve(&req).unwrap().setup;
     let l = setup.model.layers as f64;
     let prefill = l * layer_seconds(&setup, &[], &[100]);
     let decodes: f64 = (0..49)
@@ -284,12 +284,13 @@ fn bad_requests_say_what_to_change() {
 
 #[test]
 fn the_device_pool_is_what_the_budget_holds_in_blocks() {
-    let (setup, _, _) = resolve(&ServingRequest {
+    let setup = resolve(&ServingRequest {
         gpu_budget_mib: Some(1024.0),
         requests: Some(1),
         ..ServingRequest::default()
     })
-    .unwrap();
+    .unwrap()
+    .setup;
     let k = device_pool_tokens(&setup);
     assert_eq!(k % BLOCK_TOKENS, 0);
     // llama-3-8b: 4 KiB per token per layer, 32 layers: 1 GiB holds 8192 tokens.

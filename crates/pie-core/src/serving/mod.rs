@@ -355,8 +355,19 @@ pub fn one_request_bytes(setup: &ServingSetup, requests: &[Request]) -> u64 {
     ) as u64
 }
 
+/// A checked [`ServingRequest`].
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// Machine, model, link, budget and limits.
+    pub setup: ServingSetup,
+    /// Each rate with its requests (`NaN` for a given workload).
+    pub workloads: Vec<(f64, Vec<Request>)>,
+    /// The workload seed.
+    pub seed: u64,
+}
+
 /// Resolves and checks a request: the setup and the workload of each rate.
-pub fn resolve(req: &ServingRequest) -> Result<(ServingSetup, Vec<(f64, Vec<Request>)>, u64)> {
+pub fn resolve(req: &ServingRequest) -> Result<Resolved> {
     let machine = machine(req.machine.as_deref().unwrap_or("h100-pcie-gen5"))?;
     let shape = model(req.model.as_deref().unwrap_or("llama-3-8b"))?;
     let h2d = positive("h2d_gbps", req.h2d_gbps)?.unwrap_or(machine.h2d_gbps);
@@ -468,12 +479,20 @@ pub fn resolve(req: &ServingRequest) -> Result<(ServingSetup, Vec<(f64, Vec<Requ
             )));
         }
     }
-    Ok((setup, workloads, seed))
+    Ok(Resolved {
+        setup,
+        workloads,
+        seed,
+    })
 }
 
 /// Answers a serving question (see the module docs).
 pub fn simulate_serving(req: &ServingRequest) -> Result<ServingReport> {
-    let (setup, workloads, seed) = resolve(req)?;
+    let Resolved {
+        setup,
+        workloads,
+        seed,
+    } = resolve(req)?;
     let methods = req.methods.clone().unwrap_or_else(|| Method::ALL.to_vec());
     if methods.is_empty() {
         return Err(PieError::config("choose at least one method"));
