@@ -50,7 +50,10 @@ fn main() {
         println!("short: {}", r.3);
     }
     let passing = rows.iter().filter(|r| pass(r)).count();
-    let reachable = rows.iter().filter(|r| r.0.floor() - 1.0 >= 0.9 * r.0).count();
+    let reachable = rows
+        .iter()
+        .filter(|r| r.0.floor() - 1.0 >= 0.9 * r.0)
+        .count();
     let small = rows.iter().filter(|r| r.0 < 10.0).count();
     println!(
         "{} combinations: {passing} pass; {small} have a share under 10 layers; whole-layer pooling can pass at most {reachable}",

@@ -4,9 +4,10 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use pie_core::profiles::ModelShape;
 use pie_core::serving::{
-    simulate_serving as run, EqualPerformance, Method, MethodReport, Request, ServingReport,
-    ServingRequest,
+    simulate_serving as run, ComputeModel, EqualPerformance, Method, MethodReport, Request,
+    SchedulerLimits, ServingReport, ServingRequest,
 };
 use pie_core::PieError;
 
@@ -26,6 +27,21 @@ const KEYS: &[&str] = &[
     "d2h_gbps",
     "copy_latency_us",
     "workload",
+    "model_shape",
+    "compute",
+    "max_running",
+    "max_batched_tokens",
+];
+
+/// Keys of a `model_shape` dict.
+const SHAPE_KEYS: &[&str] = &[
+    "layers",
+    "hidden",
+    "intermediate",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "elem_size",
 ];
 
 fn config(msg: String) -> PyErr {
@@ -85,6 +101,47 @@ fn workload(items: &Bound<'_, PyList>) -> PyResult<Vec<Request>> {
         .collect()
 }
 
+fn sub_dict<'py>(request: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+    match request.get_item(key)? {
+        Some(v) if !v.is_none() => {
+            Ok(Some(v.cast_into::<PyDict>().map_err(|_| {
+                config(format!("simulate_serving: {key} must be a dict"))
+            })?))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn need<'py, T>(d: &Bound<'py, PyDict>, parent: &str, key: &str) -> PyResult<T>
+where
+    T: for<'a> FromPyObject<'a, 'py>,
+{
+    opt(d, key)?.ok_or_else(|| config(format!("simulate_serving: {parent} needs {key:?}")))
+}
+
+fn model_shape(d: &Bound<'_, PyDict>) -> PyResult<ModelShape> {
+    for key in d.keys() {
+        let name: String = key.extract()?;
+        if !SHAPE_KEYS.contains(&name.as_str()) {
+            return Err(config(format!(
+                "simulate_serving: model_shape has no {name:?}; it takes {}",
+                SHAPE_KEYS.join(", ")
+            )));
+        }
+    }
+    let n = |k: &str| need::<usize>(d, "model_shape", k);
+    Ok(ModelShape {
+        name: "custom",
+        layers: n("layers")?,
+        hidden: n("hidden")?,
+        intermediate: n("intermediate")?,
+        heads: n("heads")?,
+        kv_heads: n("kv_heads")?,
+        head_dim: n("head_dim")?,
+        elem_size: n("elem_size")?,
+    })
+}
+
 fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<ServingRequest> {
     for key in request.keys() {
         let name: String = key.extract()?;
@@ -123,7 +180,34 @@ fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<ServingRequest> {
         h2d_gbps: opt(request, "h2d_gbps")?,
         d2h_gbps: opt(request, "d2h_gbps")?,
         copy_latency_us: opt(request, "copy_latency_us")?,
-        limits: None,
+        limits: {
+            let (running, batched) = (
+                opt::<usize>(request, "max_running")?,
+                opt::<usize>(request, "max_batched_tokens")?,
+            );
+            if running.is_none() && batched.is_none() {
+                None
+            } else {
+                let d = SchedulerLimits::default();
+                Some(SchedulerLimits {
+                    max_running: running.unwrap_or(d.max_running),
+                    max_batched_tokens: batched.unwrap_or(d.max_batched_tokens),
+                    ..d
+                })
+            }
+        },
+        model_shape: match sub_dict(request, "model_shape")? {
+            Some(d) => Some(model_shape(&d)?),
+            None => None,
+        },
+        compute: match sub_dict(request, "compute")? {
+            Some(d) => Some(ComputeModel {
+                fixed: need(&d, "compute", "fixed")?,
+                per_token: need(&d, "compute", "per_token")?,
+                per_context_token: need(&d, "compute", "per_context_token")?,
+            }),
+            None => None,
+        },
         workload,
     })
 }

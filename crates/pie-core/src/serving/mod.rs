@@ -166,6 +166,11 @@ pub struct ServingRequest {
     pub copy_latency_us: Option<f64>,
     /// Override: the scheduler's limits.
     pub limits: Option<SchedulerLimits>,
+    /// Override: the model's shape (a model not in the profiles).
+    pub model_shape: Option<ModelShape>,
+    /// Override: a measured compute model instead of the roofline (a
+    /// calibration against a real run).
+    pub compute: Option<ComputeModel>,
     /// Explicit requests instead of generated ones (tests, replays of a
     /// measured run); `rates` and `requests` are then ignored.
     pub workload: Option<Vec<Request>>,
@@ -285,6 +290,33 @@ pub struct ServingReport {
     pub equal_performance: Option<EqualPerformance>,
 }
 
+/// Per-layer compute of one batched step, fitted to measurements: `fixed +
+/// per_token x tokens in the batch + per_context_token x tokens of KV the
+/// batch's attention reads`, seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ComputeModel {
+    /// Seconds per layer per step, whatever the batch.
+    pub fixed: f64,
+    /// Seconds per layer per token in the batch.
+    pub per_token: f64,
+    /// Seconds per layer per token of KV read.
+    pub per_context_token: f64,
+}
+
+impl ComputeModel {
+    fn validate(&self) -> Result<()> {
+        let ok = |x: f64| x.is_finite() && x >= 0.0;
+        if !(ok(self.fixed) && ok(self.per_token) && ok(self.per_context_token))
+            || self.fixed + self.per_token + self.per_context_token <= 0.0
+        {
+            return Err(PieError::config(format!(
+                "a compute model needs finite, non-negative coefficients, not all zero (got {self:?})"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A serving setup resolved against the profiles.
 #[derive(Clone, Debug)]
 pub struct ServingSetup {
@@ -298,6 +330,8 @@ pub struct ServingSetup {
     pub budget_bytes: u64,
     /// Scheduler limits.
     pub limits: SchedulerLimits,
+    /// A measured compute model replacing the roofline, if given.
+    pub compute: Option<ComputeModel>,
 }
 
 impl ServingSetup {
@@ -369,7 +403,26 @@ pub struct Resolved {
 /// Resolves and checks a request: the setup and the workload of each rate.
 pub fn resolve(req: &ServingRequest) -> Result<Resolved> {
     let machine = machine(req.machine.as_deref().unwrap_or("h100-pcie-gen5"))?;
-    let shape = model(req.model.as_deref().unwrap_or("llama-3-8b"))?;
+    let shape = match req.model_shape {
+        Some(m) => {
+            if m.layers == 0
+                || m.kv_heads == 0
+                || m.head_dim == 0
+                || m.elem_size == 0
+                || m.heads == 0
+                || m.layers > 4096
+            {
+                return Err(PieError::config(format!(
+                    "a custom model needs 1 to 4096 layers and positive heads, KV heads, head size and element size (got {m:?})"
+                )));
+            }
+            m
+        }
+        None => model(req.model.as_deref().unwrap_or("llama-3-8b"))?,
+    };
+    if let Some(c) = &req.compute {
+        c.validate()?;
+    }
     let h2d = positive("h2d_gbps", req.h2d_gbps)?.unwrap_or(machine.h2d_gbps);
     let d2h = positive("d2h_gbps", req.d2h_gbps)?.unwrap_or(machine.d2h_gbps);
     let budget_mib = positive("gpu_budget_mib", req.gpu_budget_mib)?;
@@ -464,6 +517,7 @@ pub fn resolve(req: &ServingRequest) -> Result<Resolved> {
         },
         budget_bytes: budget,
         limits,
+        compute: req.compute,
     };
     setup.sim.validate()?;
     for (_, w) in &workloads {
@@ -558,8 +612,13 @@ pub fn simulate_serving(req: &ServingRequest) -> Result<ServingReport> {
     };
     let w0 = &workloads[0].1;
     let n = w0.len() as f64;
+    let custom = req.compute.is_some() || req.h2d_gbps.is_some() || req.d2h_gbps.is_some();
     Ok(ServingReport {
-        machine: setup.machine.name.to_string(),
+        machine: if custom {
+            format!("{} (overridden)", setup.machine.name)
+        } else {
+            setup.machine.name.to_string()
+        },
         model: setup.model.name.to_string(),
         gpu_budget_mib: setup.budget_bytes as f64 / MIB,
         h2d_gbps: setup.sim.h2d_bandwidth / 1e9,

@@ -63,6 +63,9 @@ pub fn layer_seconds(setup: &ServingSetup, decode_kv: &[usize], prefills: &[usiz
     let tokens = decode_kv.len() + prefills.iter().sum::<usize>();
     let read: usize = decode_kv.iter().sum::<usize>() + prefills.iter().sum::<usize>();
     let kv_bytes = tb * (read + tokens) as u64;
+    if let Some(c) = &setup.compute {
+        return c.fixed + c.per_token * tokens as f64 + c.per_context_token * read as f64;
+    }
     let qk = (4 * m.heads * m.head_dim) as f64;
     let attention = qk
         * (decode_kv.iter().sum::<usize>() as f64
