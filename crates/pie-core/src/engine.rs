@@ -718,6 +718,35 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// Rebuilds the arenas at `capacity` tokens under `plan` in one transition
+    /// (a pool that grows and pools more layers at once, as serving expansion
+    /// does), keeping every valid token. Errors when `plan` does not fit the
+    /// budget at `capacity`.
+    pub fn resize_with_plan(&mut self, capacity: usize, plan: Plan) -> Result<()> {
+        self.check()?;
+        plan.validate(self.num_layers())?;
+        let longest = (0..self.num_layers())
+            .map(|l| self.shared.page_table.seq_len(l))
+            .max()
+            .unwrap_or(0);
+        if capacity < longest.max(1) {
+            return Err(PieError::config(format!(
+                "capacity {capacity} is smaller than the {longest} tokens held; crop first"
+            )));
+        }
+        crate::slots::check_capacity(&self.shared.specs, capacity)?;
+        let was_in_step = self.in_step;
+        self.transition(&Arc::new(plan), capacity)?;
+        if was_in_step {
+            let from = self.cursor.unwrap_or(0);
+            self.step_complete = false;
+            let (schedule, step) = (&mut self.schedule, self.step);
+            self.submit
+                .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))?;
+        }
+        Ok(())
+    }
+
     /// Pins a plan; it takes effect at the next step boundary.
     pub fn set_plan(&mut self, plan: Plan) -> Result<()> {
         self.check()?;

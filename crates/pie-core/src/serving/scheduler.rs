@@ -29,7 +29,7 @@ const EXPANSION: f64 = 1.25;
 
 /// Pie grows by at least 1/this of its pool (smaller steps are not worth a
 /// plan transition).
-const MIN_EXPANSION_DIVISOR: usize = 32;
+const MIN_EXPANSION_DIVISOR: usize = 8;
 
 /// Steps pie waits before asking again after the cost model refused to grow.
 const EXPANSION_RETRY_STEPS: u64 = 64;
@@ -355,36 +355,44 @@ impl<'a> Run<'a> {
         } else {
             (self.held_tokens() + self.running.len(), self.running.len())
         };
-        let transparent = |blocks: usize| {
+        let plan_for = |blocks: usize| {
             let tokens = blocks * BLOCK_TOKENS;
             let seqs = ((tokens * n) / sum.max(1)).clamp(1, self.setup.limits.max_running);
             let inputs = full_pool_inputs(self.setup, tokens, seqs);
             match best_static_plan(&inputs) {
-                Ok(c) => c.prediction.step_seconds <= PIE_STEP_TOLERANCE * inputs.compute_total(),
-                Err(_) => false,
+                Ok(c)
+                    if c.prediction.step_seconds <= PIE_STEP_TOLERANCE * inputs.compute_total() =>
+                {
+                    Some(c.plan)
+                }
+                _ => None,
             }
         };
         // The largest transparent pool up to EXPANSION times this one (the
         // predicted step grows with the pool), by bisection on blocks.
         let least = self.pool_blocks + (self.pool_blocks / MIN_EXPANSION_DIVISOR).max(1);
         let most = ((self.pool_blocks as f64 * EXPANSION).ceil() as usize).max(least);
-        if !transparent(least) {
+        let Some(mut plan) = plan_for(least) else {
             self.denied_at = Some((self.pool_blocks, steps));
             return Ok(false);
-        }
+        };
         let (mut lo, mut hi) = (least, most + 1);
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
-            if transparent(mid) {
-                lo = mid;
-            } else {
-                hi = mid;
+            match plan_for(mid) {
+                Some(p) => {
+                    lo = mid;
+                    plan = p;
+                }
+                None => hi = mid,
             }
         }
         let grown = lo;
         let tokens = grown * BLOCK_TOKENS;
+        // One transition to the grown pool under the plan the cost model chose
+        // for it (the adaptive policy takes over from there).
         let t0 = self.now();
-        self.engine.resize(tokens)?;
+        self.engine.resize_with_plan(tokens, plan)?;
         self.report.reconfiguration_ms += (self.now() - t0) * 1e3;
         self.report.reconfigurations += 1;
         self.pool_blocks = grown;
