@@ -41,6 +41,8 @@ def test_serving_json_has_every_method_and_the_equal_performance_figure(capsys: 
     eq = r["equal_performance"]
     assert eq["pie_budget_mib"] <= eq["no_pooling_budget_mib"] == 1024
     assert eq["memory_ratio"] >= 1.0
+    assert eq["pie_budget_mib"] <= eq["no_pooling_min_budget_mib"] * (1 + 1 / 32) + 1e-9
+    assert eq["memory_ratio_vs_min"] == pytest.approx(eq["no_pooling_min_budget_mib"] / eq["pie_budget_mib"])
     assert eq["pie_throughput_tok_s"] >= 0.99 * r["methods"]["no_pooling"]["throughput_tok_s"]
 
 

@@ -181,8 +181,9 @@ def format_serving_report(r: dict[str, Any]) -> str:
             "",
             f"equal performance ({_rate_text(eq['rate'])}): pie reaches no_pooling's "
             f"{eq['no_pooling_throughput_tok_s']:.0f} tok/s at {eq['no_pooling_budget_mib']:.0f} MiB with "
-            f"{eq['pie_budget_mib']:.0f} MiB ({eq['memory_ratio']:.2f}x less device memory; "
-            f"{eq['pie_throughput_tok_s']:.0f} tok/s)",
+            f"{eq['pie_budget_mib']:.0f} MiB ({eq['pie_throughput_tok_s']:.0f} tok/s): "
+            f"{eq['memory_ratio']:.2f}x less device memory; no_pooling itself needs "
+            f"{eq['no_pooling_min_budget_mib']:.0f} MiB for it ({eq['memory_ratio_vs_min']:.2f}x)",
         ]
     return "\n".join(lines)
 

@@ -262,6 +262,8 @@ fn equal_dict<'py>(py: Python<'py>, e: &EqualPerformance) -> PyResult<Bound<'py,
     d.set_item("pie_budget_mib", e.pie_budget_mib)?;
     d.set_item("pie_throughput_tok_s", e.pie_throughput_tok_s)?;
     d.set_item("memory_ratio", e.memory_ratio)?;
+    d.set_item("no_pooling_min_budget_mib", e.no_pooling_min_budget_mib)?;
+    d.set_item("memory_ratio_vs_min", e.memory_ratio_vs_min)?;
     d.set_item("runs", e.runs)?;
     Ok(d)
 }
