@@ -42,12 +42,15 @@
 //!   model's decode throughput for a full pool of requests of the workload's
 //!   mean length. The pool is what that plan fits in the budget; it never changes.
 //! * [`Method::Pie`]: adaptive expansion. The pool starts at what the device
-//!   holds; when the scheduler is short of blocks it grows the pool by a quarter
-//!   if the cost model (the profile's link and roofline, which the sim backend
-//!   realises exactly) predicts that the fastest plan fitting the budget at the
-//!   grown pool, full, stays within [`PIE_STEP_TOLERANCE`] of all-resident
-//!   decode. Growing resizes the engine (a plan transition), whose adaptive
-//!   policy then chooses the pooled layers and prefetch depth from what it measures.
+//!   holds; when the scheduler is short of blocks it grows the pool to the
+//!   largest size between 1/8 and 1/4 more at which the cost model (the
+//!   profile's link and roofline, which the sim backend realises exactly)
+//!   predicts that the fastest plan fitting the budget, with the pool full,
+//!   decodes within [`PIE_STEP_TOLERANCE`] of all-resident; no growth when not
+//!   even 1/8 more hides (then `pie` is `no_pooling`). A growth is one engine
+//!   transition to that pool and plan ([`crate::Engine::resize_with_plan`]);
+//!   the engine's adaptive policy then places the pooled layers and chooses
+//!   the prefetch depth from what it measures. Preemption recomputes.
 //!
 //! Everything is deterministic for a seed: the driver waits for the policy
 //! thread after every step.
