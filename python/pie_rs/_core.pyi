@@ -157,6 +157,9 @@ class Engine:
 def simulate(request: dict[str, Any]) -> dict[str, Any]:
     """Runs the engine's policy on the sim backend for a described machine and model."""
 
+def simulate_serving(request: dict[str, Any]) -> dict[str, Any]:
+    """Continuous batching in virtual time: four ways of holding the KV on a described machine."""
+
 def list_profiles() -> dict[str, dict[str, str]]:
     """Named machine profiles and model shapes for ``simulate``."""
 

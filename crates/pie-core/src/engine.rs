@@ -489,6 +489,24 @@ impl<B: Backend> Engine<B> {
         Ok(start + n_new)
     }
 
+    /// [`Engine::layer_written`] for a batch of sequences laid end to end in the
+    /// layer (a paged cache seen as one sequence): `n_new` tokens in all, at
+    /// most `per_sequence` of them for any one sequence. The policy thread
+    /// tells decode steps from prefills by the latter, so a step in which every
+    /// sequence gained one token is measured as a decode step.
+    pub fn layer_written_batch(
+        &mut self,
+        layer: usize,
+        n_new: usize,
+        per_sequence: usize,
+        stream: Stream,
+    ) -> Result<usize> {
+        let before = self.step_tokens;
+        let len = self.layer_written(layer, n_new, stream)?;
+        self.step_tokens = before.max(per_sequence.min(n_new));
+        Ok(len)
+    }
+
     /// `layer`'s compute is done: a pooled layer's staging slot goes back to
     /// the FIFO and the next prefetch is queued into it. The last layer ends the step.
     pub fn layer_done(&mut self, layer: usize, stream: Stream) -> Result<()> {
@@ -713,6 +731,35 @@ impl<B: Backend> Engine<B> {
                 plan.prefetch_depth.max(2),
             )?;
         }
+        let was_in_step = self.in_step;
+        self.transition(&Arc::new(plan), capacity)?;
+        if was_in_step {
+            let from = self.cursor.unwrap_or(0);
+            self.step_complete = false;
+            let (schedule, step) = (&mut self.schedule, self.step);
+            self.submit
+                .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the arenas at `capacity` tokens under `plan` in one transition
+    /// (a pool that grows and pools more layers at once, as serving expansion
+    /// does), keeping every valid token. Errors when `plan` does not fit the
+    /// budget at `capacity`.
+    pub fn resize_with_plan(&mut self, capacity: usize, plan: Plan) -> Result<()> {
+        self.check()?;
+        plan.validate(self.num_layers())?;
+        let longest = (0..self.num_layers())
+            .map(|l| self.shared.page_table.seq_len(l))
+            .max()
+            .unwrap_or(0);
+        if capacity < longest.max(1) {
+            return Err(PieError::config(format!(
+                "capacity {capacity} is smaller than the {longest} tokens held; crop first"
+            )));
+        }
+        crate::slots::check_capacity(&self.shared.specs, capacity)?;
         let was_in_step = self.in_step;
         self.transition(&Arc::new(plan), capacity)?;
         if was_in_step {

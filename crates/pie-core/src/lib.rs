@@ -18,7 +18,8 @@
 //! * [`telemetry`]: per-layer timings and byte counts through a lock-free ring;
 //! * [`engine`]: the per-layer API the Python side calls (its shared thread
 //!   state and arena transitions live in modules of their own);
-//! * [`simulate`]: the engine on the virtual-time [`sim`] backend, for what-if questions.
+//! * [`simulate`]: the engine on the virtual-time [`sim`] backend, for what-if questions;
+//! * [`serving`]: continuous batching in virtual time over the engine on the sim backend.
 //!
 //! Hardware sits behind [`backend::Backend`]: `pie_host::HostBackend` (threads
 //! doing real memcpy, in the `pie-host` crate), [`sim::SimBackend`] (virtual
@@ -45,6 +46,7 @@ pub mod wake;
 // Deciding plans and answering what-if questions.
 pub mod policy;
 pub mod profiles;
+pub mod serving;
 pub mod simulate;
 // The seam to hardware, and the virtual-time backend.
 pub mod backend;

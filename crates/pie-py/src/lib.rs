@@ -5,6 +5,7 @@ mod attention;
 mod dlpack;
 mod errors;
 mod geometry;
+mod serving;
 mod simulate;
 
 use dlpack::{Region, StreamSync};
@@ -509,5 +510,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     simulate::register(m)?;
     geometry::register(m)?;
     attention::register(m)?;
+    serving::register(m)?;
     Ok(())
 }
