@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _core
 from ._budget import parse_budget, total_host_memory
-from ._engine import EngineSettings, engine_layers
+from ._engine import EngineSettings, config_kv_shapes, engine_layers
 from ._errors import BackendError, ConfigError, StateError
 from ._model import MANAGED, ModelInfo, inspect_model
 from .cache import PieCache, empty_stats
@@ -58,6 +58,11 @@ class Pool:
         self._kept: tuple[_core.Engine, int, torch.dtype, int] | None = None
         self._handles: list[Any] = []
         self._had_generate_attr = "generate" in model.__dict__
+        # Per full-attention layer: (kv_heads, k_dim, v_dim) the next cache starts from: the config
+        # (or a tensor-parallel shard of it) until a cache's layers hand over their real shapes.
+        self._kv_shapes = config_kv_shapes(info)
+        #: Extra keys every ``stats()`` carries (the rank under tensor parallel, ...).
+        self.stats_tags: dict[str, Any] = {}
         self._old_generate = model.__dict__.get("generate")
         self.generations = 0
 
@@ -143,6 +148,7 @@ class Pool:
         stats["budget_bytes"] = self.budget_bytes
         stats["backend"] = self.backend
         stats["num_layers"] = len(self.info.layers)
+        stats.update(self.stats_tags)
         return stats
 
     def detach(self) -> None:
@@ -191,6 +197,14 @@ class Pool:
     def __repr__(self) -> str:
         state = "detached" if self._closed else f"backend={self.backend!r}, budget_bytes={self.budget_bytes}"
         return f"Pool({state}, layers={len(self.info.layers)}, managed={len(self.info.managed)})"
+
+    def kv_shapes(self) -> list[tuple[int, int, int]]:
+        """``(kv_heads, k_dim, v_dim)`` per full-attention layer that a new cache starts from."""
+        return list(self._kv_shapes)
+
+    def learn_kv_shapes(self, shapes: list[tuple[int, int, int]]) -> None:
+        """A cache's layers handed over these shapes: later caches start from them."""
+        self._kv_shapes = list(shapes)
 
     def keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
         """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before.
