@@ -50,7 +50,9 @@ def test_tokens_identical_when_cached_heads_differ_from_config(make, mode) -> No
         stats = pool.stats()
         assert stats["pooled_layers"] == 2 and stats["h2d_bytes"] > 0
         learned = pool.kv_shapes()
-        assert learned == ([(2, 16, 16)] * 4 if make is lying_config_model else [(2, 16, 16), (2, 16, 16), (1, 16, 16), (2, 16, 16)])
+        assert learned == (
+            [(2, 16, 16)] * 4 if make is lying_config_model else [(2, 16, 16), (2, 16, 16), (1, 16, 16), (2, 16, 16)]
+        )
         # The next generate starts from the learned shapes (the kept engine already has them).
         engine = pool.kept_engine
         assert engine is not None

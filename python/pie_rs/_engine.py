@@ -59,9 +59,7 @@ def config_kv_shapes(info: ModelInfo) -> list[LayerKV]:
     return [(li.kv_heads, li.k_dim, li.v_dim) for li in info.layers if li.kind == MANAGED]
 
 
-def engine_layers(
-    info: ModelInfo, batch: int, elem_size: int, shapes: list[LayerKV] | None = None
-) -> list[LayerShape]:
+def engine_layers(info: ModelInfo, batch: int, elem_size: int, shapes: list[LayerKV] | None = None) -> list[LayerShape]:
     """The shapes of the model's full-attention layers, as an engine takes them.
 
     ``shapes`` (per full-attention layer) overrides the config's head counts and sizes with what

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _core
+from . import _core, distributed
 from ._budget import parse_budget, total_host_memory
 from ._engine import EngineSettings, config_kv_shapes, engine_layers
 from ._errors import BackendError, ConfigError, StateError
@@ -463,6 +463,7 @@ def attach(
     objective: str = "speed",
     pooled_layers: Sequence[int] | None = None,
     prefetch_depth: int | None = None,
+    process_group: Any = None,
 ) -> Pool:
     """Makes the model's KV cache pooled by pie-rs; ``model.generate(...)`` uses it unchanged.
 
@@ -479,6 +480,10 @@ def attach(
             memory. Pinning makes the policy ``"static"``.
         prefetch_depth: pin how many device staging slots pooled layers share (how far ahead
             the engine prefetches). Pinning makes the policy ``"static"``.
+        process_group: under tensor parallel, the ``torch.distributed`` group the model's shards
+            run over; ``None`` finds the group of a model loaded with ``tp_plan``. Each rank gets
+            its own pool sized from its shard, every rank must attach with the same arguments,
+            and all ranks plan alike (see :mod:`pie_rs.distributed`).
 
     Returns:
         The :class:`Pool` handle: ``new_cache``, ``stats``, ``detach``; also a context manager.
@@ -495,6 +500,9 @@ def attach(
     if existing is not None and not existing.closed:
         raise StateError("this model is already attached to pie-rs; call pool.detach() before attaching again")
     info = inspect_model(model)
+    rank_group = distributed.resolve_group(model, process_group)
+    if rank_group is not None:
+        info = distributed.shard_info(info, rank_group)
     resolved = _resolve_backend(backend, info.device)
     for name, value in (("policy", policy), ("objective", objective)):
         if not isinstance(value, str):
@@ -512,6 +520,20 @@ def attach(
     if isinstance(gpu_budget, float):
         available = _available_memory(resolved, info.device)
     budget_bytes = parse_budget(gpu_budget, available, device_total=_device_total(resolved, info.device))
+    budget_rank: int | None = None
+    budgets: list[int | None] = []
+    if rank_group is not None:
+        arguments = dict(
+            gpu_budget=gpu_budget,
+            backend=resolved,
+            policy=policy,
+            objective=objective,
+            pooled_layers=pinned,
+            prefetch_depth=prefetch_depth,
+        )
+        budget_bytes, budget_rank, budgets = distributed.agree(
+            rank_group, distributed.fingerprint(info, model, arguments), budget_bytes
+        )
     device_index = 0
     if info.device.type == "cuda":
         device_index = torch.cuda.current_device() if info.device.index is None else info.device.index
@@ -524,6 +546,8 @@ def attach(
         pooled_layers=None if config["pooled_layers"] is None else tuple(config["pooled_layers"]),
         prefetch_depth=config["prefetch_depth"],
     )
+    if rank_group is not None:
+        settings = distributed.settings_for(rank_group, settings, budget_rank, budgets)  # type: ignore[assignment]
     pinned_model = None if config["pooled_layers"] is None else [info.managed[e] for e in config["pooled_layers"]]
     pool = Pool(model, info, settings, pinned_model)
     if info.managed:
@@ -531,4 +555,6 @@ def attach(
         # backend availability) now rather than at the first generate.
         settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
     pool._install(model)
+    if rank_group is not None:
+        distributed.install(pool, model, rank_group)
     return pool
