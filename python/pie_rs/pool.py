@@ -254,6 +254,10 @@ class Pool:
         if self._closed:
             raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
 
+    def _ends_run(self, idx: int) -> bool:
+        """Whether managed layer ``idx`` is the last of a run of its engine's layers (it gets a post-hook)."""
+        return idx + 1 not in self.info.managed
+
     def _install(self, model: nn.Module) -> None:
         # The per-layer path stays out of the hooks: each layer's first update begins it (and ends
         # the layer before), so the only hook is a post-hook on a managed layer that no managed
@@ -262,7 +266,7 @@ class Pool:
         managed = set(self.info.managed)
         keyword = self.info.cache_keyword
         for idx, module in enumerate(self.info.decoder_layers):
-            if idx in managed and idx + 1 not in managed:
+            if idx in managed and self._ends_run(idx):
                 self._handles.append(module.register_forward_hook(_post_hook(idx, keyword), with_kwargs=True))
         pool_ref = weakref.ref(self)
         if self.info.managed:
@@ -549,11 +553,33 @@ def attach(
     if rank_group is not None:
         settings = distributed.settings_for(rank_group, settings, budget_rank, budgets)  # type: ignore[assignment]
     pinned_model = None if config["pooled_layers"] is None else [info.managed[e] for e in config["pooled_layers"]]
-    pool = Pool(model, info, settings, pinned_model)
-    if info.managed:
-        # A small probe engine checks the options against the engine itself (plan, policy,
-        # backend availability) now rather than at the first generate.
-        settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
+    from . import multidevice
+
+    groups = multidevice.device_groups(info)
+    pool: Pool
+    if len(groups) > 1:
+        if rank_group is not None:
+            raise ConfigError(
+                "a tensor-parallel model whose layers are also split across devices is not supported; "
+                "give each rank one device"
+            )
+        # gpu_budget is per device: a fraction resolves against each device's own free memory.
+        budgets = [
+            parse_budget(
+                gpu_budget,
+                _available_memory(resolved, device) if isinstance(gpu_budget, float) else None,
+                device_total=_device_total(resolved, device),
+            )
+            for device, _ in groups
+        ]
+        pool = multidevice.MultiDevicePool(model, info, settings, pinned_model, groups, budgets)
+        pool.probe()
+    else:
+        pool = Pool(model, info, settings, pinned_model)
+        if info.managed:
+            # A small probe engine checks the options against the engine itself (plan, policy,
+            # backend availability) now rather than at the first generate.
+            settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
     pool._install(model)
     if rank_group is not None:
         distributed.install(pool, model, rank_group)
