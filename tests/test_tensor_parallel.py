@@ -111,6 +111,10 @@ def test_tokens_identical_to_tensor_parallel_without_pie_rs(identity_run, mode) 
     assert identity_run[0]["modes"][mode]["tokens"] == identity_run[1]["modes"][mode]["tokens"]
 
 
+def test_detach_gives_the_model_back_on_every_rank(identity_run) -> None:
+    assert all(all(report["restored"]) for report in identity_run)
+
+
 def test_stats_gathered_on_rank_zero(identity_run) -> None:
     for mode in ("greedy", "sample", "beam"):
         gathered = identity_run[0]["modes"][mode]["gathered"]

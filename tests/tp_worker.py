@@ -92,6 +92,7 @@ def identity(model: Any, rank: int, out: dict[str, Any]) -> None:
             got = generate(model, inputs, mode, max_new_tokens=MAX_NEW)
             gathered = distributed.gather_stats(pool)
             stats = pool.stats()
+        out.setdefault("restored", []).append("forward" not in model.__dict__ and "generate" not in model.__dict__)
         out["modes"][mode] = {
             "equal": bool(torch.equal(got, expected)),
             "tokens": got.tolist(),

@@ -242,8 +242,16 @@ def _fail_group(rank_group: RankGroup, exc: BaseException) -> None:
         _dist().destroy_process_group(rank_group.group)
 
 
+_HANDLED = "_pie_rs_tp_handled"
+
+
+def _handled(exc: BaseException) -> BaseException:
+    setattr(exc, _HANDLED, True)
+    return exc
+
+
 def guard(rank_group: RankGroup, call: Any) -> Any:
-    """Wraps ``generate`` so a failure on one rank raises on every rank in bounded time."""
+    """Wraps ``generate`` or ``forward`` so a failure on one rank raises on every rank in bounded time."""
 
     @functools.wraps(call)
     def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -251,26 +259,44 @@ def guard(rank_group: RankGroup, call: Any) -> Any:
             return call(*args, **kwargs)
         except (BudgetError, ConfigError):
             raise  # every rank meets these alike (same inputs, same plan): the group is still in step
-        except PieError as exc:
+        except (PieError, RuntimeError) as exc:
+            if getattr(exc, _HANDLED, False):
+                raise  # an inner guard (forward inside generate) already did what follows
             failed = _peer_failure(_store())
             if failed is not None and not failed.startswith(f"rank {rank_group.rank}:"):
-                raise BackendError(f"tensor-parallel {failed} (this is rank {rank_group.rank})") from exc
-            _fail_group(rank_group, exc)
+                raise _handled(
+                    BackendError(
+                        f"tensor-parallel {failed}; this rank ({rank_group.rank}) stopped when its collective "
+                        "failed. The process group was torn down: restart the job (or re-create the group and "
+                        "reload the model)"
+                    )
+                ) from exc
+            if isinstance(exc, PieError):
+                _fail_group(rank_group, exc)
+                _handled(exc)
             raise
-        except RuntimeError as exc:
-            failed = _peer_failure(_store())
-            if failed is None:
-                raise
-            raise BackendError(
-                f"tensor-parallel {failed}; this rank ({rank_group.rank}) stopped when its collective failed. "
-                "The process group was torn down: restart the job (or re-create the group and reload the model)"
-            ) from exc
 
     return guarded
 
 
+class _Restore:
+    """A hook-like handle (``remove()``) that puts a model attribute back as it was at detach."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self.model = model
+        self.name = name
+        self.had = name in model.__dict__
+        self.old = model.__dict__.get(name)
+
+    def remove(self) -> None:
+        if self.had:
+            self.model.__dict__[self.name] = self.old
+        else:
+            self.model.__dict__.pop(self.name, None)
+
+
 def install(pool: Pool, model: nn.Module, rank_group: RankGroup) -> None:
-    """Makes ``pool`` a rank's pool: its stats carry the rank, its ``generate`` fails on every rank."""
+    """Makes ``pool`` a rank's pool: its stats carry the rank; its ``generate`` and ``forward`` fail on every rank."""
     settings = pool.settings
     pool.stats_tags.update(
         rank=rank_group.rank,
@@ -283,6 +309,11 @@ def install(pool: Pool, model: nn.Module, rank_group: RankGroup) -> None:
     generate = model.__dict__.get("generate")
     if generate is not None:
         model.__dict__["generate"] = guard(rank_group, generate)
+    # forward too, so hand-written loops (model(..., cache=pool.new_cache())) fail together as well;
+    # detach removes it with the hooks.
+    restore = _Restore(model, "forward")
+    model.__dict__["forward"] = guard(rank_group, model.forward)
+    pool._handles.append(restore)
 
 
 def gather_stats(pool: Pool, dst: int = 0) -> list[dict[str, Any]] | None:
