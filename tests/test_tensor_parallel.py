@@ -153,3 +153,12 @@ def test_a_failed_rank_makes_every_rank_raise(identity_run) -> None:
     assert reports[1]["fault"]["type"] in ("BackendError", "StateError")
     assert reports[0]["fault"]["type"] == "BackendError"
     assert "rank 1" in reports[0]["fault"]["message"]
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_attaches_is_named(model_dir, tmp_path) -> None:
+    reports, _ = run_ranks("absent", model_dir, tmp_path / "absent")
+    err = reports[0]["absent"]
+    assert err is not None and err["type"] == "StateError", err
+    assert "not every rank attached" in err["message"] and "1" in err["message"]
+    assert reports[0]["seconds"] < 30 and reports[0]["untouched"]

@@ -10,6 +10,7 @@ Scenarios:
   stats and the stats gathered on rank 0.
 - ``fault``: rank 1's engines fail their third copy; every rank must raise (the failed rank
   tears the process group down, so it comes last).
+- ``absent``: rank 1 never attaches; rank 0's attach must raise, naming it.
 - ``all``: ``identity`` then ``fault`` in one pair of processes (one start-up, ~10 s each here).
 """
 
@@ -124,6 +125,23 @@ def fault(model: Any, rank: int, out: dict[str, Any]) -> None:
     pool.detach()
 
 
+def absent(model: Any, rank: int, out: dict[str, Any]) -> None:
+    """Rank 1 never attaches: rank 0's attach names it after the (shortened) attach timeout."""
+    distributed.ATTACH_TIMEOUT = 3.0
+    if rank == 1:
+        time.sleep(8)
+        out["absent"] = None
+        return
+    start = time.perf_counter()
+    try:
+        pie_rs.attach(model)
+        out["absent"] = None
+    except pie_rs.PieError as exc:
+        out["absent"] = error(exc)
+    out["seconds"] = time.perf_counter() - start
+    out["untouched"] = "generate" not in model.__dict__ and "forward" not in model.__dict__
+
+
 def main() -> None:
     scenario, model_dir, out_dir = sys.argv[1:4]
     torch.set_num_threads(1)
@@ -132,7 +150,8 @@ def main() -> None:
     out: dict[str, Any] = {"rank": rank}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto").eval()
-        for step in {"identity": [identity], "fault": [fault], "all": [identity, fault]}[scenario]:
+        steps = {"identity": [identity], "fault": [fault], "all": [identity, fault], "absent": [absent]}
+        for step in steps[scenario]:
             step(model, rank, out)
     except BaseException as exc:
         out["crash"] = "".join(traceback.format_exception(exc))
