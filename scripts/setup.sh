@@ -10,7 +10,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # torch from PyPI is large: it is installed once into .venv and then reused.
-python -m pip install -q "torch>=2.6" "transformers>=5.17" numpy tqdm matplotlib pytest ruff "maturin>=1.7,<2"
+# accelerate: tensor parallel on CPU (tests/test_tensor_parallel.py).
+python -m pip install -q "torch>=2.6" "transformers>=5.17" numpy tqdm matplotlib pytest ruff "maturin>=1.7,<2" "accelerate>=1.0"
 # transformers 5.17 (the oldest supported, and the GPU machine's) beside the
 # newest, for the version matrix in scripts/test-all.sh.
 TF517=.cache/transformers-5.17

@@ -33,6 +33,15 @@ echo "== per-layer overhead on the caller's thread (CUDA, everything resident)"
 timeout 60 python3 benches/overhead.py --device cuda --rounds 9 > "$WORK/overhead.md" 2>&1
 echo "== pie-rs demo (CUDA shape)"
 timeout 90 python3 -m pie_rs.cli demo --out "$OUT" --no-progress > "$WORK/demo.md" 2>&1
+GPUS=$(nvidia-smi --list-gpus | wc -l)
+if [ "$GPUS" -gt 1 ]; then
+  echo "== model split across 2 GPUs by layers: an engine per device"
+  timeout 150 python3 benches/gpu/multi_gpu.py "$WORK/multi_gpu.json" > "$WORK/multi-gpu.md" 2>&1
+  status+=("multi-GPU: $(tail -1 "$WORK/multi-gpu.md")")
+  cp "$WORK/multi-gpu.md" "$OUT/" 2>/dev/null
+else
+  status+=("multi-GPU: skipped ($GPUS GPU)")
+fi
 cp "$WORK/py-tests.log" "$WORK/copy.md" "$WORK/e2e.md" "$OUT/" 2>/dev/null
 echo
 echo "===== summary ($(date -u +%Y-%m-%d), $(head -1 "$WORK/gpu.txt"), $(tail -1 "$WORK/gpu.txt"))"

@@ -15,6 +15,7 @@ from __future__ import annotations
 from ._core import __version__, cuda_available, cuda_probe
 from ._errors import BackendError, BudgetError, ConfigError, InternalError, PieError, StateError
 from .cache import PieCache, PieLayer
+from .distributed import gather_stats
 from .pool import Pool, attach
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "attach",
     "cuda_available",
     "cuda_probe",
+    "gather_stats",
 ]

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from . import _core
 from ._model import MANAGED, SLIDING, ModelInfo
 
-__all__ = ["EngineSettings", "engine_layers", "sliding_kv_bytes"]
+__all__ = ["EngineSettings", "LayerKV", "config_kv_shapes", "engine_layers", "rescale_shapes", "sliding_kv_bytes"]
 
 #: ``(batch, kv_heads, k_dim, v_dim, elem_size)`` of one engine-managed layer, as ``_core`` takes it.
 LayerShape = tuple[int, int, int, int, int]
+#: ``(kv_heads, k_dim, v_dim)`` of one engine-managed layer: what its states are, batch aside.
+LayerKV = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,38 @@ class EngineSettings:
         )
 
 
-def engine_layers(info: ModelInfo, batch: int, elem_size: int) -> list[LayerShape]:
-    """The shapes of the model's full-attention layers, as an engine takes them."""
-    return [(batch, li.kv_heads, li.k_dim, li.v_dim, elem_size) for li in info.layers if li.kind == MANAGED]
+def config_kv_shapes(info: ModelInfo) -> list[LayerKV]:
+    """``(kv_heads, k_dim, v_dim)`` of each full-attention layer as the config (or a TP shard) says."""
+    return [(li.kv_heads, li.k_dim, li.v_dim) for li in info.layers if li.kind == MANAGED]
+
+
+def engine_layers(info: ModelInfo, batch: int, elem_size: int, shapes: list[LayerKV] | None = None) -> list[LayerShape]:
+    """The shapes of the model's full-attention layers, as an engine takes them.
+
+    ``shapes`` (per full-attention layer) overrides the config's head counts and sizes with what
+    the layers actually handed over.
+    """
+    kv = config_kv_shapes(info) if shapes is None else shapes
+    return [(batch, heads, k_dim, v_dim, elem_size) for heads, k_dim, v_dim in kv]
+
+
+def rescale_shapes(shapes: list[LayerKV], e: int, seen: LayerKV) -> list[LayerKV]:
+    """Every layer's guess corrected by what layer ``e`` handed over (``seen``) instead of ``shapes[e]``.
+
+    Head counts scale by the same factor where it divides exactly (a tensor-parallel rank holds
+    ``1/tp`` of every layer's heads); a head size that equals layer ``e``'s guessed one becomes
+    layer ``e``'s real one. Layers whose guess stays wrong are corrected at their own first update.
+    """
+    guess_heads, guess_k, guess_v = shapes[e]
+    heads, k_dim, v_dim = seen
+    out = []
+    for j, (h, k, v) in enumerate(shapes):
+        if j == e:
+            out.append(seen)
+            continue
+        scaled = h * heads // guess_heads if (h * heads) % guess_heads == 0 and h * heads else h
+        out.append((scaled, k_dim if k == guess_k else k, v_dim if v == guess_v else v))
+    return out
 
 
 def sliding_kv_bytes(info: ModelInfo, batch: int, capacity: int, elem_size: int) -> int:

@@ -42,6 +42,9 @@ class ModelInfo:
     cache_keyword: str
     text_config: Any
     managed: list[int] = field(default_factory=list)
+    #: Per decoder layer, the device its weights (and so its KV) live on; several only for a model
+    #: split across devices by layers (``device_map``), where ``device`` is the first layer's.
+    layer_devices: list[torch.device] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.managed = [info.index for info in self.layers if info.kind == MANAGED]
@@ -150,12 +153,18 @@ def inspect_model(model: object) -> ModelInfo:
             "the model has tensors on the meta device (not loaded); load its weights before pie_rs.attach"
         )
     devices = {p.device for p in model.parameters()}
-    if len(devices) > 1:
+    if len({d.type for d in devices}) > 1:
         names = ", ".join(sorted(str(d) for d in devices))
-        raise ConfigError(f"the model is spread over several devices ({names}); pie-rs serves a model on one device")
+        raise ConfigError(
+            f"the model is spread over several devices of different kinds ({names}); pie-rs serves a model on "
+            "one device, or split by layers over several devices of one kind (CUDA GPUs)"
+        )
     device_map = getattr(model, "hf_device_map", None)
-    if isinstance(device_map, dict) and len({str(v) for v in device_map.values()}) > 1:
-        raise ConfigError("the model was loaded with a device_map over several devices; pie-rs needs one device")
+    if isinstance(device_map, dict) and len({_device_kind(v) for v in device_map.values()}) > 1:
+        raise ConfigError(
+            "the model was loaded with a device_map over several devices of different kinds (CPU or disk "
+            "offload and GPUs); pie-rs needs one device, or layers split over GPUs only"
+        )
     device = next(iter(devices))
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"the model is on {device}; pie-rs serves models on the CPU or a CUDA device")
@@ -173,6 +182,9 @@ def inspect_model(model: object) -> ModelInfo:
             "pie-rs cannot map them"
         )
     decoder_layers = _find_decoder_layers(model, num_layers)
+    layer_devices = [_layer_device(i, layer) for i, layer in enumerate(decoder_layers)]
+    if len(devices) > 1:
+        device = layer_devices[0]
     kv_heads, k_dim, v_dim = _head_shape(text_config)
 
     layers = []
@@ -193,4 +205,23 @@ def inspect_model(model: object) -> ModelInfo:
         dtype=dtype,
         cache_keyword=cache_keyword(model),
         text_config=text_config,
+        layer_devices=layer_devices,
     )
+
+
+def _device_kind(value: object) -> str:
+    """``"cuda"``, ``"cpu"``, ``"disk"``, ... of a ``hf_device_map`` value (an int is a GPU index)."""
+    if isinstance(value, int):
+        return "cuda"
+    return str(value).split(":")[0]
+
+
+def _layer_device(index: int, layer: nn.Module) -> torch.device:
+    """The one device decoder layer ``index``'s weights live on."""
+    devices = {p.device for p in layer.parameters()} or {b.device for b in layer.buffers()}
+    if len(devices) != 1:
+        names = ", ".join(sorted(str(d) for d in devices)) or "none"
+        raise ConfigError(
+            f"decoder layer {index} has its weights on several devices ({names}); pie-rs needs each layer on one device"
+        )
+    return next(iter(devices))

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _core
-from ._engine import engine_layers, sliding_kv_bytes
+from ._engine import LayerKV, engine_layers, rescale_shapes, sliding_kv_bytes
 from ._errors import BudgetError, ConfigError, StateError
 from ._model import MANAGED, SLIDING, ModelInfo, reference_layers
 from ._views import ArenaViews
@@ -73,9 +73,12 @@ class _Shared:
         self.max_length = max_length
         self.capacity = 0
         self.dtype: torch.dtype | None = None
-        # Per engine layer: (kv_heads, k_dim, v_dim) and the number of valid tokens.
+        # Per engine layer: (kv_heads, k_dim, v_dim) and the number of valid tokens. The shapes are
+        # the pool's best guess (the config, or what an earlier cache's layers handed over); each
+        # layer's first update corrects its own (see ``adopt_shape``).
         self.eidx = {model_idx: e for e, model_idx in enumerate(info.managed)}
-        self.shapes = [(info.layers[i].kv_heads, info.layers[i].k_dim, info.layers[i].v_dim) for i in info.managed]
+        self.shapes = pool.kv_shapes()
+        self.settled = [False] * len(info.managed)
         self.views = ArenaViews(self.shapes)
         self.lens = [0] * len(info.managed)
         self.open: int | None = None
@@ -113,7 +116,7 @@ class _Shared:
                     f"gpu_budget of {settings.budget_bytes} bytes does not even hold the sliding-window layers "
                     f"({self.sliding_estimate} bytes at batch {batch}, {capacity} tokens); raise the budget"
                 )
-        return settings.build(engine_layers(self.info, batch, elem), capacity, budget)
+        return settings.build(engine_layers(self.info, batch, elem, self.shapes), capacity, budget)
 
     def acquire_engine(self, batch: int, capacity: int, dtype: torch.dtype) -> _core.Engine:
         """The pool's kept engine if it fits ``batch``/``dtype``/``capacity`` (emptied), else a new one."""
@@ -121,7 +124,9 @@ class _Shared:
         kept = self.pool.take_engine(batch, dtype, capacity, sliding)
         if kept is not None:
             engine, self.sliding_estimate = kept
-            return engine
+            if _engine_shapes(engine) == self.shapes:
+                return engine
+            engine.close()  # made for other head shapes (a cache that learned them is still open)
         return self.make_engine(batch, capacity, dtype)
 
     def _reset_state(self, batch: int, dtype: torch.dtype) -> None:
@@ -137,12 +142,21 @@ class _Shared:
         self.views.bind(self.engine, batch, dtype)
 
     def initialize(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None) -> None:
-        """Creates the engine from the first key/value states (lazy initialization)."""
+        """Creates the engine from the first key/value states (lazy initialization).
+
+        The layer that hands them over (``layer_idx``, else the first managed layer) fixes its own
+        head count and head sizes, and, by :func:`pie_rs._engine.rescale_shapes`, the guess for
+        every other layer (a tensor-parallel shard divides every layer's heads alike). Each later
+        layer checks its guess at its own first update (``adopt_shape``).
+        """
         self.check_usable()
         if self.engine is not None or not self.shapes:
             return
-        if key_states.dim() != 4:
-            raise ConfigError(f"key states of shape {tuple(key_states.shape)} are not [batch, heads, seq, dim]")
+        if key_states.dim() != 4 or value_states.dim() != 4:
+            raise ConfigError(
+                f"key/value states of shapes {tuple(key_states.shape)}/{tuple(value_states.shape)} are not "
+                "[batch, heads, seq, dim]"
+            )
         batch = int(key_states.shape[0])
         if self.batch is not None and self.batch != batch:
             raise ConfigError(
@@ -153,6 +167,13 @@ class _Shared:
             key_states.device.type == self.device.type == "cuda" and self.device.index is None
         ):
             raise ConfigError(f"key states are on {key_states.device}, the model's cache lives on {self.device}")
+        e = self.eidx.get(layer_idx, 0) if layer_idx is not None else 0
+        seen = _states_shape(key_states, value_states)
+        if seen is not None and seen != self.shapes[e]:
+            self.shapes = rescale_shapes(self.shapes, e, seen)
+            self.views = ArenaViews(self.shapes)
+            self.pool.learn_kv_shapes(self.shapes)
+        self.settled[e] = True
         first = int(key_states.shape[-2])
         want = self.max_length if self.max_length is not None else first + DEFAULT_HEADROOM
         self.engine = self.acquire_engine(batch, _core.round_capacity(max(want, first, 1)), key_states.dtype)
@@ -281,12 +302,16 @@ class _Shared:
             raise StateError("update called while the cache is being reordered or cropped")
         engine = self.engine
         if engine is None:
-            self.initialize(key_states, value_states)
+            self.initialize(key_states, value_states, self.info.managed[e])
             engine = self.engine
             assert engine is not None
         kshape, vshape = key_states.shape, value_states.shape
         signature = (kshape, vshape, key_states.dtype, value_states.dtype, key_states.device, value_states.device)
         if signature != self._checked[e]:
+            if not self.settled[e]:
+                self.adopt_shape(e, key_states, value_states)
+                engine = self.engine
+                assert engine is not None
             self.check_states(e, key_states, value_states)
             self._checked[e] = signature
         n = self.lens[e]
@@ -360,13 +385,23 @@ class _Shared:
             for e, n in enumerate(self.lens):
                 k, v = self.data_views(e)
                 data.append((transform(k[:, :, :n]).to(self.device), transform(v[:, :, :n]).to(self.device), n))
-        new_batch = int(data[0][0].shape[0])
+        self._rebuild(int(data[0][0].shape[0]), data)
+
+    def _rebuild(self, batch: int, data: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+        """Replaces the engine by a new one (batch ``batch``, ``self.shapes``) holding ``data``.
+
+        ``data`` gives the first ``len(data)`` layers' valid K, V and length, replayed into the new
+        engine in execution order; with fewer than every layer the step stays open after the last
+        one, so the layer that asked for the rebuild continues that step.
+        """
+        assert self.dtype is not None
         capacity, dtype, stats = self.capacity, self.dtype, self.engine_stats()
         old = self._detach_engine()
         assert old is not None
         old.close()
-        self.engine = self.make_engine(new_batch, capacity, dtype)
-        self._reset_state(new_batch, dtype)
+        self.views = ArenaViews(self.shapes)
+        self.engine = self.make_engine(batch, capacity, dtype)
+        self._reset_state(batch, dtype)
         self.last_stats = stats
         for e, (k_new, v_new, n) in enumerate(data):
             self.begin(e)
@@ -376,6 +411,48 @@ class _Shared:
             v[:, :, :n].copy_(v_new)
             self.lens[e] = self.engine.layer_written(e, n, self._stream)
             self.done(e)
+
+    def adopt_shape(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Layer ``e``'s first update: keeps its guessed shape, or rebuilds the engine for the real one.
+
+        Nothing is lost: layer ``e`` holds no token yet, and the layers before it (in execution
+        order) are copied into the new engine. A layer that already holds tokens and changes shape
+        is refused by ``check_states``.
+        """
+        self.settled[e] = True
+        seen = _states_shape(key_states, value_states)
+        if seen is None or seen == self.shapes[e] or self.lens[e] or int(key_states.shape[0]) != self.batch:
+            return
+        if any(self.lens[e:]):
+            return  # a later layer already holds tokens: not a first step; check_states refuses it
+        shapes = list(self.shapes)
+        shapes[e] = seen
+        with self.quiesced():
+            data = []
+            for j in range(e):
+                k, v = self.data_views(j)
+                n = self.lens[j]
+                data.append((k[:, :, :n].to(self.device, copy=True), v[:, :, :n].to(self.device, copy=True), n))
+        self.shapes = shapes
+        assert self.batch is not None
+        self._rebuild(self.batch, data)
+        self.pool.learn_kv_shapes(self.shapes)
+
+
+def _states_shape(key_states: torch.Tensor, value_states: torch.Tensor) -> LayerKV | None:
+    """``(kv_heads, k_dim, v_dim)`` of 4-D key/value states that agree on batch, heads and length."""
+    if key_states.dim() != 4 or value_states.dim() != 4 or tuple(key_states.shape[:3]) != tuple(value_states.shape[:3]):
+        return None
+    return int(key_states.shape[1]), int(key_states.shape[3]), int(value_states.shape[3])
+
+
+def _engine_shapes(engine: _core.Engine) -> list[LayerKV]:
+    """``(kv_heads, k_dim, v_dim)`` of every layer of ``engine``, from its own geometry."""
+    out = []
+    for e in range(engine.num_layers):
+        view = engine.layer_view(e)
+        out.append((int(view["k_shape"][1]), int(view["k_shape"][3]), int(view["v_shape"][3])))
+    return out
 
 
 class PieLayer(CacheLayerMixin):
@@ -437,7 +514,7 @@ class PieLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Creates the shared engine from the states' batch, dtype and device if needed."""
         self._shared.initialize(key_states, value_states, self.layer_idx)
-        if self._shared.engine is not None:
+        if self._shared.engine is not None and self._shared.settled[self._e]:
             self._shared.check_states(self._e, key_states, value_states)
 
     def update(

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _core
+from . import _core, distributed
 from ._budget import parse_budget, total_host_memory
-from ._engine import EngineSettings, engine_layers
+from ._engine import EngineSettings, config_kv_shapes, engine_layers
 from ._errors import BackendError, ConfigError, StateError
 from ._model import MANAGED, ModelInfo, inspect_model
 from .cache import PieCache, empty_stats
@@ -58,6 +58,11 @@ class Pool:
         self._kept: tuple[_core.Engine, int, torch.dtype, int] | None = None
         self._handles: list[Any] = []
         self._had_generate_attr = "generate" in model.__dict__
+        # Per full-attention layer: (kv_heads, k_dim, v_dim) the next cache starts from: the config
+        # (or a tensor-parallel shard of it) until a cache's layers hand over their real shapes.
+        self._kv_shapes = config_kv_shapes(info)
+        #: Extra keys every ``stats()`` carries (the rank under tensor parallel, ...).
+        self.stats_tags: dict[str, Any] = {}
         self._old_generate = model.__dict__.get("generate")
         self.generations = 0
 
@@ -143,6 +148,7 @@ class Pool:
         stats["budget_bytes"] = self.budget_bytes
         stats["backend"] = self.backend
         stats["num_layers"] = len(self.info.layers)
+        stats.update(self.stats_tags)
         return stats
 
     def detach(self) -> None:
@@ -192,6 +198,14 @@ class Pool:
         state = "detached" if self._closed else f"backend={self.backend!r}, budget_bytes={self.budget_bytes}"
         return f"Pool({state}, layers={len(self.info.layers)}, managed={len(self.info.managed)})"
 
+    def kv_shapes(self) -> list[tuple[int, int, int]]:
+        """``(kv_heads, k_dim, v_dim)`` per full-attention layer that a new cache starts from."""
+        return list(self._kv_shapes)
+
+    def learn_kv_shapes(self, shapes: list[tuple[int, int, int]]) -> None:
+        """A cache's layers handed over these shapes: later caches start from them."""
+        self._kv_shapes = list(shapes)
+
     def keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
         """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before.
 
@@ -240,6 +254,10 @@ class Pool:
         if self._closed:
             raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
 
+    def _ends_run(self, idx: int) -> bool:
+        """Whether managed layer ``idx`` is the last of a run of its engine's layers (it gets a post-hook)."""
+        return idx + 1 not in self.info.managed
+
     def _install(self, model: nn.Module) -> None:
         # The per-layer path stays out of the hooks: each layer's first update begins it (and ends
         # the layer before), so the only hook is a post-hook on a managed layer that no managed
@@ -248,7 +266,7 @@ class Pool:
         managed = set(self.info.managed)
         keyword = self.info.cache_keyword
         for idx, module in enumerate(self.info.decoder_layers):
-            if idx in managed and idx + 1 not in managed:
+            if idx in managed and self._ends_run(idx):
                 self._handles.append(module.register_forward_hook(_post_hook(idx, keyword), with_kwargs=True))
         pool_ref = weakref.ref(self)
         if self.info.managed:
@@ -449,6 +467,7 @@ def attach(
     objective: str = "speed",
     pooled_layers: Sequence[int] | None = None,
     prefetch_depth: int | None = None,
+    process_group: Any = None,
 ) -> Pool:
     """Makes the model's KV cache pooled by pie-rs; ``model.generate(...)`` uses it unchanged.
 
@@ -465,6 +484,10 @@ def attach(
             memory. Pinning makes the policy ``"static"``.
         prefetch_depth: pin how many device staging slots pooled layers share (how far ahead
             the engine prefetches). Pinning makes the policy ``"static"``.
+        process_group: under tensor parallel, the ``torch.distributed`` group the model's shards
+            run over; ``None`` finds the group of a model loaded with ``tp_plan``. Each rank gets
+            its own pool sized from its shard, every rank must attach with the same arguments,
+            and all ranks plan alike (see :mod:`pie_rs.distributed`).
 
     Returns:
         The :class:`Pool` handle: ``new_cache``, ``stats``, ``detach``; also a context manager.
@@ -481,6 +504,9 @@ def attach(
     if existing is not None and not existing.closed:
         raise StateError("this model is already attached to pie-rs; call pool.detach() before attaching again")
     info = inspect_model(model)
+    rank_group = distributed.resolve_group(model, process_group)
+    if rank_group is not None:
+        info = distributed.shard_info(info, rank_group)
     resolved = _resolve_backend(backend, info.device)
     for name, value in (("policy", policy), ("objective", objective)):
         if not isinstance(value, str):
@@ -498,6 +524,20 @@ def attach(
     if isinstance(gpu_budget, float):
         available = _available_memory(resolved, info.device)
     budget_bytes = parse_budget(gpu_budget, available, device_total=_device_total(resolved, info.device))
+    budget_rank: int | None = None
+    budgets: list[int | None] = []
+    if rank_group is not None:
+        arguments = dict(
+            gpu_budget=gpu_budget,
+            backend=resolved,
+            policy=policy,
+            objective=objective,
+            pooled_layers=pinned,
+            prefetch_depth=prefetch_depth,
+        )
+        budget_bytes, budget_rank, budgets = distributed.agree(
+            rank_group, distributed.fingerprint(info, model, arguments), budget_bytes
+        )
     device_index = 0
     if info.device.type == "cuda":
         device_index = torch.cuda.current_device() if info.device.index is None else info.device.index
@@ -510,11 +550,37 @@ def attach(
         pooled_layers=None if config["pooled_layers"] is None else tuple(config["pooled_layers"]),
         prefetch_depth=config["prefetch_depth"],
     )
+    if rank_group is not None:
+        settings = distributed.settings_for(rank_group, settings, budget_rank, budgets)  # type: ignore[assignment]
     pinned_model = None if config["pooled_layers"] is None else [info.managed[e] for e in config["pooled_layers"]]
-    pool = Pool(model, info, settings, pinned_model)
-    if info.managed:
-        # A small probe engine checks the options against the engine itself (plan, policy,
-        # backend availability) now rather than at the first generate.
-        settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
+    from . import multidevice
+
+    groups = multidevice.device_groups(info)
+    pool: Pool
+    if len(groups) > 1:
+        if rank_group is not None:
+            raise ConfigError(
+                "a tensor-parallel model whose layers are also split across devices is not supported; "
+                "give each rank one device"
+            )
+        # gpu_budget is per device: a fraction resolves against each device's own free memory.
+        budgets = [
+            parse_budget(
+                gpu_budget,
+                _available_memory(resolved, device) if isinstance(gpu_budget, float) else None,
+                device_total=_device_total(resolved, device),
+            )
+            for device, _ in groups
+        ]
+        pool = multidevice.MultiDevicePool(model, info, settings, pinned_model, groups, budgets)
+        pool.probe()
+    else:
+        pool = Pool(model, info, settings, pinned_model)
+        if info.managed:
+            # A small probe engine checks the options against the engine itself (plan, policy,
+            # backend availability) now rather than at the first generate.
+            settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
     pool._install(model)
+    if rank_group is not None:
+        distributed.install(pool, model, rank_group)
     return pool

@@ -1,0 +1,164 @@
+"""One rank of a two-process tensor-parallel run (gloo, CPU), started by ``tests/test_tensor_parallel.py``.
+
+``python tp_worker.py SCENARIO MODEL_DIR OUT_DIR`` with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
+``MASTER_PORT`` set. Writes ``OUT_DIR/rank<r>.json``: what this rank saw, for the test to check.
+
+Scenarios:
+- ``identity``: bad input first (ranks that disagree on the arguments; a budget too small on one
+  rank), then for greedy, sampling with a fixed seed and beam search: tensor parallel without
+  pie-rs, then with pie-rs at a budget that pools half the layers of this rank's shard; tokens,
+  stats and the stats gathered on rank 0.
+- ``fault``: rank 1's engines fail their third copy; every rank must raise (the failed rank
+  tears the process group down, so it comes last).
+- ``absent``: rank 1 never attaches; rank 0's attach must raise, naming it.
+- ``all``: ``identity`` then ``fault`` in one pair of processes (one start-up, ~10 s each here).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+import pie_rs
+from pie_rs import _core, distributed
+from pie_rs import pool as pool_module
+
+from helpers import generate
+from models import make_inputs
+
+PROMPT, MAX_NEW = 7, 10
+
+
+def expanded(mode: str, batch: int) -> int:
+    return batch * 4 if mode == "beam" else batch
+
+
+def half_pooled_shard_budget(model: Any, batch: int) -> int:
+    """Device bytes of this rank's shard with half its layers pooled through one staging slot."""
+    cfg = model.config
+    heads = cfg.num_key_value_heads // dist.get_world_size()
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    layers = [(batch, heads, dim, dim, 4)] * cfg.num_hidden_layers
+    cap = _core.round_capacity(PROMPT + MAX_NEW)
+    return int(_core.device_bytes(layers, cap, list(range(0, cfg.num_hidden_layers, 2)), 1))
+
+
+def error(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def identity(model: Any, rank: int, out: dict[str, Any]) -> None:
+    inputs = make_inputs(2, PROMPT)
+    # Ranks that disagree on an argument: refused on every rank.
+    try:
+        pie_rs.attach(model, gpu_budget=10**6 * (rank + 1))
+        out["disagree"] = None
+    except pie_rs.PieError as exc:
+        out["disagree"] = error(exc)
+    # A fraction of free memory that resolves small on rank 1 only: every rank fails alike at the
+    # first generate, naming rank 1 and the minimum.
+    real = pool_module._available_memory
+    if rank == 1:
+        pool_module._available_memory = lambda backend, device: 8192
+    try:
+        pool = pie_rs.attach(model, gpu_budget=0.5)
+        out["small_budget_bytes"] = pool.budget_bytes
+        try:
+            generate(model, inputs, "greedy", max_new_tokens=MAX_NEW)
+            out["small"] = None
+        except pie_rs.PieError as exc:
+            out["small"] = error(exc)
+        pool.detach()
+    finally:
+        pool_module._available_memory = real
+    out["modes"] = {}
+    for mode in ("greedy", "sample", "beam"):
+        expected = generate(model, inputs, mode, max_new_tokens=MAX_NEW)
+        budget = half_pooled_shard_budget(model, expanded(mode, 2))
+        with pie_rs.attach(model, gpu_budget=budget) as pool:
+            got = generate(model, inputs, mode, max_new_tokens=MAX_NEW)
+            gathered = distributed.gather_stats(pool)
+            stats = pool.stats()
+        out.setdefault("restored", []).append("forward" not in model.__dict__ and "generate" not in model.__dict__)
+        out["modes"][mode] = {
+            "equal": bool(torch.equal(got, expected)),
+            "tokens": got.tolist(),
+            "stats": {k: v for k, v in stats.items() if isinstance(v, int | float | str | list | type(None))},
+            "gathered": gathered,
+        }
+
+
+def fault(model: Any, rank: int, out: dict[str, Any]) -> None:
+    inputs = make_inputs(2, PROMPT)
+    if rank == 1:
+        real = _core.Engine
+
+        def faulty(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("faults", {"fail_copy_at": 3})
+            kwargs.setdefault("wait_timeout", 0.5)
+            return real(*args, **kwargs)
+
+        _core.Engine = faulty  # type: ignore[misc]
+    pool = pie_rs.attach(model, pooled_layers=[0, 2], prefetch_depth=1)
+    start = time.perf_counter()
+    try:
+        generate(model, inputs, "greedy", max_new_tokens=MAX_NEW)
+        out["fault"] = None
+    except Exception as exc:  # every rank must get here
+        out["fault"] = error(exc)
+        out["pie_error"] = isinstance(exc, pie_rs.PieError)
+    out["seconds"] = time.perf_counter() - start
+    pool.detach()
+
+
+def absent(model: Any, rank: int, out: dict[str, Any]) -> None:
+    """Rank 1 never attaches: rank 0's attach names it after the (shortened) attach timeout."""
+    distributed.ATTACH_TIMEOUT = 3.0
+    if rank == 1:
+        time.sleep(8)
+        out["absent"] = None
+        return
+    start = time.perf_counter()
+    try:
+        pie_rs.attach(model)
+        out["absent"] = None
+    except pie_rs.PieError as exc:
+        out["absent"] = error(exc)
+    out["seconds"] = time.perf_counter() - start
+    out["untouched"] = "generate" not in model.__dict__ and "forward" not in model.__dict__
+
+
+def main() -> None:
+    scenario, model_dir, out_dir = sys.argv[1:4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+    out: dict[str, Any] = {"rank": rank}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto").eval()
+        steps = {"identity": [identity], "fault": [fault], "all": [identity, fault], "absent": [absent]}
+        for step in steps[scenario]:
+            step(model, rank, out)
+    except BaseException as exc:
+        out["crash"] = "".join(traceback.format_exception(exc))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    if scenario == "identity" and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
