@@ -14,7 +14,8 @@
 //! * [`policy`]: the one [`Policy`] trait the engine consults, its
 //!   configuration ([`PolicyConfig`]), adaptive expansion and the static policy;
 //! * [`telemetry`]: per-layer timings and byte counts through a lock-free ring;
-//! * [`engine`]: the per-layer API the Python side calls.
+//! * [`engine`]: the per-layer API the Python side calls;
+//! * [`paged`]: sizing a paged cache (continuous batching) under a budget.
 //!
 //! Hardware sits behind [`backend::Backend`]: `pie_host::HostBackend` (threads
 //! doing real memcpy, in the `pie-host` crate), [`sim::SimBackend`] (virtual
@@ -33,6 +34,7 @@ pub use plan::Plan;
 pub mod engine;
 pub mod fifo;
 pub mod page_table;
+pub mod paged;
 pub mod policy_driver;
 mod primitive;
 pub mod schedule;

@@ -301,6 +301,36 @@ impl Schedule {
         }))
     }
 
+    /// Tokens `ranges` (each `(start, n)`) of `layer` were written in engine
+    /// step `step`, in any order and at scattered places (a paged cache writes
+    /// each request's new tokens into its own blocks): a pooled layer writes
+    /// back each non-empty range from its slot, in the order given, and
+    /// nothing else. `Err(())` when a pooled layer writes without its prefetch
+    /// queued (the caller skipped [`Schedule::ready`]).
+    #[allow(clippy::result_unit_err)]
+    pub fn written_ranges(
+        &self,
+        layer: usize,
+        ranges: &[(usize, usize)],
+        step: u64,
+        emit: &mut impl FnMut(SwapOp),
+    ) -> Result<(), ()> {
+        if !self.is_pooled(layer) || ranges.iter().all(|&(_, n)| n == 0) {
+            return Ok(());
+        }
+        let slot = self.slot_of(layer).ok_or(())?;
+        for &(start, n) in ranges.iter().filter(|&&(_, n)| n > 0) {
+            emit(SwapOp::WriteBack {
+                layer,
+                slot,
+                start,
+                n,
+                step,
+            });
+        }
+        Ok(())
+    }
+
     /// `layer`'s compute is done: a pooled layer releases its slot, and the
     /// prefetch `W` places later in execution order is queued into it.
     pub fn done(&mut self, layer: usize, emit: &mut impl FnMut(SwapOp)) {
@@ -466,6 +496,53 @@ mod tests {
     fn a_write_before_ready_is_refused() {
         let s = Schedule::new(plan(&[0], 1), 2);
         assert_eq!(s.written(0, 0, 1, 0), Err(()));
+    }
+
+    #[test]
+    fn scattered_writes_write_back_each_range_from_the_layer_slot() {
+        let mut s = Schedule::new(plan(&[1, 2], 1), 3);
+        let mut ops = Vec::new();
+        s.begin(0, 0, &mut |op| ops.push(op));
+        s.done(0, &mut |op| ops.push(op));
+        s.begin(1, 0, &mut |op| ops.push(op));
+        let Ready::Staged { slot, .. } = s.ready(1) else {
+            panic!("layer 1 is pooled")
+        };
+        ops.clear();
+        s.written_ranges(1, &[(40, 1), (7, 0), (3, 2)], 0, &mut |op| ops.push(op))
+            .unwrap();
+        assert_eq!(
+            ops,
+            vec![
+                SwapOp::WriteBack {
+                    layer: 1,
+                    slot,
+                    start: 40,
+                    n: 1,
+                    step: 0
+                },
+                SwapOp::WriteBack {
+                    layer: 1,
+                    slot,
+                    start: 3,
+                    n: 2,
+                    step: 0
+                },
+            ]
+        );
+        // Resident layers and empty ranges move nothing.
+        ops.clear();
+        s.written_ranges(0, &[(0, 5)], 0, &mut |op| ops.push(op))
+            .unwrap();
+        s.written_ranges(1, &[(9, 0)], 0, &mut |op| ops.push(op))
+            .unwrap();
+        assert!(ops.is_empty());
+    }
+
+    #[test]
+    fn scattered_writes_before_ready_are_refused() {
+        let s = Schedule::new(plan(&[0], 1), 2);
+        assert_eq!(s.written_ranges(0, &[(4, 1)], 0, &mut |_| {}), Err(()));
     }
 
     #[test]
