@@ -131,7 +131,7 @@ class _Shared:
         self.sliding_estimate = self.sliding_bytes_at(batch, capacity, elem)
         budget = self.pool.budget_bytes
         if budget is not None:
-            budget -= self.sliding_estimate
+            budget -= self.sliding_estimate + self.pool._serving_device_bytes()
             if budget <= 0:
                 raise BudgetError(
                     f"gpu_budget of {self.pool.budget_bytes} bytes does not even hold the sliding-window layers "

@@ -15,6 +15,7 @@ from . import _core
 from ._budget import parse_budget, total_host_memory
 from ._errors import BackendError, ConfigError, StateError
 from ._model import MANAGED, ModelInfo, inspect_model
+from . import serving
 from .cache import _STAT_KEYS, PieCache
 
 __all__ = ["Pool", "attach"]
@@ -78,6 +79,9 @@ class Pool:
         self._had_generate_attr = "generate" in model.__dict__
         self._old_generate = model.__dict__.get("generate")
         self.generations = 0
+        # Continuous batching: the live paged cache (one per pool) and the undo of its install.
+        self._serving: Any = None
+        self._undo_serving: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------------- public
     @property
@@ -123,6 +127,8 @@ class Pool:
             stats["sliding_layers"] = len(self.info.layers) - len(self.info.managed)
             stats["sliding_kv_bytes"] = 0
         stats["generations"] = self.generations
+        if self._serving is not None:
+            stats["serving"] = self._serving.serving_stats()
         stats["budget_bytes"] = self.budget_bytes
         stats["backend"] = self.backend
         stats["num_layers"] = len(self.info.layers)
@@ -148,6 +154,8 @@ class Pool:
                 model.__dict__.pop("generate", None)
             if model.__dict__.get(_ATTR) is self:
                 del model.__dict__[_ATTR]
+        self._undo_serving()
+        self._close_serving()
         for cache in list(self._caches):
             cache._shared.close()
         self.release()
@@ -179,6 +187,24 @@ class Pool:
     def _check(self) -> None:
         if self._closed:
             raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
+
+    def _serving_budget(self) -> int | None:
+        """Device bytes a new continuous-batching cache may use: the budget less live ``generate`` caches."""
+        self.release()  # the kept generate engine gives its memory back first
+        if self.budget_bytes is None:
+            return None
+        live = sum(int(c._shared.engine_stats().get("device_kv_bytes", 0)) for c in self._caches if c._shared.engine)
+        return max(1, self.budget_bytes - live)
+
+    def _serving_device_bytes(self) -> int:
+        """Device bytes the live continuous-batching cache holds (a ``generate`` gets the rest of the budget)."""
+        return 0 if self._serving is None else self._serving.device_kv_bytes()
+
+    def _close_serving(self) -> None:
+        """Closes the continuous-batching cache's engine (its statistics are kept)."""
+        cache = self._serving
+        if cache is not None:
+            cache.close()
 
     def _keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
         """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before."""
@@ -247,6 +273,7 @@ class Pool:
 
         model.__dict__["generate"] = generate
         model.__dict__[_ATTR] = self
+        self._undo_serving = serving.install(self, model)
 
     def _generate(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self._should_inject(kwargs):

@@ -3,6 +3,7 @@
 
 mod dlpack;
 mod errors;
+mod paged;
 mod simulate;
 
 use dlpack::{Region, StreamSync};
@@ -448,6 +449,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<PyEngine>()?;
+    paged::register(m)?;
     m.add_class::<Region>()?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_probe, m)?)?;

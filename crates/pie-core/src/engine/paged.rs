@@ -61,4 +61,28 @@ impl<B: Backend> Engine<B> {
         }
         Ok(end)
     }
+
+    /// Sets how many rows of `layer` are valid (what a prefetch moves), up or
+    /// down, outside a step: for data written straight into a layer's
+    /// authoritative copy while quiesced (a block copy into a pooled layer's
+    /// host buffer when a request forks or is restored), or dropped. Waits for
+    /// every copy first; staging contents are fetched again afterwards.
+    pub fn set_extent(&mut self, layer: usize, rows: usize) -> Result<()> {
+        self.check()?;
+        self.check_layer(layer)?;
+        let cap = self.capacity();
+        if rows > cap {
+            return Err(PieError::config(format!(
+                "layer {layer} cannot hold {rows} rows; its capacity is {cap}"
+            )));
+        }
+        if self.in_step {
+            return Err(PieError::state(format!(
+                "set_extent({layer}) inside a step; call it between steps"
+            )));
+        }
+        self.quiesce()?;
+        self.shared.page_table.set_seq_len(layer, rows);
+        self.resume()
+    }
 }
