@@ -131,11 +131,14 @@ class _Shared:
         self.sliding_estimate = self.sliding_bytes_at(batch, capacity, elem)
         budget = self.pool.budget_bytes
         if budget is not None:
-            budget -= self.sliding_estimate + self.pool._serving_device_bytes()
+            serving = self.pool._serving_device_bytes()
+            budget -= self.sliding_estimate + serving
             if budget <= 0:
                 raise BudgetError(
                     f"gpu_budget of {self.pool.budget_bytes} bytes does not even hold the sliding-window layers "
-                    f"({self.sliding_estimate} bytes at batch {batch}, {capacity} tokens); raise the budget"
+                    f"({self.sliding_estimate} bytes at batch {batch}, {capacity} tokens)"
+                    + (f" besides the {serving} bytes of a live continuous-batching cache" if serving else "")
+                    + "; raise the budget"
                 )
         return _core.Engine(
             self.pool.backend,

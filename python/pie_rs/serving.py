@@ -383,10 +383,13 @@ def _cache_class() -> type:
             if not self._closed:
                 self._closed = True
                 self._views.clear()
+                self.allocator._kv_token_views.clear()
+                self.allocator._kv_page_views.clear()
                 self._typed = self._host = None
                 engine, self.engine = self.engine, None
                 if engine is not None:
-                    self.last_stats = dict(engine.stats())
+                    with contextlib.suppress(Exception):
+                        self.last_stats = dict(engine.stats())
                     engine.close()
 
         def __del__(self) -> None:
@@ -708,5 +711,19 @@ def _patch_manager(pool: Pool, manager: Any) -> None:
                 )
         return original_add(input_ids, *args, **kwargs)
 
+    original_stop = type(manager).stop.__get__(manager)
+
+    def stop(*args: Any, **kwargs: Any) -> Any:
+        bp = getattr(manager, "batch_processor", None)
+        try:
+            return original_stop(*args, **kwargs)
+        finally:
+            # A manager not kept for the next session gives its device KV back to the budget now.
+            cache = getattr(bp, "cache", None)
+            stopped = manager._generation_thread is None and manager.batch_processor is None
+            if stopped and isinstance(cache, PagedPieCache):
+                cache.close()
+
     manager._create_batch_processor = create
     manager.add_request = add_request
+    manager.stop = stop
