@@ -11,10 +11,11 @@ import time
 
 import pytest
 import torch
-from models import make_model
 
 import pie_rs
 from pie_rs import serving
+
+from models import make_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import ContinuousBatchingConfig, GenerationConfig  # noqa: E402
@@ -65,7 +66,11 @@ def row_bytes(model) -> int:
 def test_greedy_tokens_equal_continuous_batching_alone(llama, reference, pooling):
     # 600 rows of one layer: the budget alone holds 150 rows per layer for 4 resident layers.
     budget = 600 * row_bytes(llama)
-    kwargs = {"none": {"gpu_budget": None}, "some": {"gpu_budget": budget}, "all": {"gpu_budget": budget, "objective": "memory"}}
+    kwargs = {
+        "none": {"gpu_budget": None},
+        "some": {"gpu_budget": budget},
+        "all": {"gpu_budget": budget, "objective": "memory"},
+    }
     with pie_rs.attach(llama, **kwargs[pooling]) as pool:
         got = tokens(llama, config=cb(num_blocks=32) if pooling == "none" else cb())
         stats = pool.stats()["serving"]
@@ -102,7 +107,7 @@ def test_sliding_window_family():
 
 def test_prefix_sharing_forks_and_preemption(llama):
     shared = [40 + j for j in range(2 * PAGE + 3)]
-    prompts = [shared + [5 + i] for i in range(3)]
+    prompts = [[*shared, 5 + i] for i in range(3)]
     sampling = GenerationConfig(
         max_new_tokens=8, do_sample=True, eos_token_id=-1, pad_token_id=0, num_return_sequences=2
     )
@@ -197,7 +202,10 @@ def serving_cache_for(model):
 
 def test_generate_and_serving_share_one_budget(llama):
     budget = 300 * row_bytes(llama)
-    inputs = {"input_ids": torch.tensor([PROMPTS[1]]), "attention_mask": torch.ones(1, len(PROMPTS[1]), dtype=torch.long)}
+    inputs = {
+        "input_ids": torch.tensor([PROMPTS[1]]),
+        "attention_mask": torch.ones(1, len(PROMPTS[1]), dtype=torch.long),
+    }
     with pie_rs.attach(llama, gpu_budget=budget, objective="memory") as pool:
         llama.generate(**inputs, max_new_tokens=4, do_sample=False)
         assert pool._kept is not None  # generate's engine, kept for the next call

@@ -11,11 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _core
+from . import _core, serving
 from ._budget import parse_budget, total_host_memory
 from ._errors import BackendError, ConfigError, StateError
 from ._model import MANAGED, ModelInfo, inspect_model
-from . import serving
 from .cache import _STAT_KEYS, PieCache
 
 __all__ = ["Pool", "attach"]

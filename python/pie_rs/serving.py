@@ -204,7 +204,7 @@ def _cache_class() -> type:
             tiny = _copy_config(continuous_batching_config)
             tiny.num_blocks = 1
             super().__init__(config, tiny, device, distributed_helper, dtype, model_supports_logits_to_keep)
-            (self.group_name, allocator), = self.cache_allocators.items()
+            ((self.group_name, allocator),) = self.cache_allocators.items()
             self.allocator = allocator
             self.cache_tensor = None  # the one-sector tensor: nothing refers to it any more
             self.pool_ref = weakref.ref(pool)
@@ -449,8 +449,10 @@ def _cache_class() -> type:
             return super().update(key_states, value_states, layer_idx, kwargs)
 
         def _close_layer(self) -> None:
-            """Ends the open layer: its written rows go back (after the attention that wrote them, as the
-            flash block-table kernel writes inside attention) and its staging slot is released."""
+            """Ends the open layer: its written rows go back, then its staging slot is released.
+
+            Both wait for the attention that wrote the rows (the flash block-table kernel writes inside it).
+            """
             open_layer, self._open = self._open, None
             if open_layer is not None and self.engine is not None:
                 if self._ranges:
@@ -508,8 +510,10 @@ def _ascending_pool_class() -> type:
     from transformers.generation.continuous_batching.cache_allocators import CachePool
 
     class AscendingPool(CachePool):  # type: ignore[misc, valid-type]
-        """transformers' sector pool, handing out the lowest free sector first, so the rows a
-        prefetch must move (up to the highest written) grow with the load, not at once."""
+        """transformers' sector pool, handing out the lowest free sector first.
+
+        The rows a prefetch must move (up to the highest written) then grow with the load, not at once.
+        """
 
         def reset(self) -> None:
             super().reset()
@@ -518,7 +522,7 @@ def _ascending_pool_class() -> type:
     return AscendingPool
 
 
-def _AscendingPool(num_sectors: int, num_allocators: int) -> Any:  # noqa: N802 - a factory
+def _AscendingPool(num_sectors: int, num_allocators: int) -> Any:
     return _ascending_pool_class()(num_sectors, num_allocators)
 
 
@@ -547,8 +551,10 @@ class Instrument:
 
 
 def instrument_processor(bp: Any, counters: Any, after_forward: Callable[[], None] | None = None) -> None:
-    """Wraps a ``ContinuousBatchProcessor``'s forward and offloading to fill ``counters``
-    (an :class:`Instrument` or a :class:`PagedPieCache`: ``peak_running``, ``preemptions``, ...)."""
+    """Wraps a ``ContinuousBatchProcessor``'s forward and offloading to count what it does.
+
+    ``counters`` is an :class:`Instrument` or a :class:`PagedPieCache` (``peak_running``, ``preemptions``, ...).
+    """
     if getattr(bp, "_pie_instrumented", None) is counters:
         return
     runner = bp.model_runner
