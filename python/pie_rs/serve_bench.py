@@ -73,8 +73,8 @@ def make_workload(
             p, o = lengths[i % len(lengths)]
         else:
             z = torch.randn(2, generator=gen)
-            p = int(round(prompt_median * math.exp(sigma * float(z[0]))))
-            o = int(round(output_median * math.exp(sigma * float(z[1]))))
+            p = round(prompt_median * math.exp(sigma * float(z[0])))
+            o = round(output_median * math.exp(sigma * float(z[1])))
         p = max(1, min(max_prompt, p))
         o = max(1, min(max_output, o))
         ids = torch.randint(3, vocab, (p,), generator=gen).tolist()
@@ -191,7 +191,9 @@ def run_one(
         done: dict[str, float] = {}
         arrival: dict[str, float] = {}
         pending = list(workload)
-        bar = tqdm(total=len(workload), desc=f"{method} @ {rate:g} req/s", unit="req", disable=not progress, leave=False)
+        bar = tqdm(
+            total=len(workload), desc=f"{method} @ {rate:g} req/s", unit="req", disable=not progress, leave=False
+        )
         t0 = time.perf_counter()
         while len(done) < len(workload):
             now = time.perf_counter() - t0
@@ -219,9 +221,7 @@ def run_one(
         res.output_tokens = sum(len(v) for v in res.tokens.values())
         res.tokens_per_s = res.output_tokens / res.wall_s
         res.ttft_ms = [1e3 * (first[k] - arrival[k]) for k in done]
-        res.tpot_ms = [
-            1e3 * (done[k] - first[k]) / (len(res.tokens[k]) - 1) for k in done if len(res.tokens[k]) > 1
-        ]
+        res.tpot_ms = [1e3 * (done[k] - first[k]) / (len(res.tokens[k]) - 1) for k in done if len(res.tokens[k]) > 1]
         for name, values in (("ttft", res.ttft_ms), ("tpot", res.tpot_ms)):
             setattr(res, f"{name}_p50_ms", percentile(values, 50))
             setattr(res, f"{name}_p99_ms", percentile(values, 99))
@@ -251,14 +251,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--serving", action="store_true", help="run the continuous-batching serving benchmark")
     g.add_argument("--rates", default=None, help="arrival rates, requests/s, comma-separated (CPU default 4,16)")
     g.add_argument("--requests", type=int, default=None, help="requests per rate (CPU default 24)")
-    g.add_argument("--lengths", default=None, help="JSONL of {\"prompt\": n, \"output\": m} instead of log-normal")
+    g.add_argument("--lengths", default=None, help='JSONL of {"prompt": n, "output": m} instead of log-normal')
     g.add_argument("--prompt-median", type=float, default=None, help="log-normal median prompt length")
     g.add_argument("--output-median", type=float, default=None, help="log-normal median output length")
     g.add_argument("--sigma", type=float, default=0.6, help="log-normal sigma of both lengths (default 0.6)")
     g.add_argument("--budget", default=None, help="device KV budget B ('64MiB', bytes); default: --budget-share")
-    g.add_argument(
-        "--budget-share", type=float, default=1 / 3, help="B as a share of the workload's KV (default 1/3)"
-    )
+    g.add_argument("--budget-share", type=float, default=1 / 3, help="B as a share of the workload's KV (default 1/3)")
     g.add_argument("--page-size", type=int, default=None, help="tokens per page (CPU default 16, CUDA 256)")
     g.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward (CPU 256, CUDA 4096)")
     g.add_argument("--objective", default="memory", choices=("speed", "memory"), help="pie-rs objective")
