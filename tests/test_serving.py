@@ -237,3 +237,24 @@ def test_serving_is_refused_clearly_on_older_transformers():  # pragma: no cover
     model = make_model("llama")
     with pie_rs.attach(model), pytest.raises(pie_rs.ConfigError, match=r"transformers >= 5\.24"):
         model.init_continuous_batching()
+
+
+@needs_524
+def test_block_copies_reach_resident_and_pooled_layers(llama):
+    # What transformers' offloading manager and forks do: whole blocks out and back in.
+    with pie_rs.attach(llama, gpu_budget=600 * row_bytes(llama)) as pool:
+        manager = llama.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb())
+        cache = manager._create_batch_processor().cache
+        view = cache.allocator._copy_view
+        stats = pool.stats()["serving"]
+        assert 0 < stats["pooled_layers"] < stats["resident_layers"] + stats["pooled_layers"]
+        width = cache.layers * 2 * cache.page_bytes  # a block: K and V pages of every layer
+        blocks = torch.tensor([3, 7])
+        data = torch.randint(0, 256, (2, width), dtype=torch.uint8)
+        view.index_copy_(0, blocks, data)
+        assert torch.equal(view.index_select(0, blocks), data)
+        assert torch.equal(view.index_select(0, torch.tensor([7])), data[1:])
+        assert not view.index_select(0, torch.tensor([5])).any()  # untouched blocks stay zero
+        # A prefetch now moves the pooled layers up to the highest block written.
+        assert all(cache.engine.seq_len(e) == 8 * PAGE for e in range(cache.layers))
+        cache.close()
