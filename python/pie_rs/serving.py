@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from math import ceil
@@ -397,8 +398,9 @@ def _cache_class() -> type:
                 self.close()
 
         def device_kv_bytes(self) -> int:
-            engine = self.engine
-            return 0 if engine is None or engine.closed else int(engine.stats()["device_kv_bytes"])
+            if self.engine is None or self._closed:
+                return 0
+            return int(self._engine_stats().get("device_kv_bytes", 0))
 
         # ------------------------------------------------------------- batch prep
         def extend_read_and_write_indices(
@@ -471,8 +473,21 @@ def _cache_class() -> type:
                 self.finish_step()
                 self.engine.reset()  # nothing is held: prefetches move nothing until rows are written again
 
+        def _engine_stats(self) -> dict[str, Any]:
+            """The engine's counters; the last ones read while the serving thread holds the engine."""
+            for _ in range(50):
+                engine = self.engine
+                if engine is None:
+                    break
+                try:
+                    self.last_stats = dict(engine.stats())
+                    break
+                except RuntimeError:  # "Already borrowed": a layer call is in flight on the serving thread
+                    time.sleep(0.001)
+            return dict(getattr(self, "last_stats", {}))
+
         def serving_stats(self) -> dict[str, Any]:
-            stats = dict(self.engine.stats()) if self.engine is not None else dict(getattr(self, "last_stats", {}))
+            stats = self._engine_stats()
             layers = self.layers
             pooled = len(stats.get("pooled", []))
             free = self.pool.num_free_sectors * self.allocator.blocks_per_sector + self.pool.count_free_blocks(
@@ -571,10 +586,15 @@ def instrument_processor(bp: Any, counters: Any, after_forward: Callable[[], Non
         if not hasattr(counters, "stats_running"):
             counters.steps += 1
         try:
-            return compute(*args, **kwargs)
-        finally:
+            result = compute(*args, **kwargs)
+        except BaseException:
             if after_forward is not None:
-                after_forward()
+                with contextlib.suppress(Exception):  # the forward's own error is the one to report
+                    after_forward()
+            raise
+        if after_forward is not None:
+            after_forward()
+        return result
 
     runner.compute_batch = compute_batch
     offloader = bp.offloading_manager

@@ -109,7 +109,7 @@ fn run(specs: Vec<LayerSpec>, initial: Plan, ops: Vec<Op>) -> Result<(), TestCas
                 }
             }
             for &(start, n) in &ranges {
-                for r in start..start + n {
+                for (r, slot) in reference[l].iter_mut().enumerate().skip(start).take(n) {
                     let id = token_id(l, 0, r, salt);
                     for kv in 0..2 {
                         let width = if kv == 0 {
@@ -123,7 +123,7 @@ fn run(specs: Vec<LayerSpec>, initial: Plan, ops: Vec<Op>) -> Result<(), TestCas
                             unsafe { *p.add(i) = pattern(id, kv, i) };
                         }
                     }
-                    reference[l][r] = Some(id);
+                    *slot = Some(id);
                 }
                 if plan.is_pooled(l) {
                     expected_d2h += spec.valid_bytes(n) as u64;
