@@ -326,10 +326,20 @@ def plot(rows: list[dict[str, Any]], curves: dict[str, Any], out: Path) -> list[
     plt = _pyplot()
     files = []
     fig, ax = plt.subplots(figsize=(6, 4))
+    finite = [r["rate"] for r in rows if math.isfinite(r["rate"])]
+    # Every request at once (rate inf) sits right of the finite rates, labelled as such.
+    at_once = 2 * max(finite) if finite else 1.0
+
+    def x(rate: float) -> float:
+        return rate if math.isfinite(rate) else at_once
+
     for method in dict.fromkeys(r["method"] for r in rows):
-        pts = [(r["rate"], r["tokens_per_s"]) for r in rows if r["method"] == method and r["ok"]]
+        pts = [(x(r["rate"]), r["tokens_per_s"]) for r in rows if r["method"] == method and r["ok"]]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+    if any(not math.isfinite(r["rate"]) for r in rows):
+        ticks = [*sorted(set(finite)), at_once]
+        ax.set_xticks(ticks, [*(f"{t:g}" for t in ticks[:-1]), "all at once"])
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("output tokens/s")
     ax.set_title("continuous batching throughput at device KV budget B")
@@ -349,7 +359,8 @@ def plot(rows: list[dict[str, Any]], curves: dict[str, Any], out: Path) -> list[
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{title} (highest rate)")
-        ax.legend()
+        if curves:
+            ax.legend()
     fig.tight_layout()
     path = out / "serving_latency_cdf.png"
     fig.savefig(path, dpi=120)

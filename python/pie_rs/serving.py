@@ -148,7 +148,14 @@ class _BlockBytes:
 
 
 class PagedPieCache:
-    """Built lazily (see :func:`_cache_class`) as a subclass of transformers' ``PagedAttentionCache``."""
+    """transformers' ``PagedAttentionCache`` with every layer's pages held by a pie-rs engine.
+
+    transformers' allocators, sectors, blocks, prefix sharing, forks and preemption run unchanged;
+    each layer of the (single) attention group owns an area of rows in the engine (resident, or
+    pooled in host memory and staged per step). Made by continuous batching when a pool is attached
+    (the class itself is built on first use, as a subclass of the installed transformers' cache);
+    ``isinstance(cache, PagedPieCache)`` recognises it.
+    """
 
     # Attributes set by the subclass' __init__ (declared for type checkers).
     engine: Any
