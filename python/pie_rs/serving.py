@@ -398,7 +398,14 @@ def _cache_class() -> type:
                 if engine is not None:
                     with contextlib.suppress(Exception):
                         self.last_stats = dict(engine.stats())
-                    engine.close()
+                    # The serving thread may be inside an engine call ("Already borrowed"): it sees the
+                    # cache closed at its next layer; the engine then closes when it is dropped.
+                    for _ in range(200):
+                        try:
+                            engine.close()
+                            break
+                        except RuntimeError:
+                            time.sleep(0.005)
 
         def __del__(self) -> None:
             with contextlib.suppress(Exception):
