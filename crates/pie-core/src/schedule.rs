@@ -51,6 +51,19 @@ pub enum SwapOp {
         /// Step whose timing set records the copy.
         step: u64,
     },
+    /// Copy the row runs `runs` of pooled `layer` from its staging slot back
+    /// to its host buffer, after the compute that wrote them: the scattered
+    /// writes of a paged cache, up to [`RowRuns::MAX`] runs per operation.
+    WriteBackRuns {
+        /// Layer written.
+        layer: usize,
+        /// Staging slot index holding it.
+        slot: usize,
+        /// The runs of rows written.
+        runs: RowRuns,
+        /// Step whose timing set records the copy.
+        step: u64,
+    },
     /// Pooled `layer` finished computing: staging `slot` is free once its
     /// write-back (queued before) has read it.
     Release {
@@ -59,6 +72,48 @@ pub enum SwapOp {
         /// Staging slot it used.
         slot: usize,
     },
+}
+
+/// Up to [`RowRuns::MAX`] runs of rows `(start, n)`, carried by value in one
+/// [`SwapOp::WriteBackRuns`] so a step's scattered writes take a few FIFO
+/// slots rather than one per run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowRuns {
+    runs: [(usize, usize); RowRuns::MAX],
+    len: u8,
+}
+
+impl RowRuns {
+    /// Most runs one operation carries.
+    pub const MAX: usize = 8;
+
+    /// The runs, in the order given.
+    pub fn as_slice(&self) -> &[(usize, usize)] {
+        &self.runs[..self.len as usize]
+    }
+
+    /// Rows the runs cover.
+    pub fn rows(&self) -> usize {
+        self.as_slice().iter().map(|&(_, n)| n).sum()
+    }
+
+    /// The non-empty runs of `ranges`, in order, packed [`RowRuns::MAX`] at a time.
+    pub fn pack(ranges: &[(usize, usize)]) -> impl Iterator<Item = RowRuns> + '_ {
+        let mut it = ranges.iter().copied().filter(|&(_, n)| n > 0).peekable();
+        std::iter::from_fn(move || {
+            it.peek()?;
+            let mut out = RowRuns {
+                runs: [(0, 0); RowRuns::MAX],
+                len: 0,
+            };
+            for slot in out.runs.iter_mut() {
+                let Some(run) = it.next() else { break };
+                *slot = run;
+                out.len += 1;
+            }
+            Some(out)
+        })
+    }
 }
 
 /// What the caller must do before a layer's attention reads its KV.
@@ -305,8 +360,9 @@ impl Schedule {
     /// step `step`, in any order and at scattered places (a paged cache writes
     /// each request's new tokens into its own blocks): a pooled layer writes
     /// back each non-empty range from its slot, in the order given, and
-    /// nothing else. `Err(())` when a pooled layer writes without its prefetch
-    /// queued (the caller skipped [`Schedule::ready`]).
+    /// nothing else ([`RowRuns::MAX`] ranges per operation). `Err(())` when a
+    /// pooled layer writes without its prefetch queued (the caller skipped
+    /// [`Schedule::ready`]).
     #[allow(clippy::result_unit_err)]
     pub fn written_ranges(
         &self,
@@ -319,12 +375,11 @@ impl Schedule {
             return Ok(());
         }
         let slot = self.slot_of(layer).ok_or(())?;
-        for &(start, n) in ranges.iter().filter(|&&(_, n)| n > 0) {
-            emit(SwapOp::WriteBack {
+        for runs in RowRuns::pack(ranges) {
+            emit(SwapOp::WriteBackRuns {
                 layer,
                 slot,
-                start,
-                n,
+                runs,
                 step,
             });
         }
@@ -424,7 +479,10 @@ mod tests {
                     assert!(occupant[slot].is_none(), "slot {slot} refilled while busy");
                     occupant[slot] = Some(layer);
                 }
-                SwapOp::WriteBack { layer, slot, .. } => assert_eq!(occupant[slot], Some(layer)),
+                SwapOp::WriteBack { layer, slot, .. }
+                | SwapOp::WriteBackRuns { layer, slot, .. } => {
+                    assert_eq!(occupant[slot], Some(layer))
+                }
                 SwapOp::Release { layer, slot } => {
                     assert_eq!(occupant[slot].take(), Some(layer));
                 }
@@ -511,25 +569,32 @@ mod tests {
         ops.clear();
         s.written_ranges(1, &[(40, 1), (7, 0), (3, 2)], 0, &mut |op| ops.push(op))
             .unwrap();
-        assert_eq!(
-            ops,
-            vec![
-                SwapOp::WriteBack {
-                    layer: 1,
-                    slot,
-                    start: 40,
-                    n: 1,
-                    step: 0
-                },
-                SwapOp::WriteBack {
-                    layer: 1,
-                    slot,
-                    start: 3,
-                    n: 2,
-                    step: 0
-                },
-            ]
-        );
+        let [SwapOp::WriteBackRuns {
+            layer: 1,
+            slot: got,
+            runs,
+            step: 0,
+        }] = ops[..]
+        else {
+            panic!("one write-back of the runs, got {ops:?}")
+        };
+        assert_eq!(got, slot);
+        assert_eq!(runs.as_slice(), &[(40, 1), (3, 2)]);
+        assert_eq!(runs.rows(), 3);
+        // Many runs take a few operations, in order, nothing lost.
+        ops.clear();
+        let many: Vec<(usize, usize)> = (0..19).map(|i| (10 * i, 1 + i % 3)).collect();
+        s.written_ranges(1, &many, 0, &mut |op| ops.push(op))
+            .unwrap();
+        assert_eq!(ops.len(), 19usize.div_ceil(RowRuns::MAX));
+        let back: Vec<(usize, usize)> = ops
+            .iter()
+            .flat_map(|op| match op {
+                SwapOp::WriteBackRuns { runs, .. } => runs.as_slice().to_vec(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(back, many);
         // Resident layers and empty ranges move nothing.
         ops.clear();
         s.written_ranges(0, &[(0, 5)], 0, &mut |op| ops.push(op))

@@ -24,7 +24,7 @@ enum Op {
 fn op(layers: usize) -> impl Strategy<Value = Op> {
     let range = (0..ROWS).prop_flat_map(|s| (Just(s), 0..=(ROWS - s).min(9)));
     prop_oneof![
-        6 => proptest::collection::vec(range, 0..6).prop_map(Op::Step),
+        6 => proptest::collection::vec(range, 0..20).prop_map(Op::Step),
         1 => (proptest::collection::vec(any::<bool>(), layers), 1usize..4).prop_map(|(m, d)| Op::Plan(m, d)),
     ]
 }
