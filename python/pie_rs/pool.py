@@ -116,7 +116,10 @@ class Pool:
         in host memory), ``device_kv_bytes`` and ``peak_device_kv_bytes`` (engine arena plus
         sliding-window layers), ``host_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``,
         ``stall_seconds``, ``steps``, ``sliding_layers``, ``sliding_kv_bytes``, plus
-        ``generations`` (generate calls served) and ``budget_bytes``.
+        ``generations`` (generate calls served) and ``budget_bytes``. After continuous batching,
+        ``serving`` holds its cache's figures: ``num_blocks``, ``device_blocks`` / ``pool_blocks``
+        (blocks' worth held by resident / pooled layers), ``blocks_in_use``, ``requests_running``,
+        ``peak_running``, ``preemptions``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, ...
         """
         self._check()
         if self._last is not None:
