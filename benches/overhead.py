@@ -18,6 +18,7 @@ back to back, and look at the spread the script prints.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -169,7 +170,7 @@ def cache_path(args: argparse.Namespace, family: str) -> dict[str, float]:
             results["dynamic"].append(run(DynamicCache(config=model.config), lambda: None))
             with pie_rs.attach(model) as pool:
                 cache = pool.new_cache(max_length=args.prompt + steps + 1)
-                results["pie"].append(run(cache, cache._shared.finish_step))
+                results["pie"].append(run(cache, functools.partial(cache.end_layer, args.layers - 1)))
                 cache.close()
     med = {k: (statistics.median(u for u, _ in v), statistics.median(a for _, a in v)) for k, v in results.items()}
     return {

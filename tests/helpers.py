@@ -7,44 +7,41 @@ from typing import Any
 import torch
 
 import pie_rs
-from pie_rs._model import MANAGED, SLIDING, inspect_model
-from pie_rs.cache import _round_capacity
-
-SLOT_ALIGN = 256
-
-
-def _align(n: int) -> int:
-    return (n + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
+from pie_rs import _core
+from pie_rs._engine import engine_layers, sliding_kv_bytes
+from pie_rs._model import inspect_model
 
 
-def layer_bytes(model: torch.nn.Module, batch: int, capacity: int, elem: int = 4) -> int:
-    """Bytes of one engine slot at ``capacity`` tokens (after the cache's rounding)."""
+def layer_bytes(model: torch.nn.Module, batch: int, capacity: int) -> int:
+    """Bytes of one engine slot at ``capacity`` tokens (after the cache's rounding), from ``_core``."""
     info = inspect_model(model)
-    li = next(li for li in info.layers if li.kind == MANAGED)
-    return _align(batch * li.kv_heads * _round_capacity(capacity) * (li.k_dim + li.v_dim) * elem)
+    shape = engine_layers(info, batch, info.dtype.itemsize)[0]
+    return int(_core.layer_geometry(*shape, _core.round_capacity(capacity))["slot_bytes"])
 
 
-def sliding_bytes(model: torch.nn.Module, batch: int, capacity: int, elem: int = 4) -> int:
+def sliding_bytes(model: torch.nn.Module, batch: int, capacity: int) -> int:
+    """Bytes the sliding-window layers take of the budget at ``capacity`` tokens (after rounding)."""
     info = inspect_model(model)
-    cap = _round_capacity(capacity)
-    return sum(
-        batch * li.kv_heads * min(cap, li.sliding_window or cap) * (li.k_dim + li.v_dim) * elem
-        for li in info.layers
-        if li.kind == SLIDING
-    )
+    return sliding_kv_bytes(info, batch, _core.round_capacity(capacity), info.dtype.itemsize)
 
 
 def half_pooled_budget(model: torch.nn.Module, batch: int, capacity: int) -> int:
     """A budget under which the engine must pool at least half the managed layers.
 
-    Pooling ``c`` of ``M`` layers with one staging slot needs ``M - c + 1`` slots, so the budget
-    holds exactly that for ``c = ceil(M / 2)`` (below ``M`` slots when ``M >= 3``).
+    The device bytes ``_core`` gives for ``c = ceil(M / 2)`` of ``M`` layers pooled through one
+    staging slot (below ``M`` slots when ``M >= 3``), plus the sliding-window layers; checked with
+    ``_core.fit_plan`` to force ``c`` pooled layers.
     """
-    managed = len(inspect_model(model).managed)
+    info = inspect_model(model)
+    managed = len(info.managed)
     assert managed >= 3, "pooling saves memory only with 3 or more engine-managed layers"
-    slot = layer_bytes(model, batch, capacity)
+    layers = engine_layers(info, batch, info.dtype.itemsize)
+    cap = _core.round_capacity(capacity)
     pooled = -(-managed // 2)
-    return (managed - pooled + 1) * slot + sliding_bytes(model, batch, capacity)
+    budget = _core.device_bytes(layers, cap, list(range(pooled)), 1)
+    assert budget < _core.device_bytes(layers, cap, [], 0), "the budget must not hold every layer"
+    assert len(_core.fit_plan(layers, cap, budget, 2)["pooled_layers"]) == pooled
+    return budget + sliding_bytes(model, batch, capacity)
 
 
 def generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, **kwargs: Any) -> torch.Tensor:

@@ -312,3 +312,29 @@ def test_bad_cache_arguments() -> None:
         expected = generate(model, inputs, "greedy")
     with pie_rs.attach(model):
         assert torch.equal(generate(model, inputs, "greedy"), expected)
+
+
+def test_policy_options_are_parsed_once_by_pie_core():
+    from pie_rs import _core
+
+    assert _core.policy_config("adaptive", "memory", None, 3, 4) == {
+        "policy": "adaptive",
+        "objective": "memory",
+        "pooled_layers": None,
+        "prefetch_depth": 3,
+    }
+    pinned = _core.policy_config("adaptive", "speed", [3, 1], None, 4)
+    assert pinned["policy"] == "static" and pinned["pooled_layers"] == [1, 3]
+    for bad in (("random", "speed", None, None), ("adaptive", "beauty", None, None), ("static", "speed", [1, 1], 2)):
+        with pytest.raises(pie_rs.ConfigError):
+            _core.policy_config(*bad, 4)
+    with pytest.raises(pie_rs.ConfigError, match="does not exist"):
+        _core.policy_config("static", "speed", [4], 1, 4)
+
+
+def test_attach_pins_layers_given_in_any_order(llama, inputs, expected):
+    with pie_rs.attach(llama, pooled_layers=[3, 1], prefetch_depth=1) as pool:
+        assert pool.pooled_layers == [1, 3]
+        assert pool.policy == "static"
+        assert torch.equal(generate(llama, inputs, "greedy"), expected)
+        assert pool.stats()["pooled"] == [1, 3]

@@ -229,7 +229,7 @@ def test_engine_reused_across_generates(family, pooled) -> None:
             if pooled and i >= 1:  # from the longest prompt on, the engine holds 32 tokens a layer
                 assert stats["pooled_layers"] >= 1, stats
                 assert stats["peak_device_kv_bytes"] <= budget, stats
-        kept = pool._kept[0]
+        kept = pool.kept_engine
     handle.remove()
     # Same batch and dtype: one engine served every call (growing for the longer prompt).
     assert all(engine is engines[0] for engine in engines)
@@ -271,7 +271,7 @@ def test_engine_replaced_when_batch_or_dtype_changes() -> None:
         want = generate(model, make_inputs(3, 6), "greedy")  # batch 3: a new engine, the old one closed
         second = seen[-1][1]
         assert second is not first and first.closed and not second.closed
-        assert pool._kept[0] is second
+        assert pool.kept_engine is second
         assert pool.stats()["steps"] == 10  # a new engine counts afresh
         # A hand-made cache of the same batch takes the kept engine too.
         cache = pool.new_cache(max_length=32)
@@ -280,10 +280,10 @@ def test_engine_replaced_when_batch_or_dtype_changes() -> None:
             model(input_ids=ids, use_cache=True, **{_kw(model): cache})
         assert cache.engine is second and cache.get_seq_length() == 6
         cache.close()
-        assert second.closed and pool._kept is None  # close() frees, it does not keep
+        assert second.closed and pool.kept_engine is None  # close() frees, it does not keep
         assert torch.equal(generate(model, make_inputs(3, 6), "greedy"), want)
         pool.release()
-        assert pool._kept is None and seen[-1][1].closed
+        assert pool.kept_engine is None and seen[-1][1].closed
     handle.remove()
 
 
@@ -304,11 +304,11 @@ def test_failed_generate_does_not_keep_its_engine() -> None:
 
     with pie_rs.attach(model) as pool:
         generate(model, inputs, "greedy")
-        kept = pool._kept[0]
+        kept = pool.kept_engine
         with pytest.raises(RuntimeError, match="boom"):
             generate(model, inputs, "greedy", logits_processor=[Boom()])
         failed = seen[-1][1]
-        assert failed is kept and failed.closed and pool._kept is None
+        assert failed is kept and failed.closed and pool.kept_engine is None
         assert torch.equal(generate(model, inputs, "greedy"), expected)
         assert seen[-1][1] is not failed
     handle.remove()
@@ -321,6 +321,6 @@ def test_returned_cache_keeps_its_engine() -> None:
         out = generate(model, inputs, "greedy", return_dict_in_generate=True)
         cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
         assert isinstance(cache, pie_rs.PieCache) and not cache.closed
-        assert pool._kept is None
+        assert pool.kept_engine is None
         generate(model, inputs, "greedy")  # a new engine; the returned cache stays usable
         assert not cache.closed and cache.get_seq_length() == 6 + 9

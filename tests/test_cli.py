@@ -9,7 +9,7 @@ import pytest
 
 from pie_rs.bench import StepClock, percentile
 from pie_rs.cli import main
-from pie_rs.plots import reconstruct_timeline
+from pie_rs.plots import exact_timeline
 
 QUICK = ["--quick", "--device", "cpu", "--no-progress"]
 
@@ -81,24 +81,28 @@ def test_step_clock_and_percentile() -> None:
     assert percentile([1.0, 2.0], 100) == 2.0
 
 
-def test_timeline_places_copies_after_the_compute_that_frees_a_slot() -> None:
+def test_timeline_places_measured_stalls_and_copies() -> None:
     sample = {
         "step": 5,
-        "layer_compute": [1.0, 1.0, 1.0, 1.0],
+        "layer_start": [0.0, 1.0, 2.0, 3.0],
         "layer_stall": [0.0, 0.5, 0.0, 0.0],
+        "step_seconds": 4.0,
         "pooled_layers": [1, 3],
-        "h2d_seconds": 0.4,
-        "d2h_seconds": 0.2,
+        "h2d_spans": [None, (-0.4, -0.1), None, (1.2, 1.8)],
+        "d2h_spans": [None, (2.0, 2.1), None, None],
     }
-    bars = reconstruct_timeline([sample], prefetch_depth=1)
+    bars = exact_timeline([sample])
     compute = [b for b in bars if b["lane"] == "compute"]
     assert [b["layer"] for b in compute] == [0, 1, 2, 3]
-    assert compute[1]["start"] == pytest.approx(1.5)  # after layer 1's stall
+    assert [b["pooled"] for b in compute] == [False, True, False, True]
+    # Times start at the first bar: the prefetch of layer 1 issued before the step.
+    assert compute[1]["start"] == pytest.approx(1.9) and compute[1]["end"] == pytest.approx(2.4)
+    stall = [b for b in bars if b["lane"] == "stall"]
+    assert [(b["layer"], b["end"] - b["start"]) for b in stall] == [(1, pytest.approx(0.5))]
     h2d = {b["layer"]: b for b in bars if b["lane"] == "H2D"}
-    assert h2d[3]["start"] == pytest.approx(compute[1]["end"])  # slot of layer 1 frees
-    assert h2d[3]["end"] - h2d[3]["start"] == pytest.approx(0.2)
-    d2h = {b["layer"]: b for b in bars if b["lane"] == "D2H"}
-    assert d2h[1]["start"] == pytest.approx(compute[1]["end"])
+    assert h2d[1]["start"] == pytest.approx(0.0) and h2d[3]["end"] == pytest.approx(2.2)
+    d2h = [b for b in bars if b["lane"] == "D2H"]
+    assert [b["layer"] for b in d2h] == [1]
 
 
 @pytest.mark.skipif(

@@ -22,6 +22,20 @@ class StateError(PieError, RuntimeError):
 class InternalError(PieError, RuntimeError):
     """An engine invariant broke: a bug in pie-rs, not in the calling code; please report it."""
 
+def policy_config(
+    policy: str,
+    objective: str,
+    pooled_layers: list[int] | None,
+    prefetch_depth: int | None,
+    num_layers: int,
+) -> dict[str, Any]:
+    """A pool's policy options parsed once by pie-core, as every engine of the pool will parse them.
+
+    Returns ``{"policy", "objective", "pooled_layers", "prefetch_depth"}``: pinned layers make the
+    policy ``"static"`` and come back sorted; unknown names, duplicate or out-of-range layers and a
+    zero depth raise ``ConfigError``.
+    """
+
 def cuda_available() -> bool:
     """Whether a CUDA driver and at least one device can be used (never raises)."""
 
@@ -100,7 +114,11 @@ class Engine:
     def set_seq_len(self, layer: int, tokens: int) -> None:
         """Crop a layer to ``tokens`` tokens (only shrinking)."""
     def ensure_capacity(self, tokens: int) -> bool:
-        """Grows every layer to hold ``tokens``; True if arenas were reallocated."""
+        """Grows every layer to hold at least ``tokens``; True if arenas were reallocated.
+
+        The engine picks the new capacity (the one growth rule): at least double the current one
+        and at least ``tokens``, rounded up to :data:`CAPACITY_QUANTUM`. Read :attr:`capacity`.
+        """
     def quiesce(self) -> None:
         """Waits for all copies; afterwards host copies of pooled layers are authoritative."""
     def resume(self) -> None:
@@ -110,6 +128,20 @@ class Engine:
         """Byte offset of a resident layer's slot in the device arena (None if pooled)."""
     def host_offset(self, layer: int) -> int | None:
         """Byte offset of a pooled layer's buffer in the host arena (None if resident)."""
+    def layer_view(self, layer: int) -> dict[str, Any]:
+        """Where a layer's KV is now and how it lies in its slot.
+
+        ``device_offset`` (its device-arena byte offset if resident, else None), ``host_offset``
+        (its host-arena byte offset if pooled, else None), and the keys of :func:`layer_geometry`
+        at the engine's capacity.
+        """
+    def reorder(self, indices: list[int], stream: int) -> None:
+        """Beam search's reorder of every layer: sequence ``b`` takes what ``indices[b]`` held.
+
+        Moves only the valid tokens of the sequences that change, in place (device slot or host
+        buffer), on ``stream`` after the work already queued there; returns when they are done.
+        Raises ConfigError unless ``indices`` holds one index in ``0..batch`` per sequence.
+        """
     def reset(self) -> None:
         """Empties every layer for a new sequence, keeping arenas and what the policy learned."""
     def device_region(self) -> Region: ...
@@ -124,6 +156,9 @@ class Engine:
 
 def simulate(request: dict[str, Any]) -> dict[str, Any]:
     """Runs the engine's policy on the sim backend for a described machine and model."""
+
+def simulate_serving(request: dict[str, Any]) -> dict[str, Any]:
+    """Continuous batching in virtual time: four ways of holding the KV on a described machine."""
 
 def list_profiles() -> dict[str, dict[str, str]]:
     """Named machine profiles and model shapes for ``simulate``."""
@@ -165,3 +200,89 @@ def paged_fit(
     ``prefetch_depth``, ``device_bytes``, ``host_bytes``. Raises ``BudgetError`` saying what to
     change when not even ``min_rows`` fit.
     """
+
+#: Byte alignment of every slot in the engine's arenas (slots lie ``slot_bytes`` apart).
+SLOT_ALIGN: int
+#: Capacities are rounded up to a multiple of this many tokens (:func:`round_capacity`).
+CAPACITY_QUANTUM: int
+
+def layer_geometry(batch: int, kv_heads: int, k_dim: int, v_dim: int, elem_size: int, capacity: int) -> dict[str, Any]:
+    """Where K and V of a layer of this shape lie inside its slot at ``capacity`` tokens.
+
+    Keys: ``capacity``; ``k_offset`` and ``v_offset`` (bytes from the slot's start); ``k_shape``
+    ``[batch, kv_heads, capacity, k_dim]`` and ``v_shape``; ``k_strides`` and ``v_strides``
+    (elements); ``bytes`` (K and V) and ``slot_bytes`` (rounded up to :data:`SLOT_ALIGN`).
+    Raises ConfigError for a zero or negative dimension, an unsupported element size, or a
+    size that overflows.
+    """
+
+def round_capacity(tokens: int) -> int:
+    """``tokens`` rounded up to a multiple of :data:`CAPACITY_QUANTUM` (at least one quantum)."""
+
+def device_bytes(
+    layers: list[tuple[int, int, int, int, int]], capacity: int, pooled_layers: list[int], prefetch_depth: int
+) -> int:
+    """Device bytes an engine for ``layers`` at ``capacity`` tokens takes under this plan.
+
+    Resident slots plus ``prefetch_depth`` staging slots (clamped to the pooled layers), each
+    aligned. Raises ConfigError for invalid shapes, capacity or plan (unsorted, out of range,
+    depth 0 with layers pooled).
+    """
+
+def fit_plan(
+    layers: list[tuple[int, int, int, int, int]], capacity: int, budget_bytes: int | None, prefetch_depth: int
+) -> dict[str, Any]:
+    """The plan an engine fits into ``budget_bytes`` (None: no limit), without building one.
+
+    The fewest pooled layers, spread across the depth, with up to ``prefetch_depth`` staging
+    slots: ``{"pooled_layers", "prefetch_depth", "device_bytes"}``. The plan a ``policy="static"``
+    engine built with these arguments starts from. Raises BudgetError (stating the minimum)
+    when not even every layer pooled through one staging slot fits, ConfigError for bad inputs.
+    """
+
+def host_attention(
+    query: Any,
+    key: Any,
+    value: Any | None,
+    out: Any,
+    lse: Any,
+    *,
+    layer: tuple[int, int, int, int] | None = None,
+    capacity: int | None = None,
+    offset: int = 0,
+    kv_dtype: str | None = None,
+    lengths: list[int] | None = None,
+    query_positions: list[int] | None = None,
+    mask: Any | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    threads: int | None = None,
+) -> None:
+    """Decode attention over KV in host memory, written into ``out`` and ``lse``.
+
+    ``query`` ``[batch, q_heads, q_len, k_dim]`` and KV are CPU tensors read
+    zero-copy through DLPack (any strides with a dense last dimension): either
+    ``key`` ``[batch, kv_heads, tokens, k_dim]`` and ``value``
+    ``[batch, kv_heads, tokens, v_dim]``, or ``key`` a 1-D byte tensor or
+    ``Region`` holding a layer in the engine's layout (K then V) at ``offset``
+    bytes, with ``value=None``, ``layer=(batch, kv_heads, k_dim, v_dim)``,
+    ``capacity`` and ``kv_dtype``. float32, float16 or bfloat16; ``q_heads`` a
+    multiple of ``kv_heads``. ``out`` ``[batch, q_heads, q_len, v_dim]`` and
+    ``lse`` ``[batch, q_heads, q_len]`` are dense float32 tensors sharing no
+    memory with the inputs; ``lse`` is the natural log-sum-exp of each row's
+    scaled logits (``-inf``, with ``out`` 0, where no key is visible).
+    ``mask`` ``[batch|1, q_heads|1, q_len|1, >=keys]``: bool (True attends)
+    or float32 (added). Query row ``i`` sits at ``query_positions[b] + i``
+    (default ``lengths[b] - q_len``) for ``causal`` and ``window``. Runs on
+    ``threads`` threads (default: all cores) with the GIL released; do not
+    write these tensors from another thread meanwhile. Bad shapes or options
+    raise ``ConfigError``.
+    """
+
+def merge_attention(out: Any, lse: Any, other_out: Any, other_lse: Any) -> None:
+    """Merges a partial attention result into ``(out, lse)`` in place (exact LSE merge), float32 CPU tensors."""
+
+def stream_triad(threads: int | None = None, elements: int = 16777216, passes: int = 5) -> dict[str, Any]:
+    """This machine's memory bandwidth by a STREAM triad (best pass; 24 bytes per element)."""

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from . import _core
+from ._engine import engine_layers, sliding_kv_bytes
 from ._errors import BudgetError
-from ._model import MANAGED, inspect_model
-from .cache import _round_capacity
+from ._model import inspect_model
 from .pool import attach
 
 __all__ = [
@@ -43,11 +43,10 @@ __all__ = [
     "default_methods",
     "dynamic_kv_bytes",
     "measure",
+    "pie_plan_bytes",
     "pie_slot_bytes",
     "run_bench",
 ]
-
-_SLOT_ALIGN = 256
 
 
 # ----------------------------------------------------------------------------------- model
@@ -115,28 +114,37 @@ def make_inputs(vocab: int, batch: int, context: int, device: torch.device, seed
     return torch.randint(3, vocab, (batch, context), generator=gen).to(device)
 
 
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def dynamic_kv_bytes(model: torch.nn.Module, batch: int, tokens: int, layers: int | None = None) -> int:
     """KV bytes transformers' DynamicCache holds on the device for ``batch`` sequences of ``tokens``.
 
     Computed from the shapes (DynamicCache allocates through torch; its peak is all layers at the
-    final length). ``layers`` counts only that many layers (e.g. 2 for an offloaded cache).
+    final length) by ``_core.layer_geometry``. ``layers`` counts only that many layers (e.g. 2 for
+    an offloaded cache).
     """
     info = inspect_model(model)
-    elem = _elem(info.dtype)
+    elem = info.dtype.itemsize
     chosen = info.layers if layers is None else info.layers[:layers]
-    return sum(batch * li.kv_heads * tokens * (li.k_dim + li.v_dim) * elem for li in chosen)
+    return sum(
+        _core.layer_geometry(batch, li.kv_heads, li.k_dim, li.v_dim, elem, max(tokens, 0))["bytes"] for li in chosen
+    )
 
 
 def pie_slot_bytes(model: torch.nn.Module, batch: int, max_length: int) -> int:
-    """Bytes of one pie-rs layer slot (one layer's K and V at the rounded capacity, aligned)."""
+    """Bytes of one pie-rs layer slot (one layer's K and V at the rounded capacity, aligned), from ``_core``."""
     info = inspect_model(model)
-    layer = next(li for li in info.layers if li.kind == MANAGED)
-    raw = batch * layer.kv_heads * _round_capacity(max_length) * (layer.k_dim + layer.v_dim) * _elem(info.dtype)
-    return -(-raw // _SLOT_ALIGN) * _SLOT_ALIGN
+    shape = engine_layers(info, batch, info.dtype.itemsize)[0]
+    return int(_core.layer_geometry(*shape, _core.round_capacity(max_length))["slot_bytes"])
+
+
+def pie_plan_bytes(model: torch.nn.Module, batch: int, max_length: int, pooled: int, prefetch_depth: int = 1) -> int:
+    """Device bytes of a plan pooling ``pooled`` full-attention layers (``_core.device_bytes``).
+
+    At ``batch`` sequences of ``max_length`` tokens, through ``prefetch_depth`` staging slots.
+    The model's full-attention layers have one shape, so which layers are pooled does not matter.
+    """
+    info = inspect_model(model)
+    layers = engine_layers(info, batch, info.dtype.itemsize)
+    return int(_core.device_bytes(layers, _core.round_capacity(max_length), list(range(pooled)), prefetch_depth))
 
 
 def _sync(device: torch.device) -> None:
@@ -424,25 +432,22 @@ def merge_rows(rows: Sequence[Row]) -> Row:
 
 
 # ----------------------------------------------------------------------------------- capacity
-def _pie_fits(model: torch.nn.Module, batch: int, max_length: int, budget: int, objective: str) -> bool:
-    """Whether the engine accepts ``batch`` x ``max_length`` under ``budget`` (builds the real engine)."""
+def _pie_fits(model: torch.nn.Module, batch: int, max_length: int, budget: int) -> bool:
+    """Whether some plan holds ``batch`` x ``max_length`` under ``budget`` (``_core.fit_plan``, no engine).
+
+    The budget left after the sliding-window layers must hold every layer pooled through one
+    staging slot, as for the engine a cache would make.
+    """
     info = inspect_model(model)
-    elem = _elem(info.dtype)
-    layers = [(batch, li.kv_heads, li.k_dim, li.v_dim, elem) for li in info.layers if li.kind == MANAGED]
-    backend = "cuda" if info.device.type == "cuda" else "host"
-    index = (info.device.index or torch.cuda.current_device()) if backend == "cuda" else 0
+    elem = info.dtype.itemsize
+    capacity = _core.round_capacity(max_length)
+    left = budget - sliding_kv_bytes(info, batch, capacity, elem)
+    if left <= 0:
+        return False
     try:
-        engine = _core.Engine(
-            backend,
-            layers,
-            _round_capacity(max_length),
-            device_index=index,
-            budget_bytes=budget,
-            objective=objective,
-        )
+        _core.fit_plan(engine_layers(info, batch, elem), capacity, left, 1)
     except BudgetError:
         return False
-    engine.close()
     return True
 
 
@@ -461,9 +466,9 @@ def capacity_search(
     """For a fixed device budget: the largest batch each method runs at each context, and its throughput.
 
     DynamicCache's limit is emulated from the KV bytes it would need (it allocates through torch,
-    which cannot be capped per cache). pie-rs's limit is found from the engine itself (it raises
-    :class:`BudgetError` when a plan cannot fit), searched up to ``max_factor`` times DynamicCache's
-    batch, then confirmed by a real run there.
+    which cannot be capped per cache). pie-rs's limit is the largest batch for which ``_core.fit_plan``
+    finds a plan (the engine's own fit, no engine built), searched up to ``max_factor`` times
+    DynamicCache's batch, then confirmed by a real run there.
     """
     results = []
     for context in contexts:
@@ -476,7 +481,7 @@ def capacity_search(
         lo, hi = 0, None
         b = 1
         while b <= cap:
-            if _pie_fits(model, b, total, budget_bytes, objective):
+            if _pie_fits(model, b, total, budget_bytes):
                 lo = b
                 b *= 2
             else:
@@ -484,11 +489,11 @@ def capacity_search(
                 break
         if hi is None:
             hi = cap + 1
-            if lo < cap and _pie_fits(model, cap, total, budget_bytes, objective):
+            if lo < cap and _pie_fits(model, cap, total, budget_bytes):
                 lo = cap
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if _pie_fits(model, mid, total, budget_bytes, objective):
+            if _pie_fits(model, mid, total, budget_bytes):
                 lo = mid
             else:
                 hi = mid

@@ -14,7 +14,6 @@ expands the inputs to (beams, returned sequences).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -23,18 +22,18 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _core
+from ._engine import engine_layers, sliding_kv_bytes
 from ._errors import BudgetError, ConfigError, StateError
 from ._model import MANAGED, SLIDING, ModelInfo, reference_layers
+from ._views import ArenaViews
 
 if TYPE_CHECKING:
     from .pool import Pool
 
-__all__ = ["PieCache", "PieLayer"]
+__all__ = ["PieCache", "PieLayer", "empty_stats"]
 
 #: Tokens of room a cache gets beyond its first update when no ``max_length`` was given.
 DEFAULT_HEADROOM = 256
-#: Capacities are rounded up to a multiple of this many tokens.
-CAPACITY_QUANTUM = 16
 
 _STAT_KEYS = (
     "resident_layers",
@@ -49,21 +48,18 @@ _STAT_KEYS = (
 )
 
 
-def _elem_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _round_capacity(tokens: int) -> int:
-    return max(CAPACITY_QUANTUM, -(-tokens // CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
+def empty_stats() -> dict[str, Any]:
+    """The engine statistics of a cache whose engine has done nothing (all zero)."""
+    return {key: 0 for key in _STAT_KEYS} | {"stall_seconds": 0.0}
 
 
 class _Shared:
-    """State shared by the layers of one :class:`PieCache`: the engine, its views and the step.
+    """State shared by the layers of one :class:`PieCache`: the engine, its lifecycle and the step.
 
     The per-layer path (``begin``, ``update``, ``done``) runs once per decoder layer per step on
     the caller's thread, so it does as little as it can: the stream is looked up once per step,
-    shapes are checked only when they change, and views are made with ``as_strided`` from
-    offsets computed once per slot (plain slicing costs several dispatcher calls).
+    shapes are checked only when they change, and the views come from :class:`ArenaViews`. The
+    engine is made through the pool's settings, or taken from the pool when it kept one.
     """
 
     def __init__(self, pool: Pool, info: ModelInfo, max_length: int | None, batch_size: int | None) -> None:
@@ -80,33 +76,21 @@ class _Shared:
         # Per engine layer: (kv_heads, k_dim, v_dim) and the number of valid tokens.
         self.eidx = {model_idx: e for e, model_idx in enumerate(info.managed)}
         self.shapes = [(info.layers[i].kv_heads, info.layers[i].k_dim, info.layers[i].v_dim) for i in info.managed]
+        self.views = ArenaViews(self.shapes)
         self.lens = [0] * len(info.managed)
         self.open: int | None = None
         self.quiesce_depth = 0
         self._cuda = self.device.type == "cuda"
         # The compute stream of the current step (looked up when a step begins).
         self._stream: int | None = None
-        # Per engine layer: the (key, value) shapes and dtypes last checked, and the slot layout.
+        # Per engine layer: the (key, value) shapes, dtypes and devices last checked.
         self._checked: list[Any] = [None] * len(info.managed)
-        self._layout: list[Any] = [None] * len(info.managed)
-        # Views of every layer for the current step, made at once when all slots lie at a fixed
-        # stride in the arena (everything resident): (n, new, offsets, K/V write views, K/V
-        # result views); ``_stride`` is that (first offset, stride) or None, per generation.
-        self._step: tuple[Any, ...] | None = None
-        self._stride: tuple[int, int, list[int]] | None = None
-        self._stride_generation = -1
-        self._generation = -1
-        self._device_bytes: torch.Tensor | None = None
-        self._typed: torch.Tensor | None = None
-        self._host_bytes: torch.Tensor | None = None
-        self._host_generation = -1
-        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_stats: dict[str, Any] | None = None
         self.sliding_estimate = 0
 
     # ----------------------------------------------------------------------------- engine
     def check_usable(self) -> None:
-        if self.pool._closed:
+        if self.pool.closed:
             raise StateError("the pie-rs pool of this cache was detached; attach again and make a new cache")
         if self.closed:
             raise StateError(self.closed_reason)
@@ -116,62 +100,44 @@ class _Shared:
             return torch.cuda.current_stream(self.device).cuda_stream
         return 0
 
-    def sliding_bytes_at(self, batch: int, capacity: int, elem: int) -> int:
-        """Bytes the sliding-window layers can hold at ``capacity`` tokens (counted against the budget)."""
-        total = 0
-        for layer in self.info.layers:
-            if layer.kind == SLIDING:
-                window = min(capacity, int(layer.sliding_window or capacity))
-                total += batch * layer.kv_heads * window * (layer.k_dim + layer.v_dim) * elem
-        return total
-
     def make_engine(self, batch: int, capacity: int, dtype: torch.dtype) -> _core.Engine:
-        elem = _elem_size(dtype)
-        layers = [(batch, h, kd, vd, elem) for (h, kd, vd) in self.shapes]
-        self.sliding_estimate = self.sliding_bytes_at(batch, capacity, elem)
-        budget = self.pool.budget_bytes
+        """A new engine; its budget is the pool's less what the sliding-window layers take."""
+        elem = dtype.itemsize
+        self.sliding_estimate = sliding_kv_bytes(self.info, batch, capacity, elem)
+        settings = self.pool.settings
+        budget = settings.budget_bytes
         if budget is not None:
             serving = self.pool._serving_device_bytes()
             budget -= self.sliding_estimate + serving
             if budget <= 0:
                 raise BudgetError(
-                    f"gpu_budget of {self.pool.budget_bytes} bytes does not even hold the sliding-window layers "
+                    f"gpu_budget of {settings.budget_bytes} bytes does not even hold the sliding-window layers "
                     f"({self.sliding_estimate} bytes at batch {batch}, {capacity} tokens)"
                     + (f" besides the {serving} bytes of a live continuous-batching cache" if serving else "")
                     + "; raise the budget"
                 )
-        return _core.Engine(
-            self.pool.backend,
-            layers,
-            capacity,
-            device_index=self.pool.device_index,
-            budget_bytes=budget,
-            policy=self.pool.policy,
-            objective=self.pool.objective,
-            pooled_layers=self.pool.engine_pooled_layers,
-            prefetch_depth=self.pool.prefetch_depth,
-        )
+        return settings.build(engine_layers(self.info, batch, elem), capacity, budget)
 
     def acquire_engine(self, batch: int, capacity: int, dtype: torch.dtype) -> _core.Engine:
         """The pool's kept engine if it fits ``batch``/``dtype``/``capacity`` (emptied), else a new one."""
-        kept = self.pool._take_engine(batch, dtype, capacity, self.sliding_bytes_at(batch, capacity, _elem_size(dtype)))
+        sliding = sliding_kv_bytes(self.info, batch, capacity, dtype.itemsize)
+        kept = self.pool.take_engine(batch, dtype, capacity, sliding)
         if kept is not None:
             engine, self.sliding_estimate = kept
             return engine
         return self.make_engine(batch, capacity, dtype)
 
-    def _reset_state(self, batch: int, dtype: torch.dtype, capacity: int) -> None:
+    def _reset_state(self, batch: int, dtype: torch.dtype) -> None:
         """Bookkeeping for a fresh (or freshly emptied) engine."""
+        assert self.engine is not None
         self.dtype = dtype
         self.batch = batch
-        self.capacity = capacity
+        self.capacity = self.engine.capacity
         self.lens = [0] * len(self.shapes)
         self.open = None
         self._stream = None
-        self._generation = -1
         self._checked = [None] * len(self.shapes)
-        self._drop_views()
-        self._device_bytes = self._typed = self._host_bytes = None
+        self.views.bind(self.engine, batch, dtype)
 
     def initialize(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None) -> None:
         """Creates the engine from the first key/value states (lazy initialization)."""
@@ -192,17 +158,15 @@ class _Shared:
             raise ConfigError(f"key states are on {key_states.device}, the model's cache lives on {self.device}")
         first = int(key_states.shape[-2])
         want = self.max_length if self.max_length is not None else first + DEFAULT_HEADROOM
-        capacity = _round_capacity(max(want, first, 1))
-        engine = self.acquire_engine(batch, capacity, key_states.dtype)
-        self.engine = engine
-        self._reset_state(batch, key_states.dtype, engine.capacity)
+        self.engine = self.acquire_engine(batch, _core.round_capacity(max(want, first, 1)), key_states.dtype)
+        self._reset_state(batch, key_states.dtype)
 
     def grow(self, tokens: int) -> None:
+        """Makes room for ``tokens`` tokens a layer; the engine decides how much (``ensure_capacity``)."""
         assert self.engine is not None
-        target = _round_capacity(max(tokens, math.ceil(self.capacity * 1.5)))
-        self.engine.ensure_capacity(target)
+        self.engine.ensure_capacity(tokens)
         self.capacity = self.engine.capacity
-        self._drop_views()
+        self.views.resized()
 
     def _detach_engine(self) -> _core.Engine | None:
         """Takes the engine out of this cache (statistics kept) and drops every view of it."""
@@ -212,8 +176,7 @@ class _Shared:
         try:
             self.last_stats = self.engine_stats()
         finally:
-            self._drop_views()
-            self._device_bytes = self._typed = self._host_bytes = None
+            self.views.unbind()
             self.engine = None
             self.open = None
             self._stream = None
@@ -231,7 +194,7 @@ class _Shared:
         Falls back to :meth:`close` when the engine cannot be reused (pool detached, a step or
         quiesce still open).
         """
-        if self.engine is None or self.pool._closed or self.quiesce_depth or self.closed:
+        if self.engine is None or self.pool.closed or self.quiesce_depth or self.closed:
             self.close()
             return
         try:
@@ -247,159 +210,18 @@ class _Shared:
             "make a new one with pool.new_cache()"
         )
         assert engine is not None and batch is not None and dtype is not None
-        self.pool._keep_engine(engine, batch, dtype, sliding)
+        self.pool.keep_engine(engine, batch, dtype, sliding)
 
     def engine_stats(self) -> dict[str, Any]:
         if self.engine is not None:
             return dict(self.engine.stats())
         if self.last_stats is not None:
             return dict(self.last_stats)
-        return {key: 0 for key in _STAT_KEYS} | {"stall_seconds": 0.0}
-
-    # ------------------------------------------------------------------------------ views
-    def _drop_views(self) -> None:
-        self._views.clear()
-        self._layout = [None] * len(self.shapes)
-        self._step = None
-        self._stride_generation = -1
-
-    def _refresh(self) -> None:
-        assert self.engine is not None and self.dtype is not None
-        generation = self.engine.generation
-        if generation != self._generation:
-            self._drop_views()
-            raw = torch.from_dlpack(self.engine.device_region())
-            elem = _elem_size(self.dtype)
-            self._device_bytes = raw
-            self._typed = raw[: raw.numel() - raw.numel() % elem].view(self.dtype)
-            self._host_bytes = None
-            self._generation = generation
-
-    def _slot_layout(self, e: int, offset: int) -> tuple[Any, ...]:
-        """Where layer ``e``'s K and V lie in the typed device arena when its slot is at ``offset``."""
-        assert self.dtype is not None and self.batch is not None and self._typed is not None
-        heads, k_dim, v_dim = self.shapes[e]
-        elem = _elem_size(self.dtype)
-        batch, cap = self.batch, self.capacity
-        k_elems = batch * heads * cap * k_dim
-        v_elems = batch * heads * cap * v_dim
-        if offset < 0 or offset % elem or offset + (k_elems + v_elems) * elem > self._typed.numel() * elem:
-            raise StateError(
-                f"engine offset {offset} of layer {e} lies outside its arena ({self._typed.numel() * elem} bytes)"
-            )
-        k_base = self._typed.storage_offset() + offset // elem
-        layout = (
-            offset,
-            k_base,
-            k_base + k_elems,
-            batch,
-            heads,
-            k_dim,
-            v_dim,
-            (heads * cap * k_dim, cap * k_dim, k_dim, 1),
-            (heads * cap * v_dim, cap * v_dim, v_dim, 1),
-        )
-        self._layout[e] = layout
-        return layout
-
-    def _slot_stride(self) -> tuple[int, int, list[int]] | None:
-        """``(first offset, stride, offsets)`` in bytes if every layer's slot lies at a fixed stride now."""
-        assert self.engine is not None and self._typed is not None and self.dtype is not None
-        self._stride_generation = self._generation
-        self._stride = None
-        shapes = self.shapes
-        if not shapes or any(s != shapes[0] for s in shapes):
-            return None
-        offsets = [self.engine.device_offset(e) for e in range(len(shapes))]
-        if any(o is None for o in offsets):
-            return None
-        first = offsets[0]
-        stride = offsets[1] - first if len(offsets) > 1 else 0
-        elem = _elem_size(self.dtype)
-        heads, k_dim, v_dim = shapes[0]
-        assert self.batch is not None
-        slot = self.batch * heads * self.capacity * (k_dim + v_dim) * elem
-        if (
-            any(o != first + e * stride for e, o in enumerate(offsets))  # type: ignore[operator]
-            or first < 0
-            or first % elem
-            or stride % elem
-            or (len(offsets) > 1 and stride < slot)
-            or offsets[-1] + slot > self._typed.numel() * elem  # type: ignore[operator]
-        ):
-            return None
-        self._stride = (first, stride, offsets)  # type: ignore[assignment]
-        return self._stride
-
-    def _step_views(self, n: int, new: int) -> tuple[Any, ...] | None:
-        """Write and result views of every layer for a step that adds ``new`` tokens after ``n``.
-
-        Four ``as_strided`` + ``unbind`` calls make them all, instead of four view calls per layer.
-        """
-        if self._stride_generation != self._generation:
-            self._slot_stride()
-        if self._stride is None:
-            self._step = None
-            return None
-        assert self._typed is not None and self.dtype is not None and self.batch is not None
-        first, stride, offsets = self._stride
-        elem = _elem_size(self.dtype)
-        layers = len(self.shapes)
-        heads, k_dim, v_dim = self.shapes[0]
-        batch, cap, arena = self.batch, self.capacity, self._typed
-        k_base = arena.storage_offset() + first // elem
-        v_base = k_base + batch * heads * cap * k_dim
-        step = stride // elem
-        k_stride = (step, heads * cap * k_dim, cap * k_dim, k_dim, 1)
-        v_stride = (step, heads * cap * v_dim, cap * v_dim, v_dim, 1)
-        end = n + new
-        self._step = views = (
-            n,
-            new,
-            offsets,
-            arena.as_strided((layers, batch, heads, new, k_dim), k_stride, k_base + n * k_dim).unbind(0),
-            arena.as_strided((layers, batch, heads, new, v_dim), v_stride, v_base + n * v_dim).unbind(0),
-            arena.as_strided((layers, batch, heads, end, k_dim), k_stride, k_base).unbind(0),
-            arena.as_strided((layers, batch, heads, end, v_dim), v_stride, v_base).unbind(0),
-        )
-        return views
-
-    def _slice(self, arena: torch.Tensor, offset: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.dtype is not None and self.batch is not None
-        heads, k_dim, v_dim = self.shapes[e]
-        elem = _elem_size(self.dtype)
-        k_bytes = self.batch * heads * self.capacity * k_dim * elem
-        v_bytes = self.batch * heads * self.capacity * v_dim * elem
-        if offset < 0 or offset + k_bytes + v_bytes > arena.numel():
-            raise StateError(f"engine offset {offset} of layer {e} lies outside its arena ({arena.numel()} bytes)")
-        k = arena[offset : offset + k_bytes].view(self.dtype).view(self.batch, heads, self.capacity, k_dim)
-        v = arena[offset + k_bytes : offset + k_bytes + v_bytes].view(self.dtype)
-        return k, v.view(self.batch, heads, self.capacity, v_dim)
-
-    def device_views(self, e: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V views (full capacity) of the device slot at ``offset``, cached per generation."""
-        self._refresh()
-        views = self._views.get((e, offset))
-        if views is None:
-            assert self._device_bytes is not None
-            views = self._views[(e, offset)] = self._slice(self._device_bytes, offset, e)
-        return views
-
-    def data_views(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where layer ``e``'s authoritative data is while quiesced: its device slot or its host buffer."""
-        assert self.engine is not None and self.quiesce_depth > 0
-        self._refresh()
-        offset = self.engine.device_offset(e)
-        if offset is not None:
-            return self.device_views(e, offset)
-        if self._host_bytes is None or self._host_generation != self._generation:
-            self._host_bytes = torch.from_dlpack(self.engine.host_region())
-            self._host_generation = self._generation
-        return self._slice(self._host_bytes, self.engine.host_offset(e), e)
+        return empty_stats()
 
     # ------------------------------------------------------------------------------- step
     def begin(self, e: int) -> None:
-        """Layer ``e`` starts (its decoder layer's pre-hook, or its first update without hooks)."""
+        """Layer ``e`` starts (its first update of the step)."""
         engine = self.engine
         assert engine is not None
         if e == 0 or self._stream is None:
@@ -456,7 +278,7 @@ class _Shared:
             )
 
     def update(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.closed or self.pool._closed:
+        if self.closed or self.pool.closed:
             self.check_usable()
         if self.quiesce_depth:
             raise StateError("update called while the cache is being reordered or cropped")
@@ -472,39 +294,14 @@ class _Shared:
             self._checked[e] = signature
         n = self.lens[e]
         new = kshape[2]
-        end = n + new
-        if end > self.capacity:
-            self.grow(end)
+        if n + new > self.capacity:
+            self.grow(n + new)
         if self.open != e:
             self.begin(e)
         stream = self._stream
-        offset = engine.layer_ready(e, stream)
-        if engine.generation != self._generation:
-            self._refresh()
-        step = self._step
-        if step is None or step[0] != n or step[1] != new:
-            # The first layer of a step makes the views of all layers; a layer out of step
-            # with the others (a crop of one layer, a hand-made update) takes the slow path.
-            step = self._step_views(n, new) if e == 0 else None
-        if step is not None:
-            if step[2][e] == offset:
-                step[3][e].copy_(key_states)
-                step[4][e].copy_(value_states)
-                self.lens[e] = engine.layer_written(e, new, stream)
-                return step[5][e], step[6][e]
-            self._stride_generation = -1  # the slots moved: look again at the next step
-        layout = self._layout[e]
-        if layout is None or layout[0] != offset:
-            layout = self._slot_layout(e, offset)
-        _, k_base, v_base, batch, heads, k_dim, v_dim, k_stride, v_stride = layout
-        arena = self._typed
-        arena.as_strided((batch, heads, new, k_dim), k_stride, k_base + n * k_dim).copy_(key_states)
-        arena.as_strided((batch, heads, new, v_dim), v_stride, v_base + n * v_dim).copy_(value_states)
+        out = self.views.write(e, engine.layer_ready(e, stream), n, key_states, value_states)
         self.lens[e] = engine.layer_written(e, new, stream)
-        return (
-            arena.as_strided((batch, heads, end, k_dim), k_stride, k_base),
-            arena.as_strided((batch, heads, end, v_dim), v_stride, v_base),
-        )
+        return out
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:
@@ -526,20 +323,28 @@ class _Shared:
             if self.engine is not None:
                 self.engine.resume()
 
+    def data_views(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-capacity K and V where layer ``e``'s data is while quiesced (device slot or host buffer)."""
+        assert self.engine is not None and self.quiesce_depth > 0
+        return self.views.data(e)
+
     # ---------------------------------------------------------------------- data changes
     def set_len(self, e: int, tokens: int) -> None:
         assert self.engine is not None
         self.engine.set_seq_len(e, tokens)
         self.lens[e] = tokens
 
-    def reorder(self, e: int, beam_idx: torch.Tensor) -> None:
-        n = self.lens[e]
-        if self.engine is None or n == 0:
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search's reorder of every engine layer, by the engine (``Engine.reorder``).
+
+        ``tolist`` waits for the compute that chose ``beam_idx``; the engine's copies follow it on
+        the compute stream and are done when this returns.
+        """
+        if self.engine is None or not any(self.lens):
             return
-        with self.quiesced():
-            for buf in self.data_views(e):
-                idx = beam_idx.to(device=buf.device, dtype=torch.long)
-                buf[:, :, :n].copy_(buf[:, :, :n].index_select(0, idx))
+        self.finish_step()
+        indices = beam_idx.tolist() if isinstance(beam_idx, torch.Tensor) else list(beam_idx)
+        self.engine.reorder(indices, self.stream())
 
     def rebatch(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Applies a batch-changing ``transform`` to every layer: a new engine with the new batch."""
@@ -564,12 +369,12 @@ class _Shared:
         assert old is not None
         old.close()
         self.engine = self.make_engine(new_batch, capacity, dtype)
-        self._reset_state(new_batch, dtype, self.engine.capacity)
+        self._reset_state(new_batch, dtype)
         self.last_stats = stats
         for e, (k_new, v_new, n) in enumerate(data):
             self.begin(e)
             offset = self.engine.layer_ready(e, self._stream)
-            k, v = self.device_views(e, offset)
+            k, v = self.views.device(e, offset)
             k[:, :, :n].copy_(k_new)
             v[:, :, :n].copy_(v_new)
             self.lens[e] = self.engine.layer_written(e, n, self._stream)
@@ -683,8 +488,8 @@ class PieLayer(CacheLayerMixin):
             sh.set_len(self._e, max(0, sh.lens[self._e] + tokens_to_remove))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorders the batch (beam search)."""
-        self._shared.reorder(self._e, beam_idx)
+        """Call it on the :class:`PieCache` (the engine reorders every layer at once)."""
+        raise StateError("reorder_cache reorders every layer at once: call it on the PieCache")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Call it on the :class:`PieCache` (the batch of every layer changes at once)."""
@@ -738,10 +543,15 @@ class PieCache(Cache):
         return out
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorders the batch of every layer (beam search), with the engine quiesced once."""
+        """Reorders the batch of every layer (beam search): sequence ``b`` takes what ``beam_idx[b]`` held.
+
+        The engine moves the full-attention layers' KV in place (``Engine.reorder``: only the valid
+        tokens of the sequences that change); sliding-window layers reorder as transformers' do.
+        """
         self._shared.check_usable()
-        with self._shared.quiesced():
-            super().reorder_cache(beam_idx)
+        self._shared.reorder(beam_idx)
+        for layer in self._sliding:
+            layer.reorder_cache(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Removes the last ``-tokens_to_remove`` tokens of every layer."""
@@ -824,12 +634,21 @@ class PieCache(Cache):
         """Whether :meth:`close` was called (or the pool was detached)."""
         return self._shared.closed
 
-    def _begin_layer(self, layer_idx: int) -> None:
-        e = self._shared.eidx.get(layer_idx)
-        if e is not None and self._shared.engine is not None and not self._shared.closed:
-            self._shared.begin(e)
+    @property
+    def pool(self) -> Pool:
+        """The pool that made this cache."""
+        return self._pool
 
-    def _end_layer(self, layer_idx: int) -> None:
+    def release(self) -> None:
+        """Closes this cache and hands its engine, emptied, to the pool for the next cache to reuse.
+
+        ``generate`` does this when it finishes; if the engine cannot be reused (a step still open,
+        the pool detached) it is closed instead, as :meth:`close` does.
+        """
+        self._shared.release()
+
+    def end_layer(self, layer_idx: int) -> None:
+        """Marks decoder layer ``layer_idx`` done for this step (the pool's forward hook calls it)."""
         e = self._shared.eidx.get(layer_idx)
         if e is not None and self._shared.engine is not None:
             self._shared.done(e)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._model import MANAGED, inspect_model
+from ._model import inspect_model
 from .bench import (
     Method,
     add_model_arguments,
@@ -28,7 +28,7 @@ from .bench import (
     cpu_threads,
     make_inputs,
     measure,
-    pie_slot_bytes,
+    pie_plan_bytes,
     resolve_device,
     resolve_shape,
 )
@@ -54,11 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def half_pooled_budget(model: torch.nn.Module, batch: int, max_length: int) -> int:
     """A device budget under which the engine pools about half the full-attention layers.
 
-    Pooling ``c`` of ``M`` layers through one staging slot takes ``M - c + 1`` layer slots.
+    The device bytes ``_core`` computes for ``M // 2`` of ``M`` layers pooled through one staging slot.
     """
-    managed = len([li for li in inspect_model(model).layers if li.kind == MANAGED])
-    pooled = max(1, managed // 2)
-    return (managed - pooled + 1) * pie_slot_bytes(model, batch, max_length)
+    managed = len(inspect_model(model).managed)
+    return pie_plan_bytes(model, batch, max_length, pooled=max(1, managed // 2), prefetch_depth=1)
 
 
 def _parse_budget_arg(text: str | None) -> int | float | str | None:
@@ -140,7 +139,6 @@ def _run_demo(args: argparse.Namespace, device: torch.device, threads: int) -> i
             plots.timeline(
                 samples,
                 out_dir / "demo_timeline.png",
-                pie.prefetch_depth or 1,
                 title=(
                     f"pie-rs, {len(samples)} sampled decode steps: {pie.resident_layers} resident / "
                     f"{pie.pooled_layers} pooled layers, prefetch depth {pie.prefetch_depth} ({device.type})"

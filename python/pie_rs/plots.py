@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bench_plots", "exact_timeline", "reconstruct_timeline", "timeline"]
+__all__ = ["bench_plots", "exact_timeline", "timeline"]
 
 
 def _pyplot() -> Any:
@@ -22,78 +22,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def reconstruct_timeline(samples: Sequence[dict[str, Any]], prefetch_depth: int) -> list[dict[str, Any]]:
-    """Lays the engine's per-step telemetry out on one time axis.
-
-    Each sample (``Engine.last_sample()``) gives per-layer compute and stall seconds and the step's
-    total H2D/D2H copy seconds and bytes, but not when each copy ran. Compute and stalls are placed
-    exactly (stall of layer ``i`` right before its compute). Copies are placed by the engine's FIFO
-    rule: the prefetch of pooled layer ``P[j]`` is issued when the staging slot of ``P[j - depth]``
-    frees (the end of its compute; from the previous step for ``j < depth``), the delta write-back of
-    a pooled layer starts when its compute ends, each copy engine runs one copy at a time, and each
-    copy lasts the step's copy seconds divided evenly among the pooled layers.
-
-    Returns one dict per bar: ``lane`` (``"compute"``, ``"stall"``, ``"H2D"``, ``"D2H"``), ``layer``,
-    ``start``, ``end`` (seconds from the first step's start), ``step`` and ``pooled``.
-    """
-    bars: list[dict[str, Any]] = []
-    t = 0.0
-    prev_free: dict[int, float] = {}  # pooled layer -> time its slot freed in the previous step
-    h2d_busy = d2h_busy = 0.0
-    depth = max(1, int(prefetch_depth or 1))
-    for sample in samples:
-        compute = list(sample.get("layer_compute", []))
-        stall = list(sample.get("layer_stall", [0.0] * len(compute)))
-        pooled = list(sample.get("pooled_layers", []))
-        step = sample.get("step")
-        ends: dict[int, float] = {}
-        starts: dict[int, float] = {}
-        for layer, seconds in enumerate(compute):
-            wait = stall[layer] if layer < len(stall) else 0.0
-            if wait > 0:
-                bars.append({"lane": "stall", "layer": layer, "start": t, "end": t + wait, "step": step})
-                t += wait
-            starts[layer] = t
-            bars.append(
-                {
-                    "lane": "compute",
-                    "layer": layer,
-                    "start": t,
-                    "end": t + seconds,
-                    "step": step,
-                    "pooled": layer in pooled,
-                }
-            )
-            t += seconds
-            ends[layer] = t
-        n = len(pooled)
-        if n:
-            h2d_each = float(sample.get("h2d_seconds", 0.0)) / n
-            d2h_each = float(sample.get("d2h_seconds", 0.0)) / n
-            step_start = starts.get(0, t)
-            for j, layer in enumerate(pooled):
-                if h2d_each > 0:
-                    if j >= depth:
-                        issue = ends[pooled[j - depth]]
-                    else:  # issued in the previous step, when a slot freed there (wrap-around)
-                        issue = min(prev_free.get(pooled[(j - depth) % n], step_start), step_start)
-                    begin = max(issue, h2d_busy)
-                    h2d_busy = begin + h2d_each
-                    bars.append({"lane": "H2D", "layer": layer, "start": begin, "end": h2d_busy, "step": step})
-                if d2h_each > 0:
-                    begin = max(ends[layer], d2h_busy)
-                    d2h_busy = begin + d2h_each
-                    bars.append({"lane": "D2H", "layer": layer, "start": begin, "end": d2h_busy, "step": step})
-            prev_free = {layer: ends[layer] for layer in pooled}
-    return bars
-
-
 def exact_timeline(samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Lays out measured per-layer starts and per-copy spans (``Engine.last_sample()``).
 
     Steps are placed one after another (the gap between steps is not drawn); each copy sits where
     the engine's events say it ran, relative to its step's start, so a prefetch issued during the
-    previous step appears before the step line. Same bar format as :func:`reconstruct_timeline`.
+    previous step appears before the step line.
+
+    Returns one dict per bar: ``lane`` (``"compute"``, ``"stall"``, ``"H2D"``, ``"D2H"``), ``layer``,
+    ``start``, ``end`` (seconds from the first bar's start), ``step`` and, for compute, ``pooled``.
     """
     bars: list[dict[str, Any]] = []
     base = 0.0
@@ -147,15 +84,17 @@ _COLORS = {
 def timeline(
     samples: Sequence[dict[str, Any]],
     path: str | Path,
-    prefetch_depth: int,
     title: str = "pie-rs step timeline",
 ) -> Path:
-    """Draws compute per layer against H2D and D2H copies for a few steps; writes a PNG."""
+    """Draws compute per layer against H2D and D2H copies for a few steps; writes a PNG.
+
+    ``samples`` are the engine's measured steps (``Engine.last_sample()``), laid out by
+    :func:`exact_timeline`.
+    """
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    exact = bool(samples) and all("layer_start" in sample and "h2d_spans" in sample for sample in samples)
-    bars = exact_timeline(samples) if exact else reconstruct_timeline(samples, prefetch_depth)
+    bars = exact_timeline(samples)
     lanes = ["D2H", "H2D", "stall", "compute"]
     fig, ax = plt.subplots(figsize=(12, 3.4))
     span = max((bar["end"] for bar in bars), default=0.0) * 1e3 or 1.0
@@ -207,9 +146,7 @@ def timeline(
     fig.text(
         0.01,
         0.01,
-        "layer starts, stalls and every copy as the engine's events measured them"
-        if exact
-        else "compute and stalls as measured per layer; copies placed by the FIFO rule from per-step copy totals",
+        "layer starts, stalls and every copy as the engine's events measured them",
         fontsize=6,
         color="grey",
     )

@@ -13,15 +13,14 @@ from torch import nn
 
 from . import _core, serving
 from ._budget import parse_budget, total_host_memory
+from ._engine import EngineSettings, engine_layers
 from ._errors import BackendError, ConfigError, StateError
 from ._model import MANAGED, ModelInfo, inspect_model
-from .cache import _STAT_KEYS, PieCache
+from .cache import PieCache, empty_stats
 
 __all__ = ["Pool", "attach"]
 
 _BACKENDS = ("auto", "cuda", "host")
-_POLICIES = ("adaptive", "static")
-_OBJECTIVES = ("speed", "memory")
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 _ATTR = "_pie_rs_pool"
 
@@ -44,30 +43,13 @@ class Pool:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        info: ModelInfo,
-        *,
-        backend: str,
-        budget_bytes: int | None,
-        policy: str,
-        objective: str,
-        pooled_layers: list[int] | None,
-        prefetch_depth: int | None,
+        self, model: nn.Module, info: ModelInfo, settings: EngineSettings, pooled_layers: list[int] | None = None
     ) -> None:
         self._model: nn.Module | None = model
         self.info = info
-        self.backend = backend
-        self.budget_bytes = budget_bytes
-        self.policy = policy
-        self.objective = objective
-        self.pooled_layers = pooled_layers
-        self.engine_pooled_layers = None if pooled_layers is None else [info.managed.index(i) for i in pooled_layers]
-        self.prefetch_depth = prefetch_depth
-        self.device_index = 0
-        if info.device.type == "cuda":
-            index = info.device.index
-            self.device_index = torch.cuda.current_device() if index is None else index
+        #: How this pool's engines are built (fixed at :func:`attach`).
+        self.settings = settings
+        self._pooled_layers = pooled_layers
         self._closed = False
         self._caches: weakref.WeakSet[PieCache] = weakref.WeakSet()
         self._last: PieCache | None = None
@@ -83,6 +65,41 @@ class Pool:
         self._undo_serving: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------------- public
+    @property
+    def backend(self) -> str:
+        """``"cuda"`` or ``"host"``."""
+        return self.settings.backend
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The device budget of the KV cache in bytes (``None``: no limit)."""
+        return self.settings.budget_bytes
+
+    @property
+    def policy(self) -> str:
+        """``"adaptive"`` or ``"static"``."""
+        return self.settings.policy
+
+    @property
+    def objective(self) -> str:
+        """What the adaptive policy optimises: ``"speed"`` or ``"memory"``."""
+        return self.settings.objective
+
+    @property
+    def pooled_layers(self) -> list[int] | None:
+        """The pinned pooled layers (model layer indices), if the plan was pinned."""
+        return None if self._pooled_layers is None else list(self._pooled_layers)
+
+    @property
+    def prefetch_depth(self) -> int | None:
+        """The prefetch depth given at attach: a static plan's staging slots, or where the adaptive policy starts."""
+        return self.settings.prefetch_depth
+
+    @property
+    def kept_engine(self) -> _core.Engine | None:
+        """The engine kept, emptied, for the next cache (``None`` when none is kept)."""
+        return None if self._kept is None else self._kept[0]
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`detach` was called."""
@@ -125,7 +142,7 @@ class Pool:
         if self._last is not None:
             stats = self._last.stats()
         else:
-            stats = {key: 0 for key in _STAT_KEYS} | {"stall_seconds": 0.0}
+            stats = empty_stats()
             stats["sliding_layers"] = len(self.info.layers) - len(self.info.managed)
             stats["sliding_kv_bytes"] = 0
         stats["generations"] = self.generations
@@ -159,7 +176,7 @@ class Pool:
         self._undo_serving()
         self._close_serving()
         for cache in list(self._caches):
-            cache._shared.close()
+            cache.close()
         self.release()
         self._model = None
 
@@ -185,11 +202,6 @@ class Pool:
         state = "detached" if self._closed else f"backend={self.backend!r}, budget_bytes={self.budget_bytes}"
         return f"Pool({state}, layers={len(self.info.layers)}, managed={len(self.info.managed)})"
 
-    # ------------------------------------------------------------------------ private
-    def _check(self) -> None:
-        if self._closed:
-            raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
-
     def _serving_budget(self) -> int | None:
         """Device bytes a new continuous-batching cache may use: the budget less live ``generate`` caches."""
         self.release()  # the kept generate engine gives its memory back first
@@ -208,15 +220,19 @@ class Pool:
         if cache is not None:
             cache.close()
 
-    def _keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
-        """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before."""
+    def keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
+        """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before.
+
+        ``sliding_estimate`` is what the sliding-window layers were given of the budget when the
+        engine was made (the engine's budget is the pool's less that).
+        """
         if self._closed:
             engine.close()
             return
         self.release()
         self._kept = (engine, batch, dtype, sliding_estimate)
 
-    def _take_engine(
+    def take_engine(
         self, batch: int, dtype: torch.dtype, capacity: int, sliding_estimate: int
     ) -> tuple[_core.Engine, int] | None:
         """The kept engine, emptied, if it serves ``batch``/``dtype`` at ``capacity`` tokens.
@@ -238,7 +254,7 @@ class Pool:
                 and (engine.capacity >= capacity or sliding_estimate <= kept_sliding)
             )
             if fits:
-                _empty(engine)
+                engine.reset()  # every token dropped; memory, plan and policy state kept
                 if engine.capacity < capacity:
                     engine.ensure_capacity(capacity)
                 return engine, kept_sliding
@@ -246,6 +262,11 @@ class Pool:
             fits = False
         engine.close()
         return None
+
+    # ------------------------------------------------------------------------ private
+    def _check(self) -> None:
+        if self._closed:
+            raise StateError("this pie-rs pool was detached; call pie_rs.attach(model) again")
 
     def _install(self, model: nn.Module) -> None:
         # The per-layer path stays out of the hooks: each layer's first update begins it (and ends
@@ -256,8 +277,7 @@ class Pool:
         keyword = self.info.cache_keyword
         for idx, module in enumerate(self.info.decoder_layers):
             if idx in managed and idx + 1 not in managed:
-                e = self.info.managed.index(idx)
-                self._handles.append(module.register_forward_hook(_post_hook(e, keyword), with_kwargs=True))
+                self._handles.append(module.register_forward_hook(_post_hook(idx, keyword), with_kwargs=True))
         pool_ref = weakref.ref(self)
         if self.info.managed:
             # Once per forward: a PieCache made by another model's pool is refused before
@@ -291,9 +311,9 @@ class Pool:
             # The cache outlives generate only if the output carries it (return_dict_in_generate).
             # Otherwise its engine is kept for the next call, unless generate failed.
             if out is None:
-                cache._shared.close()
+                cache.close()
             elif not _holds(out, cache):
-                cache._shared.release()
+                cache.release()
         return out
 
     def _should_inject(self, kwargs: dict[str, Any]) -> bool:
@@ -359,17 +379,6 @@ def _holds(out: Any, cache: PieCache) -> bool:
     return False
 
 
-def _empty(engine: _core.Engine) -> None:
-    """Drops every token an engine holds, keeping its memory, plan and policy state."""
-    reset = getattr(engine, "reset", None)
-    if reset is not None:
-        reset()
-        return
-    for layer in range(engine.num_layers):
-        if engine.seq_len(layer):
-            engine.set_seq_len(layer, 0)
-
-
 def _owner_check(pool_ref: weakref.ref[Pool], keyword: str) -> Callable[..., None]:
     """A pre-hook on the first managed decoder layer: the cache must come from this model's pool."""
 
@@ -379,7 +388,7 @@ def _owner_check(pool_ref: weakref.ref[Pool], keyword: str) -> Callable[..., Non
             cache = _find_cache(args, kwargs)
             if cache is None:
                 return
-        if cache._shared.pool is not pool_ref():
+        if cache.pool is not pool_ref():
             raise ConfigError(
                 "this PieCache was made by the pool of another model; make one with this model's pool.new_cache()"
             )
@@ -387,8 +396,8 @@ def _owner_check(pool_ref: weakref.ref[Pool], keyword: str) -> Callable[..., Non
     return pre_hook
 
 
-def _post_hook(e: int, keyword: str) -> Callable[..., None]:
-    """The forward hook of the decoder layer of engine layer ``e``: the layer is done."""
+def _post_hook(layer_idx: int, keyword: str) -> Callable[..., None]:
+    """The forward hook of decoder layer ``layer_idx`` (engine-managed): the layer is done."""
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         cache = kwargs.get(keyword)
@@ -396,9 +405,7 @@ def _post_hook(e: int, keyword: str) -> Callable[..., None]:
             cache = _find_cache(args, kwargs)
             if cache is None:
                 return
-        shared = cache._shared
-        if shared.engine is not None:
-            shared.done(e)
+        cache.end_layer(layer_idx)
 
     return post_hook
 
@@ -436,6 +443,11 @@ def _available_memory(backend: str, device: torch.device) -> int:
 
 
 def _check_plan(info: ModelInfo, pooled_layers: object, prefetch_depth: object) -> list[int] | None:
+    """Checks the Python types of a pinned plan and that its layers are ones the engine manages.
+
+    Returns the model-layer indices as given; pie-core's ``policy_config`` orders them and refuses
+    duplicates (the one set of plan rules).
+    """
     if prefetch_depth is not None and (
         isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1
     ):
@@ -455,9 +467,7 @@ def _check_plan(info: ModelInfo, pooled_layers: object, prefetch_depth: object) 
                 f"layer {idx} is a sliding-window layer, which pie-rs keeps on the device; it cannot be pooled"
             )
         out.append(idx)
-    if len(set(out)) != len(out):
-        raise ConfigError(f"pooled_layers lists a layer twice: {list(pooled_layers)}")
-    return sorted(out)
+    return out
 
 
 def attach(
@@ -501,41 +511,39 @@ def attach(
         raise StateError("this model is already attached to pie-rs; call pool.detach() before attaching again")
     info = inspect_model(model)
     resolved = _resolve_backend(backend, info.device)
-    if policy not in _POLICIES:
-        raise ConfigError(f"policy must be one of {', '.join(map(repr, _POLICIES))}, got {policy!r}")
-    if objective not in _OBJECTIVES:
-        raise ConfigError(f"objective must be one of {', '.join(map(repr, _OBJECTIVES))}, got {objective!r}")
+    for name, value in (("policy", policy), ("objective", objective)):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
     pinned = _check_plan(info, pooled_layers, prefetch_depth)
+    # pie-core parses the options once, as every engine of this pool will.
+    config = _core.policy_config(
+        policy,
+        objective,
+        None if pinned is None else [info.managed.index(i) for i in pinned],
+        prefetch_depth,
+        max(1, len(info.managed)),
+    )
     available = None
     if isinstance(gpu_budget, float):
         available = _available_memory(resolved, info.device)
     budget_bytes = parse_budget(gpu_budget, available, device_total=_device_total(resolved, info.device))
-    if pinned is not None or prefetch_depth is not None:
-        policy = "static"
-    pool = Pool(
-        model,
-        info,
+    device_index = 0
+    if info.device.type == "cuda":
+        device_index = torch.cuda.current_device() if info.device.index is None else info.device.index
+    settings = EngineSettings(
         backend=resolved,
+        device_index=device_index,
         budget_bytes=budget_bytes,
-        policy=policy,
-        objective=objective,
-        pooled_layers=pinned,
-        prefetch_depth=prefetch_depth,
+        policy=config["policy"],
+        objective=config["objective"],
+        pooled_layers=None if config["pooled_layers"] is None else tuple(config["pooled_layers"]),
+        prefetch_depth=config["prefetch_depth"],
     )
+    pinned_model = None if config["pooled_layers"] is None else [info.managed[e] for e in config["pooled_layers"]]
+    pool = Pool(model, info, settings, pinned_model)
     if info.managed:
         # A small probe engine checks the options against the engine itself (plan, policy,
         # backend availability) now rather than at the first generate.
-        probe = _core.Engine(
-            resolved,
-            [(1, li.kv_heads, li.k_dim, li.v_dim, 1) for li in info.layers if li.kind == MANAGED],
-            1,
-            device_index=pool.device_index,
-            budget_bytes=budget_bytes,
-            policy=policy,
-            objective=objective,
-            pooled_layers=pool.engine_pooled_layers,
-            prefetch_depth=prefetch_depth,
-        )
-        probe.close()
+        settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
     pool._install(model)
     return pool

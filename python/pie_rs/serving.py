@@ -238,7 +238,7 @@ def _cache_class() -> type:
                 sectors = max(1, ceil(user_num_blocks * per_block / bps))
                 target: dict[str, Any] = {"rows": (2 + sectors) * quantum}
             elif pool.pooled_layers is not None and pool.info.managed == self.layer_indices:
-                target = {"pooled_layers": list(pool.engine_pooled_layers or [])}
+                target = {"pooled_layers": list(pool.settings.pooled_layers or ())}
             elif budget is None:
                 target = {"rows": (2 + self._default_sectors(config, continuous_batching_config, dtype)) * quantum}
             else:
@@ -262,7 +262,7 @@ def _cache_class() -> type:
                 pool.backend,
                 [(1, 1, heads * dim, heads * dim, elem)] * self.layers,
                 rows,
-                device_index=pool.device_index,
+                device_index=pool.settings.device_index,
                 budget_bytes=budget,
                 policy="static",
                 pooled_layers=list(fit["pooled_layers"]),

@@ -7,6 +7,15 @@ best static plan. Profiles give the numbers; explicit options override them::
     pie-rs simulate --machine gh200 --model llama-3-70b --batch 8 --context 16384
     pie-rs simulate --layers 32 --layer-compute-ms 0.3 --layer-kv-mib 256 --h2d-gbps 25
     pie-rs simulate --list
+
+With ``--serving`` it answers the serving question instead: chat-like requests (seeded)
+through a continuous-batching scheduler like vLLM's, in front of the engine on the
+simulated machine, for four ways of holding the KV (``no_pooling``, ``swap``,
+``static_offload`` as FlexGen, ``pie``), and the smallest budget at which ``pie`` matches
+``no_pooling``'s throughput::
+
+    pie-rs simulate --serving --machine gh200 --model llama-3-70b --gpu-budget-mib 16384
+    pie-rs simulate --serving --rates 2,4,8 --requests 300 --json
 """
 
 from __future__ import annotations
@@ -17,7 +26,36 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["build_request", "format_report", "main", "parser"]
+__all__ = [
+    "build_request",
+    "build_serving_request",
+    "format_report",
+    "format_serving_report",
+    "main",
+    "parser",
+]
+
+METHODS = ("no_pooling", "swap", "static_offload", "pie")
+
+
+def _rate(text: str) -> float:
+    """A rate in requests per second, or ``inf`` (all requests at once)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests per second (or inf)") from None
+
+
+def _rates(text: str) -> list[float]:
+    return [_rate(part.strip()) for part in text.split(",") if part.strip()] or [_rate(text)]
+
+
+def _methods(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for n in names:
+        if n not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {n!r}; choose from {', '.join(METHODS)}")
+    return names
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +82,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["speed", "memory"], default="speed", help="what to optimise (default speed)")
     p.add_argument("--steps", type=int, help="decode steps to simulate (default 30)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    serving = p.add_argument_group("serving (--serving)")
+    serving.add_argument(
+        "--serving", action="store_true", help="simulate continuous-batching serving of chat-like requests"
+    )
+    rate = serving.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=_rate, help="arrival rate, requests/s (default inf: all at once)")
+    rate.add_argument("--rates", type=_rates, help="several arrival rates, comma-separated (e.g. 2,4,8)")
+    serving.add_argument("--requests", type=int, help="requests per run (default 300)")
+    serving.add_argument("--seed", type=int, help="workload seed (default 0)")
+    serving.add_argument("--methods", type=_methods, help=f"methods to run (default all: {','.join(METHODS)})")
+    serving.add_argument(
+        "--no-equal-performance",
+        action="store_true",
+        help="skip the search for the smallest budget at which pie matches no_pooling",
+    )
     p.add_argument("--list", action="store_true", help="list the machine and model profiles and exit")
     return p
 
@@ -67,6 +120,90 @@ _REQUEST_KEYS = (
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
     """The request dict for ``pie_rs._core.simulate`` (options left out are defaults)."""
     return {k: getattr(args, k) for k in _REQUEST_KEYS if getattr(args, k) is not None}
+
+
+_SINGLE_ONLY = ("batch", "context", "layers", "layer_compute_ms", "layer_kv_mib", "steps")
+
+
+def build_serving_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The request dict for ``pie_rs._core.simulate_serving``."""
+    req: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in ("machine", "model", "requests", "gpu_budget_mib", "seed", "h2d_gbps", "d2h_gbps", "methods")
+        if getattr(args, k) is not None
+    }
+    if args.rates is not None:
+        req["rates"] = args.rates
+    elif args.rate is not None:
+        req["rates"] = [args.rate]
+    if args.no_equal_performance:
+        req["equal_performance"] = False
+    return req
+
+
+def _rate_text(rate: Any) -> str:
+    if rate is None:
+        return "given workload"
+    if rate == "inf":
+        return "all at once"
+    return f"{rate:g} requests/s"
+
+
+def format_serving_report(r: dict[str, Any]) -> str:
+    """A readable table of a serving simulation report."""
+    lines = [
+        f"machine   {r['machine']} (H2D {r['h2d_gbps']:.1f} GB/s, D2H {r['d2h_gbps']:.1f} GB/s)",
+        f"model     {r['model']}, device KV budget {r['gpu_budget_mib']:.0f} MiB "
+        f"({r['device_pool_tokens']} tokens with every layer resident)",
+        f"requests  {r['requests']} chat-like (mean prompt {r['mean_prompt']:.0f}, mean output "
+        f"{r['mean_output']:.0f} tokens, seed {r['seed']})",
+    ]
+    header = (
+        f"{'method':<15} {'tok/s':>9} {'TTFT p50':>9} {'p99 ms':>9} {'TPOT p50':>9} {'p99 ms':>8} "
+        f"{'peak run':>8} {'preempt':>7} {'dev MiB':>8} {'host MiB':>8} {'pooled':>6}"
+    )
+    for run in r["runs"]:
+        lines += ["", f"rate: {_rate_text(run['rate'])}", header]
+        base = run["methods"].get("no_pooling")
+        for name, m in run["methods"].items():
+            ratio = ""
+            if base and name != "no_pooling" and base["throughput_tok_s"] > 0:
+                ratio = f"  ({m['throughput_tok_s'] / base['throughput_tok_s']:.2f}x)"
+            lines.append(
+                f"{name:<15} {m['throughput_tok_s']:>9.0f} {m['ttft_ms_p50']:>9.1f} {m['ttft_ms_p99']:>9.1f} "
+                f"{m['tpot_ms_p50']:>9.2f} {m['tpot_ms_p99']:>8.2f} {m['peak_running']:>8} "
+                f"{m['preemptions']:>7} {m['device_kv_mib']:>8.0f} {m['host_kv_mib']:>8.0f} "
+                f"{m['pooled_layers']:>6}{ratio}"
+            )
+    eq = r.get("equal_performance")
+    if eq:
+        lines += [
+            "",
+            f"equal performance ({_rate_text(eq['rate'])}): pie reaches no_pooling's "
+            f"{eq['no_pooling_throughput_tok_s']:.0f} tok/s at {eq['no_pooling_budget_mib']:.0f} MiB with "
+            f"{eq['pie_budget_mib']:.0f} MiB ({eq['pie_throughput_tok_s']:.0f} tok/s): "
+            f"{eq['memory_ratio']:.2f}x less device memory; no_pooling itself needs "
+            f"{eq['no_pooling_min_budget_mib']:.0f} MiB for it ({eq['memory_ratio_vs_min']:.2f}x)",
+        ]
+    return "\n".join(lines)
+
+
+def _serving_main(args: argparse.Namespace) -> int:
+    from . import _core
+
+    given = [f"--{k.replace('_', '-')}" for k in _SINGLE_ONLY if getattr(args, k) is not None]
+    if args.objective != "speed":
+        given.append("--objective")
+    if given:
+        print(f"pie-rs simulate: {', '.join(given)} do not apply to --serving", file=sys.stderr)
+        return 2
+    try:
+        report = _core.simulate_serving(build_serving_request(args))
+    except _core.PieError as exc:
+        print(f"pie-rs simulate: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_serving_report(report))
+    return 0
 
 
 def _layers(layers: list[int], total: int) -> str:
@@ -132,6 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         profiles = _core.list_profiles()
         print(json.dumps(profiles, indent=2) if args.json else _format_profiles(profiles))
         return 0
+    if args.serving:
+        return _serving_main(args)
+    serving_only = [f"--{k}" for k in ("rate", "rates", "requests", "seed", "methods") if getattr(args, k) is not None]
+    if args.no_equal_performance:
+        serving_only.append("--no-equal-performance")
+    if serving_only:
+        print(f"pie-rs simulate: {', '.join(serving_only)} need --serving", file=sys.stderr)
+        return 2
     try:
         report = _core.simulate(build_request(args))
     except _core.PieError as exc:

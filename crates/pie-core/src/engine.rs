@@ -21,14 +21,16 @@ mod transition;
 
 use crate::backend::{Backend, CopyShape, Mem, Stream};
 use crate::error::{PieError, Result};
+use crate::fit::{budget_plan, check_budget, check_shapes, grown_capacity};
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::{Policy, PolicyContext};
 use crate::primitive::{JoinHandle, Ordering, ThreadBuilder};
+use crate::reorder::Move;
 use crate::schedule::{Ready, Schedule, SwapOp};
 pub use crate::shared::Arenas;
 use crate::shared::Shared;
-use crate::slots::{ArenaLayout, Residence};
+use crate::slots::Residence;
 use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
 use crate::wake::{self, Sender};
 use std::sync::Arc;
@@ -147,18 +149,7 @@ impl<B: Backend> Engine<B> {
         options: EngineOptions,
         mut policy: Box<dyn Policy>,
     ) -> Result<Self> {
-        if specs.is_empty() {
-            return Err(PieError::config(
-                "no cache layers to manage; the model must have at least one full-attention layer",
-            ));
-        }
-        for s in &specs {
-            s.validate()?;
-        }
-        if options.capacity == 0 {
-            return Err(PieError::config("capacity must be at least 1 token"));
-        }
-        crate::slots::check_capacity(&specs, options.capacity)?;
+        check_shapes(&specs, options.capacity)?;
         let n = specs.len();
         // Nothing is held yet: plan for layers filled to capacity, the most a
         // prefetch will have to hide before the cache grows.
@@ -189,7 +180,7 @@ impl<B: Backend> Engine<B> {
         let pol = shared.clone();
         let policy = ThreadBuilder::new()
             .name("pie-policy".into())
-            .spawn(move || crate::policy_driver::run(&pol, telemetry_rx, policy))
+            .spawn(move || crate::policy_thread::run(&pol, telemetry_rx, policy))
             .map_err(|e| PieError::backend("spawn policy thread", e))?;
         let fifo = fifo.bind(swapper.thread().clone());
         let telemetry = telemetry.bind(policy.thread().clone());
@@ -499,6 +490,24 @@ impl<B: Backend> Engine<B> {
         Ok(start + n_new)
     }
 
+    /// [`Engine::layer_written`] for a batch of sequences laid end to end in the
+    /// layer (a paged cache seen as one sequence): `n_new` tokens in all, at
+    /// most `per_sequence` of them for any one sequence. The policy thread
+    /// tells decode steps from prefills by the latter, so a step in which every
+    /// sequence gained one token is measured as a decode step.
+    pub fn layer_written_batch(
+        &mut self,
+        layer: usize,
+        n_new: usize,
+        per_sequence: usize,
+        stream: Stream,
+    ) -> Result<usize> {
+        let before = self.step_tokens;
+        let len = self.layer_written(layer, n_new, stream)?;
+        self.step_tokens = before.max(per_sequence.min(n_new));
+        Ok(len)
+    }
+
     /// `layer`'s compute is done: a pooled layer's staging slot goes back to
     /// the FIFO and the next prefetch is queued into it. The last layer ends the step.
     pub fn layer_done(&mut self, layer: usize, stream: Stream) -> Result<()> {
@@ -565,10 +574,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Reorders the batch of every layer as beam search does: afterwards
-    /// sequence `b` holds what sequence `idx[b]` held. Goes through a host
-    /// scratch buffer with the backend's copies, so it works for resident and
-    /// pooled layers alike.
-    pub fn reorder(&mut self, idx: &[usize]) -> Result<()> {
+    /// sequence `b` holds what sequence `idx[b]` held. Moves, in place where
+    /// each layer's KV is now (its device slot, or its host buffer if pooled),
+    /// only the valid tokens of the sequences that change, as planned by
+    /// [`crate::reorder::moves`]. The copies run on `stream` (the compute
+    /// stream, so they follow the compute that wrote the KV; on the host
+    /// backend the caller's thread), and the call returns once they are done.
+    pub fn reorder(&mut self, idx: &[usize], stream: Stream) -> Result<()> {
         self.check()?;
         for (l, spec) in self.shared.specs.iter().enumerate() {
             if idx.len() != spec.batch || idx.iter().any(|&i| i >= spec.batch) {
@@ -578,20 +590,33 @@ impl<B: Backend> Engine<B> {
                 )));
             }
         }
+        let (moves, slots) = crate::reorder::moves(idx);
+        if moves.is_empty() {
+            return Ok(());
+        }
         self.quiesce()?;
         let arenas = self.arenas();
         let cap = arenas.layout.capacity;
         let b = &self.shared.backend;
-        let largest = self
-            .shared
-            .specs
+        let specs = &self.shared.specs;
+        let lens: Vec<usize> = (0..specs.len())
+            .map(|l| self.shared.page_table.seq_len(l))
+            .collect();
+        // A scratch slot holds one sequence's valid K then V, densely.
+        let slot_bytes = specs
             .iter()
-            .map(|s| s.bytes(cap))
+            .zip(&lens)
+            .map(|(s, &n)| s.kv_heads * n * (s.k_token_bytes() + s.v_token_bytes()))
             .max()
             .unwrap_or(0);
-        let scratch = b.alloc_host(largest.max(1))?;
-        for (l, spec) in self.shared.specs.iter().enumerate() {
-            if self.shared.page_table.seq_len(l) == 0 {
+        let scratch = if slots > 0 && slot_bytes > 0 {
+            Some(b.alloc_host(slots * slot_bytes)?)
+        } else {
+            None
+        };
+        for (l, spec) in specs.iter().enumerate() {
+            let n = lens[l];
+            if n == 0 {
                 continue;
             }
             let (on_device, off) = match (arenas.layout.device_slot[l], arenas.layout.host_slot[l])
@@ -607,47 +632,65 @@ impl<B: Backend> Engine<B> {
                     Mem::Host(&*arenas.host, off + o)
                 }
             };
-            b.copy(
-                Stream::D2H,
-                layer(0),
-                Mem::Host(&scratch, 0),
-                CopyShape::contiguous(spec.bytes(cap)),
-            )?;
-            b.synchronize_queues()?;
-            let back = if on_device { Stream::H2D } else { Stream::D2H };
-            for (block, per_seq) in [
-                (0, spec.kv_heads * cap * spec.k_token_bytes()),
+            let heads = spec.kv_heads;
+            // (block offset in the layer, bytes per token, offset in a scratch slot)
+            let blocks = [
+                (0, spec.k_token_bytes(), 0),
                 (
-                    spec.k_bytes(cap),
-                    spec.kv_heads * cap * spec.v_token_bytes(),
+                    spec.v_offset(cap),
+                    spec.v_token_bytes(),
+                    heads * n * spec.k_token_bytes(),
                 ),
-            ] {
-                for (dst, &src) in idx.iter().enumerate() {
-                    if dst != src {
-                        b.copy(
-                            back,
-                            Mem::Host(&scratch, block + src * per_seq),
-                            layer(block + dst * per_seq),
-                            CopyShape::contiguous(per_seq),
-                        )?;
+            ];
+            for (block, tok, in_slot) in blocks {
+                let (width, pitch) = (n * tok, cap * tok);
+                let seq = |s: usize| layer(block + s * heads * pitch);
+                let shape = |src_pitch, dst_pitch| {
+                    CopyShape {
+                        width,
+                        height: heads,
+                        src_pitch,
+                        dst_pitch,
                     }
+                    .normalized()
+                };
+                for &m in &moves {
+                    let at = |k: usize| -> Result<Mem<'_, B>> {
+                        let s = scratch.as_ref().ok_or_else(|| {
+                            PieError::internal("the reorder scratch buffer is missing")
+                        })?;
+                        Ok(Mem::Host(s, k * slot_bytes + in_slot))
+                    };
+                    let (src, dst, shape) = match m {
+                        Move::Save { src, slot } => (seq(src), at(slot)?, shape(pitch, width)),
+                        Move::Copy { src, dst } => (seq(src), seq(dst), shape(pitch, pitch)),
+                        Move::Restore { slot, dst } => (at(slot)?, seq(dst), shape(width, pitch)),
+                    };
+                    b.copy(stream, src, dst, shape)?;
                 }
             }
-            b.synchronize_queues()?;
         }
+        let done = b.new_event()?;
+        b.record(&done, stream)?;
+        b.synchronize(&done)?;
+        drop(scratch);
         drop(arenas);
         self.resume()
     }
 
-    /// Grows every layer to hold at least `tokens` tokens (capacity doubles, so
-    /// token-by-token growth is amortized). Returns whether arenas were rebuilt.
+    /// Grows every layer to hold at least `tokens` tokens. The engine decides
+    /// the new capacity, the one rule of growth ([`crate::fit::grown_capacity`]):
+    /// at least double the current one and at least `tokens`, rounded up to a
+    /// multiple of [`crate::fit::CAPACITY_QUANTUM`], so token-by-token growth
+    /// is amortized; read [`Engine::capacity`] for what it chose. Where that
+    /// would overflow, exactly `tokens`. Returns whether arenas were rebuilt.
     pub fn ensure_capacity(&mut self, tokens: usize) -> Result<bool> {
         self.check()?;
         let cap = self.capacity();
         if tokens <= cap {
             return Ok(false);
         }
-        let new_cap = tokens.max(cap.saturating_mul(2));
+        let new_cap = grown_capacity(cap, tokens);
         // Doubling may overflow where `tokens` itself does not: fall back to it.
         let new_cap = if crate::slots::check_capacity(&self.shared.specs, new_cap).is_ok() {
             new_cap
@@ -682,13 +725,42 @@ impl<B: Backend> Engine<B> {
         .is_err()
         {
             // Mandatory expansion: the current plan no longer fits.
-            plan = crate::policy_driver::budget_plan(
+            plan = budget_plan(
                 &self.shared.specs,
                 capacity,
                 self.shared.device_budget,
                 plan.prefetch_depth.max(2),
             )?;
         }
+        let was_in_step = self.in_step;
+        self.transition(&Arc::new(plan), capacity)?;
+        if was_in_step {
+            let from = self.cursor.unwrap_or(0);
+            self.step_complete = false;
+            let (schedule, step) = (&mut self.schedule, self.step);
+            self.submit
+                .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the arenas at `capacity` tokens under `plan` in one transition
+    /// (a pool that grows and pools more layers at once, as serving expansion
+    /// does), keeping every valid token. Errors when `plan` does not fit the
+    /// budget at `capacity`.
+    pub fn resize_with_plan(&mut self, capacity: usize, plan: Plan) -> Result<()> {
+        self.check()?;
+        plan.validate(self.num_layers())?;
+        let longest = (0..self.num_layers())
+            .map(|l| self.shared.page_table.seq_len(l))
+            .max()
+            .unwrap_or(0);
+        if capacity < longest.max(1) {
+            return Err(PieError::config(format!(
+                "capacity {capacity} is smaller than the {longest} tokens held; crop first"
+            )));
+        }
+        crate::slots::check_capacity(&self.shared.specs, capacity)?;
         let was_in_step = self.in_step;
         self.transition(&Arc::new(plan), capacity)?;
         if was_in_step {
@@ -851,25 +923,4 @@ impl<B: Backend> Drop for Engine<B> {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-/// Checks that `plan` at `capacity` fits `budget`, saying by how much it does not.
-pub fn check_budget(
-    specs: &[LayerSpec],
-    capacity: usize,
-    plan: &Plan,
-    budget: Option<usize>,
-) -> Result<()> {
-    if let Some(budget) = budget {
-        let need = ArenaLayout::device_bytes_for(specs, capacity, plan);
-        if need > budget {
-            return Err(PieError::budget(format!(
-                "the plan needs {need} device bytes for {} layers at {capacity} tokens ({} pooled, {} staging slots) but the budget is {budget}; raise gpu_budget or pool more layers",
-                specs.len(),
-                plan.pooled.len(),
-                plan.staging_slots()
-            )));
-        }
-    }
-    Ok(())
 }

@@ -84,6 +84,42 @@ impl LayerSpec {
         (bytes <= isize::MAX as usize / 4).then_some(bytes)
     }
 
+    /// Byte offset of the V block from the start of the layer's slot at
+    /// `capacity` tokens (K starts at 0).
+    pub fn v_offset(&self, capacity: usize) -> usize {
+        self.k_bytes(capacity)
+    }
+
+    /// Bytes the layer's slot takes in an arena at `capacity` tokens: K and V
+    /// rounded up to [`SLOT_ALIGN`].
+    pub fn slot_bytes(&self, capacity: usize) -> usize {
+        align_up(self.bytes(capacity), SLOT_ALIGN)
+    }
+
+    /// Where K and V lie inside the layer's slot at `capacity` tokens, checked:
+    /// a [`PieError::Config`] for an invalid shape or a size that overflows.
+    pub fn geometry(&self, capacity: usize) -> Result<SlotGeometry> {
+        self.validate()?;
+        let bytes = self.checked_bytes(capacity).ok_or_else(|| {
+            PieError::config(format!(
+                "a capacity of {capacity} tokens makes layer {self:?} overflow the address space; lower the capacity or batch"
+            ))
+        })?;
+        let (b, h, c) = (self.batch, self.kv_heads, capacity);
+        let strides = |dim: usize| [h * c * dim, c * dim, dim, 1];
+        Ok(SlotGeometry {
+            capacity,
+            k_offset: 0,
+            v_offset: self.v_offset(capacity),
+            k_shape: [b, h, c, self.k_dim],
+            v_shape: [b, h, c, self.v_dim],
+            k_strides: strides(self.k_dim),
+            v_strides: strides(self.v_dim),
+            bytes,
+            slot_bytes: align_up(bytes, SLOT_ALIGN),
+        })
+    }
+
     /// Bytes of `tokens` valid tokens (what a copy of the valid part moves).
     pub fn valid_bytes(&self, tokens: usize) -> usize {
         self.bytes(tokens)
@@ -165,6 +201,33 @@ impl LayerSpec {
     }
 }
 
+/// Where one layer's K and V lie inside its slot at a given capacity: all a
+/// caller needs to view them as tensors over an arena (see [`LayerSpec::geometry`]).
+/// K `[batch, kv_heads, capacity, k_dim]` comes first, V `[batch, kv_heads,
+/// capacity, v_dim]` right after it, both contiguous and row-major.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotGeometry {
+    /// Tokens each sequence of the slot holds.
+    pub capacity: usize,
+    /// Byte offset of K from the slot's start (0).
+    pub k_offset: usize,
+    /// Byte offset of V from the slot's start (the bytes of K).
+    pub v_offset: usize,
+    /// Shape of K: `[batch, kv_heads, capacity, k_dim]`.
+    pub k_shape: [usize; 4],
+    /// Shape of V: `[batch, kv_heads, capacity, v_dim]`.
+    pub v_shape: [usize; 4],
+    /// Strides of K in elements, one per dimension of `k_shape`.
+    pub k_strides: [usize; 4],
+    /// Strides of V in elements, one per dimension of `v_shape`.
+    pub v_strides: [usize; 4],
+    /// Bytes of K and V together.
+    pub bytes: usize,
+    /// Bytes the slot takes in an arena: `bytes` rounded up to [`SLOT_ALIGN`]
+    /// (slots of an arena lie this far apart).
+    pub slot_bytes: usize,
+}
+
 /// Rounds `n` up to a multiple of `align` (a power of two).
 pub fn align_up(n: usize, align: usize) -> usize {
     debug_assert!(align.is_power_of_two());
@@ -202,6 +265,35 @@ mod tests {
         assert_eq!((ko, k.height, k.width), (0, 1, s.k_bytes(10)));
         assert_eq!(vo, s.k_bytes(10));
         assert_eq!(v.bytes(), 2 * 3 * 10 * 5 * 2);
+    }
+
+    #[test]
+    fn geometry_places_v_after_k_and_aligns_the_slot() {
+        let s = spec();
+        let g = s.geometry(10).unwrap();
+        assert_eq!((g.k_offset, g.v_offset), (0, s.k_bytes(10)));
+        assert_eq!(g.k_shape, [2, 3, 10, 4]);
+        assert_eq!(g.v_strides, [3 * 10 * 5, 10 * 5, 5, 1]);
+        assert_eq!(g.bytes, s.bytes(10));
+        assert_eq!(g.slot_bytes, s.slot_bytes(10));
+        assert_eq!(g.slot_bytes % SLOT_ALIGN, 0);
+        assert!(g.slot_bytes >= g.bytes && g.slot_bytes < g.bytes + SLOT_ALIGN);
+        // The last element of V is the last byte of the layer.
+        let last: usize = (0..4).map(|d| (g.v_shape[d] - 1) * g.v_strides[d]).sum();
+        assert_eq!(g.v_offset + (last + 1) * s.elem_size, g.bytes);
+    }
+
+    #[test]
+    fn geometry_rejects_bad_shapes_and_overflow() {
+        let zero = LayerSpec { batch: 0, ..spec() };
+        assert_eq!(
+            zero.geometry(4).unwrap_err().kind(),
+            crate::ErrorKind::Config
+        );
+        assert_eq!(
+            spec().geometry(usize::MAX).unwrap_err().kind(),
+            crate::ErrorKind::Config
+        );
     }
 
     #[test]

@@ -124,11 +124,11 @@ pub fn paged_fit(
         PagedTarget::Rows { rows, staging } => {
             let rows = (*rows).max(min_rows).div_ceil(quantum) * quantum;
             crate::slots::check_capacity(&specs, rows)?;
-            let plan = crate::policy_driver::budget_plan(&specs, rows, budget, (*staging).max(1))
-                .map_err(|_| {
-                let all = Plan::spread(layers, layers, 1);
-                too_small(budget.unwrap_or(0), rows, need(rows, &all), &all)
-            })?;
+            let plan =
+                crate::fit::budget_plan(&specs, rows, budget, (*staging).max(1)).map_err(|_| {
+                    let all = Plan::spread(layers, layers, 1);
+                    too_small(budget.unwrap_or(0), rows, need(rows, &all), &all)
+                })?;
             fit(rows, plan)
         }
     }

@@ -16,7 +16,11 @@
 //! `(weight bytes of the layer + valid KV bytes of the layer) / HBM bandwidth`
 //! (bf16, norms and biases ignored; FLOPs, kernel launch gaps and the LM head
 //! are ignored, which makes compute slightly optimistic and the estimates of
-//! what can be hidden conservative).
+//! what can be hidden conservative). Prefill and large batches can be bound by
+//! the tensor cores instead: [`MachineProfile::layer_step_seconds`] takes the
+//! larger of the two times, with the dense bf16 datasheet peaks (GH200 and
+//! H100 SXM 989 TFLOP/s, H100 PCIe 756, H200 NVL 835, A100 312, RTX 4090 165
+//! with FP32 accumulation).
 
 use crate::error::{PieError, Result};
 use crate::sim::SimConfig;
@@ -42,6 +46,8 @@ pub struct MachineProfile {
     pub hbm_gbps: f64,
     /// Device memory, GiB.
     pub gpu_memory_gib: f64,
+    /// Dense bf16 tensor throughput, TFLOP/s (datasheet peak, no sparsity).
+    pub bf16_tflops: f64,
 }
 
 impl MachineProfile {
@@ -62,6 +68,23 @@ impl MachineProfile {
     /// (the roofline of the module docs), seconds.
     pub fn layer_compute_seconds(&self, model: &ModelShape, kv_bytes: u64) -> f64 {
         (model.weight_bytes_per_layer() + kv_bytes) as f64 / (self.hbm_gbps * 1e9)
+    }
+
+    /// One layer's share of a batched forward step (serving: prefills and
+    /// decodes in one batch), seconds: the larger of the HBM time (weights once,
+    /// plus `kv_bytes` of KV read and written) and the tensor time (`tokens`
+    /// through the layer's matrices, plus `attention_flops`), at datasheet peaks.
+    pub fn layer_step_seconds(
+        &self,
+        model: &ModelShape,
+        tokens: u64,
+        kv_bytes: u64,
+        attention_flops: f64,
+    ) -> f64 {
+        let memory = self.layer_compute_seconds(model, kv_bytes);
+        let params = (model.weight_bytes_per_layer() / model.elem_size as u64) as f64;
+        let flops = 2.0 * params * tokens as f64 + attention_flops;
+        memory.max(flops / (self.bf16_tflops * 1e12))
     }
 }
 
@@ -145,6 +168,7 @@ const MACHINES: &[MachineProfile] = &[
         copy_engines: 2,
         hbm_gbps: 4000.0,
         gpu_memory_gib: 96.0,
+        bf16_tflops: 989.0,
     },
     MachineProfile {
         name: "h100-pcie-gen5",
@@ -156,6 +180,7 @@ const MACHINES: &[MachineProfile] = &[
         copy_engines: 2,
         hbm_gbps: 2000.0,
         gpu_memory_gib: 80.0,
+        bf16_tflops: 756.0,
     },
     MachineProfile {
         name: "h200-pcie-gen5",
@@ -167,6 +192,7 @@ const MACHINES: &[MachineProfile] = &[
         copy_engines: 2,
         hbm_gbps: 4800.0,
         gpu_memory_gib: 141.0,
+        bf16_tflops: 835.0,
     },
     MachineProfile {
         name: "a100-pcie-gen4",
@@ -178,6 +204,7 @@ const MACHINES: &[MachineProfile] = &[
         copy_engines: 2,
         hbm_gbps: 1935.0,
         gpu_memory_gib: 80.0,
+        bf16_tflops: 312.0,
     },
     MachineProfile {
         name: "rtx4090-pcie-gen4",
@@ -192,6 +219,7 @@ const MACHINES: &[MachineProfile] = &[
         copy_engines: 2,
         hbm_gbps: 1008.0,
         gpu_memory_gib: 24.0,
+        bf16_tflops: 165.0,
     },
 ];
 

@@ -4,7 +4,11 @@
 //! the measured step time beside the cost model's prediction for the same plan,
 //! with the link measured from the engine's own telemetry.
 //!
-//! `cargo run -p pie-host --release --example calibrate`
+//! `cargo run -p pie-host --release --example calibrate [-- --profile-json PATH]`
+//!
+//! With `--profile-json PATH` it also writes the host backend's measured link
+//! as a machine profile override (`h2d_gbps`, `d2h_gbps`, `copy_latency_us`)
+//! for the serving simulation (`benches/serving_calibration.py`).
 
 use pie_core::policy::{predict_step, LinkModel, Objective, PolicyInputs};
 use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticPolicy, Stream};
@@ -93,6 +97,21 @@ fn main() -> pie_core::Result<()> {
         spec.bytes(TOKENS) as f64 / (1 << 20) as f64,
         compute
     );
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--profile-json") {
+        let path = args
+            .get(i + 1)
+            .ok_or_else(|| pie_core::PieError::config("--profile-json needs a file name"))?;
+        let json = format!(
+            "{{\"h2d_gbps\": {:.4}, \"d2h_gbps\": {:.4}, \"copy_latency_us\": {:.1}, \"source\": \"pie-host calibrate\"}}\n",
+            link.h2d_bandwidth / 1e9,
+            link.d2h_bandwidth / 1e9,
+            link.h2d_latency * 1e6
+        );
+        std::fs::write(path, json)
+            .map_err(|e| pie_core::PieError::backend("write the profile", e))?;
+        println!("wrote the host link profile to {path}");
+    }
     println!("| pooled | W | measured ms/step | predicted ms/step | error |");
     println!("|---|---|---|---|---|");
     for (count, w) in [(0, 1), (2, 1), (4, 1), (4, 2), (6, 2), (8, 1), (8, 2)] {

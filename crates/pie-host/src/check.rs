@@ -204,7 +204,7 @@ pub fn reorder(
     reference: &mut Reference,
     idx: &[usize],
 ) -> Result<()> {
-    engine.reorder(idx)?;
+    engine.reorder(idx, Stream::Foreign(0))?;
     for (l, spec) in engine.specs().iter().enumerate() {
         let heads = spec.kv_heads;
         let rows = reference.tokens[l].clone();

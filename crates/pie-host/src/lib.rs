@@ -10,7 +10,11 @@
 //! [`check`] holds a reference model of a layered compute loop's KV and a
 //! driver that runs such a loop through the engine on this backend: the
 //! property tests and the `embed` example use it.
+//!
+//! [`attention`] is decode attention computed where a pooled layer's KV lives:
+//! a multi-threaded, vectorised kernel with the log-sum-exp merge.
 
+pub mod attention;
 pub mod check;
 
 use parking_lot::{Condvar, Mutex};

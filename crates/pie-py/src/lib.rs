@@ -1,9 +1,12 @@
 //! `pie_rs._core`: thin Python bindings of the pie-rs engine. Conversions,
 //! errors, GIL release and DLPack only; the logic lives in pie-core.
 
+mod attention;
 mod dlpack;
 mod errors;
+mod geometry;
 mod paged;
+mod serving;
 mod simulate;
 
 use dlpack::{Region, StreamSync};
@@ -267,6 +270,31 @@ impl PyEngine {
         }))
     }
 
+    /// Where layer `layer`'s KV is now (`device_offset` if resident,
+    /// `host_offset` if pooled) and its geometry at the engine's capacity.
+    fn layer_view<'py>(&mut self, py: Python<'py>, layer: usize) -> PyResult<Bound<'py, PyDict>> {
+        with_engine!(self, e => {
+            let Some(&spec) = e.specs().get(layer) else {
+                return Err(config_error(format!("layer {layer} is out of range; the engine manages {} layers", e.num_layers())));
+            };
+            let arenas = e.arenas();
+            let d = geometry::geometry_dict(py, &spec.geometry(arenas.layout.capacity).map_err(to_py)?)?;
+            d.set_item("device_offset", arenas.layout.device_slot[layer])?;
+            d.set_item("host_offset", arenas.layout.host_slot[layer])?;
+            Ok(d)
+        })
+    }
+
+    /// Beam search's reorder of every layer, in the engine (GIL released).
+    fn reorder(&mut self, py: Python<'_>, indices: Vec<i64>, stream: u64) -> PyResult<()> {
+        let idx = indices
+            .iter()
+            .map(|&i| usize::try_from(i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| config_error(format!("reorder indices {indices:?} include a negative index; give one index in 0..batch per sequence")))?;
+        with_engine!(self, e => py.detach(|| e.reorder(&idx, self::stream(stream))).map_err(to_py))
+    }
+
     fn reset(&mut self, py: Python<'_>) -> PyResult<()> {
         with_engine!(self, e => py.detach(|| e.reset()).map_err(to_py))
     }
@@ -398,6 +426,32 @@ fn host_region_of<B: Backend>(e: &Engine<B>) -> Region {
     host_region::<B>(&e.arenas().host)
 }
 
+/// Parses a pool's policy options once, as every engine of the pool will:
+/// `{"policy", "objective", "pooled_layers", "prefetch_depth"}` after pie-core's
+/// rules (pinned layers make the policy static and are sorted), or a ConfigError.
+#[pyfunction]
+#[pyo3(signature = (policy, objective, pooled_layers, prefetch_depth, num_layers))]
+fn policy_config<'py>(
+    py: Python<'py>,
+    policy: &str,
+    objective: &str,
+    pooled_layers: Option<Vec<usize>>,
+    prefetch_depth: Option<usize>,
+    num_layers: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let config = PolicyConfig::parse(policy, objective, pooled_layers, prefetch_depth, num_layers)
+        .map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("policy", config.kind.name())?;
+    d.set_item("objective", config.objective.name())?;
+    d.set_item(
+        "pooled_layers",
+        config.pinned.as_ref().map(|p| p.pooled.clone()),
+    )?;
+    d.set_item("prefetch_depth", config.prefetch_depth)?;
+    Ok(d)
+}
+
 /// Whether a CUDA driver and at least one device can be used (never raises).
 #[pyfunction]
 fn cuda_available() -> bool {
@@ -451,9 +505,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     paged::register(m)?;
     m.add_class::<Region>()?;
+    m.add_function(wrap_pyfunction!(policy_config, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_probe, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_copy_bench, m)?)?;
     simulate::register(m)?;
+    geometry::register(m)?;
+    attention::register(m)?;
+    serving::register(m)?;
     Ok(())
 }

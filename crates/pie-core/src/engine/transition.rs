@@ -55,7 +55,7 @@ impl<B: Backend> Engine<B> {
     /// before the new one is allocated, so the budget holds throughout), and
     /// fills the new resident slots. Costs a full sync; plans change rarely.
     pub(super) fn transition(&mut self, plan: &Arc<Plan>, capacity: usize) -> Result<()> {
-        super::check_budget(
+        crate::fit::check_budget(
             &self.shared.specs,
             capacity,
             plan,

@@ -3,8 +3,8 @@
 
 use super::{Policy, PolicyContext};
 use crate::error::Result;
+use crate::fit::budget_plan;
 use crate::plan::Plan;
-use crate::policy_driver::budget_plan;
 use crate::telemetry::StepSample;
 
 /// Gives its plan at the start and never changes it.

@@ -4,49 +4,17 @@
 //! plan is published for the caller to apply at the next step boundary; the
 //! caller never waits for this thread.
 
-use crate::engine::check_budget;
-use crate::error::{PieError, Result};
-use crate::layout::LayerSpec;
-use crate::plan::Plan;
+use crate::fit::check_budget;
 use crate::policy::cost_model::COPIES_PER_LAYER;
 use crate::policy::{Policy, PolicyContext};
 use crate::primitive::Ordering;
 use crate::shared::Shared;
-use crate::slots::ArenaLayout;
 use crate::telemetry::span as event_span;
 use crate::telemetry::{Counters, StepRecord, StepSample, TIMING_SETS};
 use crate::wake::Receiver;
 use crate::Backend;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The plan pooling the fewest layers, spread across the depth, that fits
-/// `budget` at `capacity` with up to `prefetch_depth` staging slots (fewer
-/// slots if that is what it takes to fit).
-pub fn budget_plan(
-    specs: &[LayerSpec],
-    capacity: usize,
-    budget: Option<usize>,
-    prefetch_depth: usize,
-) -> Result<Plan> {
-    let n = specs.len();
-    let Some(budget) = budget else {
-        return Ok(Plan::all_resident());
-    };
-    for count in 0..=n {
-        for depth in (1..=prefetch_depth.max(1)).rev() {
-            let plan = Plan::spread(n, count, depth);
-            if ArenaLayout::device_bytes_for(specs, capacity, &plan) <= budget {
-                return Ok(plan);
-            }
-        }
-    }
-    let one = Plan::spread(n, n, 1);
-    Err(PieError::budget(format!(
-        "a device budget of {budget} bytes cannot hold even one staging slot for {n} layers at {capacity} tokens (needs {} bytes with every layer pooled); raise gpu_budget, or lower the batch size or max_length",
-        ArenaLayout::device_bytes_for(specs, capacity, &one)
-    )))
-}
 
 /// Body of the policy thread: sleeps on an empty ring until the next record
 /// or the shutdown ([`crate::wake`]).

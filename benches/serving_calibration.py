@@ -1,0 +1,148 @@
+"""Compare the serving simulation with a measured continuous-batching run.
+
+The measured run (pie-rs inside transformers' continuous batching on this machine, or any
+other server) is described by a JSON file::
+
+    {
+      "method": "pie",                      # or "no_pooling": how the run held its KV
+      "model_shape": {"layers": 4, "hidden": 64, "intermediate": 128, "heads": 4,
+                      "kv_heads": 2, "head_dim": 16, "elem_size": 4},
+      "kv_budget_mib": 1.5,                 # device KV the run had (blocks x block size x bytes)
+      "max_running": 32, "max_batched_tokens": 512,
+      "requests": [{"arrival": 0.0, "prompt": 37, "output": 20}, ...],   # seconds, tokens
+      "throughput_tok_s": 812.0,            # output tokens / (last finish - first arrival)
+      "steps": [{"tokens": 9, "context_tokens": 310, "layer_seconds": 0.00021}, ...]
+    }
+
+``steps`` are per-step timings of the run (tokens in the batch, tokens of KV its attention
+read, wall seconds of the step divided by the layers); the script fits the simulator's
+compute model ``fixed + per_token x tokens + per_context_token x context_tokens`` to them by
+non-negative least squares. ``compute`` may be given instead of ``steps``. The link comes
+from ``--link`` (the host backend's measured link: ``cargo run -p pie-host --release
+--example calibrate -- --profile-json host-link.json``) or the run's own ``link`` entry.
+
+The simulation replays the same requests (arrival times and lengths) through the scheduler
+with the measured compute and link, and the script prints predicted against measured
+throughput; it exits 1 when they differ by more than ``--tolerance`` (default 10%).
+
+    python benches/serving_calibration.py measured.json --link host-link.json [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pie_rs import _core
+
+_COEFFS = ("fixed", "per_token", "per_context_token")
+
+
+def fit_compute(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Non-negative least squares of ``layer_seconds`` on (1, tokens, context_tokens).
+
+    Three unknowns: every subset of active coefficients is solved and the best fit whose
+    coefficients are all non-negative wins (exact NNLS for so few variables).
+    """
+    if len(steps) < 3:
+        raise ValueError(f"fitting the compute model needs at least 3 timed steps (got {len(steps)})")
+    x = np.array([[1.0, s["tokens"], s["context_tokens"]] for s in steps], dtype=float)
+    y = np.array([s["layer_seconds"] for s in steps], dtype=float)
+    best: tuple[float, np.ndarray] | None = None
+    for k in range(1, 4):
+        for cols in itertools.combinations(range(3), k):
+            sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if (sol < 0).any():
+                continue
+            full = np.zeros(3)
+            full[list(cols)] = sol
+            err = float(((x @ full - y) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, full)
+    if best is None:
+        raise ValueError("no non-negative compute model fits the timed steps")
+    return dict(zip(_COEFFS, (float(v) for v in best[1]), strict=True))
+
+
+def simulate(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]:
+    """The simulator's report for the measured run's requests, compute and link."""
+    compute = measured.get("compute") or fit_compute(measured["steps"])
+    request: dict[str, Any] = {
+        "model_shape": measured["model_shape"],
+        "gpu_budget_mib": measured["kv_budget_mib"],
+        "workload": [
+            {"arrival": float(r["arrival"]), "prompt": int(r["prompt"]), "output": int(r["output"])}
+            for r in measured["requests"]
+        ],
+        "compute": compute,
+        "methods": [measured.get("method", "pie")],
+        "equal_performance": False,
+        "h2d_gbps": link["h2d_gbps"],
+        "d2h_gbps": link["d2h_gbps"],
+        "copy_latency_us": link.get("copy_latency_us", 5.0),
+    }
+    for key in ("max_running", "max_batched_tokens"):
+        if key in measured:
+            request[key] = measured[key]
+    report = _core.simulate_serving(request)
+    report["compute"] = compute
+    return report
+
+
+def compare(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]:
+    """Predicted against measured throughput for one measured run."""
+    report = simulate(measured, link)
+    method = measured.get("method", "pie")
+    predicted = report["methods"][method]["throughput_tok_s"]
+    actual = float(measured["throughput_tok_s"])
+    return {
+        "method": method,
+        "measured_tok_s": actual,
+        "predicted_tok_s": predicted,
+        "error": predicted / actual - 1.0,
+        "compute": report["compute"],
+        "link": link,
+        "simulated": report["methods"][method],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("measured", type=Path, help="JSON of the measured run (see above)")
+    p.add_argument("--link", type=Path, help="JSON of the measured link (h2d_gbps, d2h_gbps, copy_latency_us)")
+    p.add_argument("--tolerance", type=float, default=0.10, help="largest accepted relative error (default 0.10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    try:
+        measured = json.loads(args.measured.read_text())
+        link = json.loads(args.link.read_text()) if args.link else measured.get("link")
+        if not link:
+            raise ValueError("give --link or a 'link' entry in the measured run")
+        result = compare(measured, link)
+    except (OSError, ValueError, KeyError, TypeError, _core.PieError) as exc:
+        print(f"serving_calibration: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        c = result["compute"]
+        print(
+            f"compute per layer: {c['fixed'] * 1e6:.2f} us + {c['per_token'] * 1e9:.2f} ns/token "
+            f"+ {c['per_context_token'] * 1e9:.3f} ns/context token"
+        )
+        print(f"link: H2D {link['h2d_gbps']:.1f} GB/s, D2H {link['d2h_gbps']:.1f} GB/s")
+        print(
+            f"{result['method']}: measured {result['measured_tok_s']:.1f} tok/s, predicted "
+            f"{result['predicted_tok_s']:.1f} tok/s ({100 * result['error']:+.1f}%)"
+        )
+    return 0 if abs(result["error"]) <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""How a pool's engines are made.
+
+The settings fixed at ``attach``, the layer shapes an engine is given, and the share of the budget
+the sliding-window layers (transformers' own) take. Sizes come from ``_core``; nothing here
+computes a byte layout or a fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import _core
+from ._model import MANAGED, SLIDING, ModelInfo
+
+__all__ = ["EngineSettings", "engine_layers", "sliding_kv_bytes"]
+
+#: ``(batch, kv_heads, k_dim, v_dim, elem_size)`` of one engine-managed layer, as ``_core`` takes it.
+LayerShape = tuple[int, int, int, int, int]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How every engine of one pool is built; made once by :func:`pie_rs.attach`.
+
+    ``pooled_layers`` holds engine-layer indices (positions among the full-attention layers).
+    """
+
+    backend: str
+    device_index: int = 0
+    budget_bytes: int | None = None
+    policy: str = "adaptive"
+    objective: str = "speed"
+    pooled_layers: tuple[int, ...] | None = None
+    prefetch_depth: int | None = None
+
+    def build(self, layers: list[LayerShape], capacity: int, budget_bytes: int | None) -> _core.Engine:
+        """A new engine for ``layers`` at ``capacity`` tokens under ``budget_bytes`` of device memory.
+
+        ``budget_bytes`` is what the engine may use: the pool's budget less what the sliding-window
+        layers take (see :func:`sliding_kv_bytes`).
+        """
+        return _core.Engine(
+            self.backend,
+            layers,
+            capacity,
+            device_index=self.device_index,
+            budget_bytes=budget_bytes,
+            policy=self.policy,
+            objective=self.objective,
+            pooled_layers=None if self.pooled_layers is None else list(self.pooled_layers),
+            prefetch_depth=self.prefetch_depth,
+        )
+
+
+def engine_layers(info: ModelInfo, batch: int, elem_size: int) -> list[LayerShape]:
+    """The shapes of the model's full-attention layers, as an engine takes them."""
+    return [(batch, li.kv_heads, li.k_dim, li.v_dim, elem_size) for li in info.layers if li.kind == MANAGED]
+
+
+def sliding_kv_bytes(info: ModelInfo, batch: int, capacity: int, elem_size: int) -> int:
+    """Bytes the sliding-window layers hold at most when sequences reach ``capacity`` tokens.
+
+    Each holds its window (or fewer tokens); counted against the device budget.
+    """
+    total = 0
+    for li in info.layers:
+        if li.kind == SLIDING:
+            window = min(capacity, int(li.sliding_window or capacity))
+            total += _core.layer_geometry(batch, li.kv_heads, li.k_dim, li.v_dim, elem_size, window)["bytes"]
+    return total

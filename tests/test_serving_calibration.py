@@ -1,0 +1,89 @@
+"""``benches/serving_calibration.py``: the compute fit and the comparison's plumbing.
+
+The calibration itself needs a measured continuous-batching run; here a synthetic one,
+whose throughput comes from the simulator under a known compute model, checks that the
+fit recovers the model and that a run the simulation reproduces passes while one it
+misses by 30% fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from pie_rs import _core
+
+_SPEC = importlib.util.spec_from_file_location(
+    "serving_calibration", Path(__file__).resolve().parents[1] / "benches" / "serving_calibration.py"
+)
+assert _SPEC is not None and _SPEC.loader is not None
+calibration = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(calibration)
+
+SHAPE = {"layers": 4, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16, "elem_size": 4}
+COMPUTE = {"fixed": 40e-6, "per_token": 2e-6, "per_context_token": 5e-9}
+LINK = {"h2d_gbps": 8.0, "d2h_gbps": 8.0, "copy_latency_us": 5.0}
+
+
+def _run(tmp_path: Path, factor: float) -> tuple[Path, Path]:
+    requests = [{"arrival": 0.01 * i, "prompt": 20 + 7 * (i % 9), "output": 10 + 5 * (i % 7)} for i in range(40)]
+    steps = [
+        {"tokens": t, "context_tokens": c, "layer_seconds": COMPUTE["fixed"] + COMPUTE["per_token"] * t + 5e-9 * c}
+        for t, c in [(1, 100), (8, 900), (30, 400), (64, 5000), (3, 2500), (100, 100)]
+    ]
+    truth = _core.simulate_serving(
+        {
+            "model_shape": SHAPE,
+            "gpu_budget_mib": 0.5,
+            "workload": requests,
+            "compute": COMPUTE,
+            "methods": ["pie"],
+            "equal_performance": False,
+            **LINK,
+        }
+    )
+    measured = {
+        "method": "pie",
+        "model_shape": SHAPE,
+        "kv_budget_mib": 0.5,
+        "requests": requests,
+        "throughput_tok_s": truth["methods"]["pie"]["throughput_tok_s"] * factor,
+        "steps": steps,
+    }
+    m, link = tmp_path / "measured.json", tmp_path / "link.json"
+    m.write_text(json.dumps(measured))
+    link.write_text(json.dumps(LINK))
+    return m, link
+
+
+def test_the_fit_recovers_a_linear_compute_model() -> None:
+    steps = [
+        {"tokens": t, "context_tokens": c, "layer_seconds": 1e-5 + 3e-7 * t + 2e-9 * c}
+        for t, c in [(1, 10), (5, 500), (40, 80), (9, 3000), (70, 7000)]
+    ]
+    fit = calibration.fit_compute(steps)
+    assert fit == pytest.approx({"fixed": 1e-5, "per_token": 3e-7, "per_context_token": 2e-9}, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 3"):
+        calibration.fit_compute(steps[:2])
+
+
+def test_a_reproduced_run_passes_and_a_missed_one_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    measured, link = _run(tmp_path, 1.0)
+    assert calibration.main([str(measured), "--link", str(link), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert abs(result["error"]) < 1e-6
+    assert result["simulated"]["pooled_layers"] >= 0 and result["simulated"]["finished"] == 40
+    measured, link = _run(tmp_path, 1.3)
+    assert calibration.main([str(measured), "--link", str(link)]) == 1
+    assert "(-23.1%)" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert calibration.main([str(tmp_path / "missing.json")]) == 2
+    assert "serving_calibration: FileNotFoundError" in capsys.readouterr().err
+    measured, _ = _run(tmp_path, 1.0)
+    assert calibration.main([str(measured)]) == 2
+    assert "give --link" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""``pie-rs simulate --serving``: the JSON shape, the table, and bad input (exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pie_rs.cli import main
+
+SMALL = ["simulate", "--serving", "--requests", "40", "--gpu-budget-mib", "1024", "--seed", "1"]
+FIELDS = (
+    "throughput_tok_s",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "tpot_ms_p50",
+    "tpot_ms_p99",
+    "peak_running",
+    "preemptions",
+    "device_kv_mib",
+)
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_serving_json_has_every_method_and_the_equal_performance_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    r = _json(capsys, [*SMALL, "--machine", "gh200", "--json"])
+    assert set(r["methods"]) == {"no_pooling", "swap", "static_offload", "pie"}
+    for name, m in r["methods"].items():
+        for f in FIELDS:
+            assert isinstance(m[f], (int, float)), (name, f)
+        assert m["finished"] == 40 and m["emitted_tokens"] == m["output_tokens"], name
+        assert m["device_kv_mib"] <= 1024 + 1e-9, name
+        assert m["ttft_ms_p50"] <= m["ttft_ms_p99"]
+    assert r["rate"] == "inf" and len(r["runs"]) == 1
+    eq = r["equal_performance"]
+    assert eq["pie_budget_mib"] <= eq["no_pooling_budget_mib"] == 1024
+    assert eq["memory_ratio"] >= 1.0
+    assert eq["pie_budget_mib"] <= eq["no_pooling_min_budget_mib"] * (1 + 1 / 32) + 1e-9
+    assert eq["memory_ratio_vs_min"] == pytest.approx(eq["no_pooling_min_budget_mib"] / eq["pie_budget_mib"])
+    assert eq["pie_throughput_tok_s"] >= 0.99 * r["methods"]["no_pooling"]["throughput_tok_s"]
+
+
+def test_several_rates_give_one_run_each(capsys: pytest.CaptureFixture[str]) -> None:
+    r = _json(
+        capsys,
+        [*SMALL, "--rates", "2,8", "--methods", "no_pooling,pie", "--no-equal-performance", "--json"],
+    )
+    assert [run["rate"] for run in r["runs"]] == [2.0, 8.0]
+    assert all(set(run["methods"]) == {"no_pooling", "pie"} for run in r["runs"])
+    assert "methods" not in r and r["equal_performance"] is None
+    slow, fast = (run["methods"]["no_pooling"] for run in r["runs"])
+    # A quarter of the arrival rate: the same requests take longer to arrive.
+    assert slow["throughput_tok_s"] < fast["throughput_tok_s"]
+
+
+def test_serving_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*SMALL, "--rate", "4", "--no-equal-performance"]) == 0
+    out = capsys.readouterr().out
+    assert "rate: 4 requests/s" in out
+    for name in ("no_pooling", "swap", "static_offload", "pie"):
+        assert f"\n{name} " in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--machine", "tpu"], 'unknown machine "tpu"'),
+        (["--model", "gpt-5"], 'unknown model "gpt-5"'),
+        (["--rate", "0"], "rates must be positive"),
+        (["--rate=-3"], "rates must be positive"),
+        (["--rates", "2,0"], "rates must be positive"),
+        (["--gpu-budget-mib", "16"], "cannot hold one request's KV"),
+        (["--requests", "0"], "requests must be between 1 and 100000"),
+        (["--batch", "4"], "--batch do not apply to --serving"),
+    ],
+)
+def test_bad_serving_input_exits_2_with_a_clear_message(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    argv = ["simulate", "--serving", "--requests", "10", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unparsable_rate_and_serving_options_without_serving_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--serving", "--rate", "fast"])
+    assert exc.value.code == 2
+    assert "not a number of requests per second" in capsys.readouterr().err
+    assert main(["simulate", "--rate", "2"]) == 2
+    assert "--rate need --serving" in capsys.readouterr().err
+
+
+def test_the_console_script_exits_2_without_a_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pie_rs.cli", "simulate", "--serving", "--gpu-budget-mib", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "gpu_budget_mib must be a positive number" in proc.stderr
+    assert "Traceback" not in proc.stderr
