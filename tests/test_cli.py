@@ -103,3 +103,28 @@ def test_timeline_places_measured_stalls_and_copies() -> None:
     assert h2d[1]["start"] == pytest.approx(0.0) and h2d[3]["end"] == pytest.approx(2.2)
     d2h = [b for b in bars if b["lane"] == "D2H"]
     assert [b["layer"] for b in d2h] == [1]
+
+
+@pytest.mark.skipif(
+    __import__("pie_rs.serving").serving.serving_supported() is not None, reason="needs transformers >= 5.24"
+)
+def test_bench_serving_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--rates", "inf", "--requests", "6", "--methods", "cb,cb+offload,pie", "--resident-check"]
+    assert main(["bench", "--serving", *QUICK, "--out", str(tmp_path), *args]) == 0
+    out = capsys.readouterr().out
+    assert "budget B =" in out and "pie vs cb" in out
+    result = json.loads((tmp_path / "serving.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"cb", "cb+offload", "pie", "pie-resident"}
+    assert not rows["cb+offload"]["ok"] and "CUDA" in rows["cb+offload"]["note"]
+    for method in ("cb", "pie", "pie-resident"):
+        r = rows[method]
+        assert r["ok"], r
+        assert r["output_tokens"] > 0 and r["tokens_per_s"] > 0 and r["peak_running"] >= 1
+        assert r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0
+    assert rows["pie"]["tokens_match"] is True and rows["pie-resident"]["tokens_match"] is True
+    # At a third of the workload's KV, pooling buys blocks: more than cb's at the same budget.
+    assert rows["pie"]["pooled_layers"] > 0 and rows["pie"]["num_blocks"] > rows["cb"]["num_blocks"]
+    assert rows["pie"]["device_kv_bytes"] <= result["budget_bytes"]
+    for name in ("serving_throughput.png", "serving_latency_cdf.png"):
+        assert _png(tmp_path / name), name

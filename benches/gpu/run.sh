@@ -42,7 +42,15 @@ if [ "$GPUS" -gt 1 ]; then
 else
   status+=("multi-GPU: skipped ($GPUS GPU)")
 fi
-cp "$WORK/py-tests.log" "$WORK/copy.md" "$WORK/e2e.md" "$OUT/" 2>/dev/null
+echo "== serving: continuous batching at a budget of 1/3 of the workload's KV (Llama-3-8B shapes, 8 layers, bf16)"
+# Needs transformers >= 5.24 (its paged cache layout); a copy carried in .carry/transformers-site is used
+# first, else the machine's own (5.17 refuses, and the step says so).
+SERVE_PATH=$PYTHONPATH
+[ -d .carry/transformers-site ] && SERVE_PATH=$PWD/.carry/transformers-site:$PYTHONPATH
+PYTHONPATH=$SERVE_PATH timeout 150 python3 -m pie_rs.cli bench --serving --device cuda --llama3-8b \
+    --rates 4,16 --requests 48 --out "$OUT" --no-progress > "$WORK/serving.md" 2>&1
+status+=("serving bench: exit $? ($(grep -c DIFFER "$WORK/serving.md") token mismatches)")
+cp "$WORK/py-tests.log" "$WORK/copy.md" "$WORK/e2e.md" "$WORK/serving.md" "$OUT/" 2>/dev/null
 echo
 echo "===== summary ($(date -u +%Y-%m-%d), $(head -1 "$WORK/gpu.txt"), $(tail -1 "$WORK/gpu.txt"))"
 printf '%s\n' "${status[@]}"
@@ -50,3 +58,4 @@ cat "$WORK/copy.md"
 grep -v "^  pie-rs\|^  DynamicCache\|^  HF off" "$WORK/e2e.md" | tail -30
 tail -3 "$WORK/overhead.md"
 tail -18 "$WORK/demo.md"
+grep -v "psutil\|Logger" "$WORK/serving.md" | tail -16

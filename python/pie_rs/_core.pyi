@@ -166,6 +166,41 @@ def list_profiles() -> dict[str, dict[str, str]]:
 def cuda_copy_bench(sizes: list[int], iters: int = 10, device_index: int = 0) -> list[dict[str, Any]]:
     """The engine's own H2D, D2H and simultaneous copy bandwidth (GB/s) per size."""
 
+def paged_written(engine: Engine, layer: int, ranges: list[tuple[int, int]], stream: int) -> int:
+    """Paged caches: token rows ``ranges`` (``(start, n)``, any order) of ``layer`` were written.
+
+    A pooled layer writes back exactly those rows, after the work queued on ``stream``. Returns the
+    layer's new length, its high-water mark (what a prefetch moves).
+    """
+
+def paged_set_extent(engine: Engine, layer: int, rows: int) -> None:
+    """Paged caches: between steps, sets how many rows of ``layer`` a prefetch moves.
+
+    For data written straight into the layer's authoritative copy while quiesced.
+    """
+
+def paged_fit(
+    row: tuple[int, int, int],
+    layers: int,
+    budget_bytes: int | None,
+    quantum: int,
+    min_rows: int,
+    *,
+    pooled_layers: list[int] | None = None,
+    pooled_count: int | None = None,
+    rows: int | None = None,
+    prefetch_depth: int = 2,
+) -> dict[str, Any]:
+    """Sizes a paged cache of ``layers`` layers under ``budget_bytes`` of device memory.
+
+    Rows are ``(k_dim, v_dim, elem_size)``; sizes are whole ``quantum``s, at least ``min_rows``.
+    Give exactly one target: ``pooled_layers`` (this plan) or ``pooled_count`` (that many layers
+    pooled, spread across the depth): as many rows as the budget holds; or ``rows``: the plan
+    pooling the fewest layers that holds them. Returns ``rows``, ``pooled_layers``,
+    ``prefetch_depth``, ``device_bytes``, ``host_bytes``. Raises ``BudgetError`` saying what to
+    change when not even ``min_rows`` fit.
+    """
+
 #: Byte alignment of every slot in the engine's arenas (slots lie ``slot_bytes`` apart).
 SLOT_ALIGN: int
 #: Capacities are rounded up to a multiple of this many tokens (:func:`round_capacity`).

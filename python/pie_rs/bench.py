@@ -695,6 +695,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--capacity-contexts", type=_ints, default=None, help="contexts for the capacity search")
     g.add_argument("--capacity-max-factor", type=int, default=8, help="search pie-rs up to this x Dyn's batch")
     g.add_argument("--no-capacity", action="store_true", help="skip the capacity search")
+    from . import serve_bench
+
+    serve_bench.add_arguments(parser)
 
 
 def _progress(total: int, desc: str, disable: bool) -> Any:
@@ -705,6 +708,10 @@ def _progress(total: int, desc: str, disable: bool) -> Any:
 
 def run_bench(args: argparse.Namespace) -> int:
     """``pie-rs bench``: the grid, the capacity search, a table, JSON and plots; 1 if tokens differ."""
+    if getattr(args, "serving", False):
+        from . import serve_bench
+
+        return serve_bench.run_serving(args)
     device = resolve_device(args.device)
     with cpu_threads(device, args.threads) as threads:
         return _run_bench(args, device, threads)

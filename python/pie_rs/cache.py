@@ -110,11 +110,14 @@ class _Shared:
         settings = self.pool.settings
         budget = settings.budget_bytes
         if budget is not None:
-            budget -= self.sliding_estimate
+            serving = self.pool._serving_device_bytes()
+            budget -= self.sliding_estimate + serving
             if budget <= 0:
                 raise BudgetError(
                     f"gpu_budget of {settings.budget_bytes} bytes does not even hold the sliding-window layers "
-                    f"({self.sliding_estimate} bytes at batch {batch}, {capacity} tokens); raise the budget"
+                    f"({self.sliding_estimate} bytes at batch {batch}, {capacity} tokens)"
+                    + (f" besides the {serving} bytes of a live continuous-batching cache" if serving else "")
+                    + "; raise the budget"
                 )
         return settings.build(engine_layers(self.info, batch, elem, self.shapes), capacity, budget)
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _core, distributed
+from . import _core, distributed, serving
 from ._budget import parse_budget, total_host_memory
 from ._engine import EngineSettings, config_kv_shapes, engine_layers
 from ._errors import BackendError, ConfigError, StateError
@@ -65,6 +65,9 @@ class Pool:
         self.stats_tags: dict[str, Any] = {}
         self._old_generate = model.__dict__.get("generate")
         self.generations = 0
+        # Continuous batching: the live paged cache (one per pool) and the undo of its install.
+        self._serving: Any = None
+        self._undo_serving: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------------- public
     @property
@@ -135,7 +138,10 @@ class Pool:
         in host memory), ``device_kv_bytes`` and ``peak_device_kv_bytes`` (engine arena plus
         sliding-window layers), ``host_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``,
         ``stall_seconds``, ``steps``, ``sliding_layers``, ``sliding_kv_bytes``, plus
-        ``generations`` (generate calls served) and ``budget_bytes``.
+        ``generations`` (generate calls served) and ``budget_bytes``. After continuous batching,
+        ``serving`` holds its cache's figures: ``num_blocks``, ``device_blocks`` / ``pool_blocks``
+        (blocks' worth held by resident / pooled layers), ``blocks_in_use``, ``requests_running``,
+        ``peak_running``, ``preemptions``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, ...
         """
         self._check()
         if self._last is not None:
@@ -145,6 +151,8 @@ class Pool:
             stats["sliding_layers"] = len(self.info.layers) - len(self.info.managed)
             stats["sliding_kv_bytes"] = 0
         stats["generations"] = self.generations
+        if self._serving is not None:
+            stats["serving"] = self._serving.serving_stats()
         stats["budget_bytes"] = self.budget_bytes
         stats["backend"] = self.backend
         stats["num_layers"] = len(self.info.layers)
@@ -171,6 +179,8 @@ class Pool:
                 model.__dict__.pop("generate", None)
             if model.__dict__.get(_ATTR) is self:
                 del model.__dict__[_ATTR]
+        self._undo_serving()
+        self._close_serving()
         for cache in list(self._caches):
             cache.close()
         self.release()
@@ -205,6 +215,24 @@ class Pool:
     def learn_kv_shapes(self, shapes: list[tuple[int, int, int]]) -> None:
         """A cache's layers handed over these shapes: later caches start from them."""
         self._kv_shapes = list(shapes)
+
+    def _serving_budget(self) -> int | None:
+        """Device bytes a new continuous-batching cache may use: the budget less live ``generate`` caches."""
+        self.release()  # the kept generate engine gives its memory back first
+        if self.budget_bytes is None:
+            return None
+        live = sum(int(c._shared.engine_stats().get("device_kv_bytes", 0)) for c in self._caches if c._shared.engine)
+        return max(1, self.budget_bytes - live)
+
+    def _serving_device_bytes(self) -> int:
+        """Device bytes the live continuous-batching cache holds (a ``generate`` gets the rest of the budget)."""
+        return 0 if self._serving is None else self._serving.device_kv_bytes()
+
+    def _close_serving(self) -> None:
+        """Closes the continuous-batching cache's engine (its statistics are kept)."""
+        cache = self._serving
+        if cache is not None:
+            cache.close()
 
     def keep_engine(self, engine: _core.Engine, batch: int, dtype: torch.dtype, sliding_estimate: int) -> None:
         """Keeps ``engine`` (whose cache is closed) for the next cache; closes the one kept before.
@@ -285,6 +313,7 @@ class Pool:
 
         model.__dict__["generate"] = generate
         model.__dict__[_ATTR] = self
+        self._undo_serving = serving.install(self, model)
 
     def _generate(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self._should_inject(kwargs):

@@ -16,6 +16,7 @@
 //! layer's bytes are is the arena layout's answer ([`ArenaLayout::residence`]),
 //! its valid length the page table's.
 
+mod paged;
 mod transition;
 
 use crate::backend::{Backend, CopyShape, Mem, Stream};

@@ -18,6 +18,7 @@
 //! * [`telemetry`]: per-layer timings and byte counts through a lock-free ring;
 //! * [`engine`]: the per-layer API the Python side calls (its shared thread
 //!   state and arena transitions live in modules of their own);
+//! * [`paged`]: sizing a paged cache (transformers' continuous batching) under a budget;
 //! * [`simulate`]: the engine on the virtual-time [`sim`] backend, for what-if questions;
 //! * [`serving`]: continuous batching in virtual time over the engine on the sim backend.
 //!
@@ -31,6 +32,7 @@ pub mod engine;
 pub mod fit;
 pub mod layout;
 pub mod page_table;
+pub mod paged;
 pub mod plan;
 pub mod reorder;
 pub mod schedule;

@@ -51,6 +51,19 @@ pub enum SwapOp {
         /// Step whose timing set records the copy.
         step: u64,
     },
+    /// Copy the row runs `runs` of pooled `layer` from its staging slot back
+    /// to its host buffer, after the compute that wrote them: the scattered
+    /// writes of a paged cache, up to [`RowRuns::MAX`] runs per operation.
+    WriteBackRuns {
+        /// Layer written.
+        layer: usize,
+        /// Staging slot index holding it.
+        slot: usize,
+        /// The runs of rows written.
+        runs: RowRuns,
+        /// Step whose timing set records the copy.
+        step: u64,
+    },
     /// Pooled `layer` finished computing: staging `slot` is free once its
     /// write-back (queued before) has read it.
     Release {
@@ -59,6 +72,48 @@ pub enum SwapOp {
         /// Staging slot it used.
         slot: usize,
     },
+}
+
+/// Up to [`RowRuns::MAX`] runs of rows `(start, n)`, carried by value in one
+/// [`SwapOp::WriteBackRuns`] so a step's scattered writes take a few FIFO
+/// slots rather than one per run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowRuns {
+    runs: [(usize, usize); RowRuns::MAX],
+    len: u8,
+}
+
+impl RowRuns {
+    /// Most runs one operation carries.
+    pub const MAX: usize = 8;
+
+    /// The runs, in the order given.
+    pub fn as_slice(&self) -> &[(usize, usize)] {
+        &self.runs[..self.len as usize]
+    }
+
+    /// Rows the runs cover.
+    pub fn rows(&self) -> usize {
+        self.as_slice().iter().map(|&(_, n)| n).sum()
+    }
+
+    /// The non-empty runs of `ranges`, in order, packed [`RowRuns::MAX`] at a time.
+    pub fn pack(ranges: &[(usize, usize)]) -> impl Iterator<Item = RowRuns> + '_ {
+        let mut it = ranges.iter().copied().filter(|&(_, n)| n > 0).peekable();
+        std::iter::from_fn(move || {
+            it.peek()?;
+            let mut out = RowRuns {
+                runs: [(0, 0); RowRuns::MAX],
+                len: 0,
+            };
+            for slot in out.runs.iter_mut() {
+                let Some(run) = it.next() else { break };
+                *slot = run;
+                out.len += 1;
+            }
+            Some(out)
+        })
+    }
 }
 
 /// What the caller must do before a layer's attention reads its KV.
@@ -301,6 +356,36 @@ impl Schedule {
         }))
     }
 
+    /// Tokens `ranges` (each `(start, n)`) of `layer` were written in engine
+    /// step `step`, in any order and at scattered places (a paged cache writes
+    /// each request's new tokens into its own blocks): a pooled layer writes
+    /// back each non-empty range from its slot, in the order given, and
+    /// nothing else ([`RowRuns::MAX`] ranges per operation). `Err(())` when a
+    /// pooled layer writes without its prefetch queued (the caller skipped
+    /// [`Schedule::ready`]).
+    #[allow(clippy::result_unit_err)]
+    pub fn written_ranges(
+        &self,
+        layer: usize,
+        ranges: &[(usize, usize)],
+        step: u64,
+        emit: &mut impl FnMut(SwapOp),
+    ) -> Result<(), ()> {
+        if !self.is_pooled(layer) || ranges.iter().all(|&(_, n)| n == 0) {
+            return Ok(());
+        }
+        let slot = self.slot_of(layer).ok_or(())?;
+        for runs in RowRuns::pack(ranges) {
+            emit(SwapOp::WriteBackRuns {
+                layer,
+                slot,
+                runs,
+                step,
+            });
+        }
+        Ok(())
+    }
+
     /// `layer`'s compute is done: a pooled layer releases its slot, and the
     /// prefetch `W` places later in execution order is queued into it.
     pub fn done(&mut self, layer: usize, emit: &mut impl FnMut(SwapOp)) {
@@ -394,7 +479,10 @@ mod tests {
                     assert!(occupant[slot].is_none(), "slot {slot} refilled while busy");
                     occupant[slot] = Some(layer);
                 }
-                SwapOp::WriteBack { layer, slot, .. } => assert_eq!(occupant[slot], Some(layer)),
+                SwapOp::WriteBack { layer, slot, .. }
+                | SwapOp::WriteBackRuns { layer, slot, .. } => {
+                    assert_eq!(occupant[slot], Some(layer))
+                }
                 SwapOp::Release { layer, slot } => {
                     assert_eq!(occupant[slot].take(), Some(layer));
                 }
@@ -466,6 +554,60 @@ mod tests {
     fn a_write_before_ready_is_refused() {
         let s = Schedule::new(plan(&[0], 1), 2);
         assert_eq!(s.written(0, 0, 1, 0), Err(()));
+    }
+
+    #[test]
+    fn scattered_writes_write_back_each_range_from_the_layer_slot() {
+        let mut s = Schedule::new(plan(&[1, 2], 1), 3);
+        let mut ops = Vec::new();
+        s.begin(0, 0, &mut |op| ops.push(op));
+        s.done(0, &mut |op| ops.push(op));
+        s.begin(1, 0, &mut |op| ops.push(op));
+        let Ready::Staged { slot, .. } = s.ready(1) else {
+            panic!("layer 1 is pooled")
+        };
+        ops.clear();
+        s.written_ranges(1, &[(40, 1), (7, 0), (3, 2)], 0, &mut |op| ops.push(op))
+            .unwrap();
+        let [SwapOp::WriteBackRuns {
+            layer: 1,
+            slot: got,
+            runs,
+            step: 0,
+        }] = ops[..]
+        else {
+            panic!("one write-back of the runs, got {ops:?}")
+        };
+        assert_eq!(got, slot);
+        assert_eq!(runs.as_slice(), &[(40, 1), (3, 2)]);
+        assert_eq!(runs.rows(), 3);
+        // Many runs take a few operations, in order, nothing lost.
+        ops.clear();
+        let many: Vec<(usize, usize)> = (0..19).map(|i| (10 * i, 1 + i % 3)).collect();
+        s.written_ranges(1, &many, 0, &mut |op| ops.push(op))
+            .unwrap();
+        assert_eq!(ops.len(), 19usize.div_ceil(RowRuns::MAX));
+        let back: Vec<(usize, usize)> = ops
+            .iter()
+            .flat_map(|op| match op {
+                SwapOp::WriteBackRuns { runs, .. } => runs.as_slice().to_vec(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(back, many);
+        // Resident layers and empty ranges move nothing.
+        ops.clear();
+        s.written_ranges(0, &[(0, 5)], 0, &mut |op| ops.push(op))
+            .unwrap();
+        s.written_ranges(1, &[(9, 0)], 0, &mut |op| ops.push(op))
+            .unwrap();
+        assert!(ops.is_empty());
+    }
+
+    #[test]
+    fn scattered_writes_before_ready_are_refused() {
+        let s = Schedule::new(plan(&[0], 1), 2);
+        assert_eq!(s.written_ranges(0, &[(4, 1)], 0, &mut |_| {}), Err(()));
     }
 
     #[test]

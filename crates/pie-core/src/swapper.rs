@@ -7,7 +7,7 @@ use crate::backend::{Backend, Mem, Stream};
 use crate::error::Result;
 use crate::primitive::Ordering;
 use crate::schedule::SwapOp;
-use crate::shared::Shared;
+use crate::shared::{Arenas, Shared};
 use crate::telemetry::Counters;
 use crate::wake::Receiver;
 
@@ -94,41 +94,65 @@ fn process<B: Backend>(shared: &Shared<B>, op: SwapOp) -> Result<()> {
             start,
             n,
             step,
-        } => {
-            let set = shared.timing_set(step);
-            let spec = &shared.specs[layer];
-            b.wait(Stream::D2H, &shared.events.written[layer])?;
-            if let Some(set) = set {
-                b.record(&set.d2h_start[layer], Stream::D2H)?;
-            }
-            let host_off = layout.host_slot[layer].ok_or_else(|| {
-                crate::PieError::internal(format!(
-                    "layer {layer} has no host buffer but was queued for a copy"
-                ))
-            })?;
-            let dev_off = layout.staging[slot];
-            for (off, shape) in spec.token_range_copies(layout.capacity, start, n) {
-                if shape.bytes() > 0 {
-                    b.copy(
-                        Stream::D2H,
-                        Mem::Device(&*arenas.device, dev_off + off),
-                        Mem::Host(&*arenas.host, host_off + off),
-                        shape,
-                    )?;
-                }
-            }
-            let bytes = spec.valid_bytes(n) as u64;
-            if let Some(set) = set {
-                b.record(&set.d2h_end[layer], Stream::D2H)?;
-                set.d2h_bytes[layer].fetch_add(bytes, Ordering::Relaxed);
-            }
-            b.record(&shared.events.written_back[layer], Stream::D2H)?;
-            Counters::add(&shared.counters.d2h_bytes, bytes);
-        }
+        } => write_back(shared, arenas, layer, slot, &[(start, n)], step)?,
+        SwapOp::WriteBackRuns {
+            layer,
+            slot,
+            runs,
+            step,
+        } => write_back(shared, arenas, layer, slot, runs.as_slice(), step)?,
         SwapOp::Release { layer, slot } => {
             b.wait(Stream::D2H, &shared.events.done[layer])?;
             b.record(&shared.events.slot_freed[slot], Stream::D2H)?;
         }
     }
+    Ok(())
+}
+
+/// Copies rows `runs` (`(start, n)` each) of pooled `layer` from staging `slot`
+/// back to its host buffer, after the compute that wrote them.
+fn write_back<B: Backend>(
+    shared: &Shared<B>,
+    arenas: &Arenas<B>,
+    layer: usize,
+    slot: usize,
+    runs: &[(usize, usize)],
+    step: u64,
+) -> Result<()> {
+    let b = &shared.backend;
+    let layout = &arenas.layout;
+    let set = shared.timing_set(step);
+    let spec = &shared.specs[layer];
+    b.wait(Stream::D2H, &shared.events.written[layer])?;
+    if let Some(set) = set {
+        b.record(&set.d2h_start[layer], Stream::D2H)?;
+    }
+    let host_off = layout.host_slot[layer].ok_or_else(|| {
+        crate::PieError::internal(format!(
+            "layer {layer} has no host buffer but was queued for a copy"
+        ))
+    })?;
+    let dev_off = layout.staging[slot];
+    let mut rows = 0;
+    for &(start, n) in runs {
+        rows += n;
+        for (off, shape) in spec.token_range_copies(layout.capacity, start, n) {
+            if shape.bytes() > 0 {
+                b.copy(
+                    Stream::D2H,
+                    Mem::Device(&*arenas.device, dev_off + off),
+                    Mem::Host(&*arenas.host, host_off + off),
+                    shape,
+                )?;
+            }
+        }
+    }
+    let bytes = spec.valid_bytes(rows) as u64;
+    if let Some(set) = set {
+        b.record(&set.d2h_end[layer], Stream::D2H)?;
+        set.d2h_bytes[layer].fetch_add(bytes, Ordering::Relaxed);
+    }
+    b.record(&shared.events.written_back[layer], Stream::D2H)?;
+    Counters::add(&shared.counters.d2h_bytes, bytes);
     Ok(())
 }

@@ -50,7 +50,7 @@ impl Swapper {
                 self.last[slot] = Some(layer);
                 self.prefetches += 1;
             }
-            SwapOp::WriteBack { layer, slot, .. } => {
+            SwapOp::WriteBack { layer, slot, .. } | SwapOp::WriteBackRuns { layer, slot, .. } => {
                 prop_assert_eq!(
                     self.occupant[slot],
                     Some(layer),

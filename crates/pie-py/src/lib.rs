@@ -5,6 +5,7 @@ mod attention;
 mod dlpack;
 mod errors;
 mod geometry;
+mod paged;
 mod serving;
 mod simulate;
 
@@ -502,6 +503,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<PyEngine>()?;
+    paged::register(m)?;
     m.add_class::<Region>()?;
     m.add_function(wrap_pyfunction!(policy_config, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
