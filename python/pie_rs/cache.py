@@ -743,6 +743,9 @@ class PieCache(Cache):
     def stats(self) -> dict[str, Any]:
         """The engine's statistics plus the sliding-window layers' bytes (see :meth:`pie_rs.Pool.stats`)."""
         stats = self._shared.engine_stats()
+        if self._shared.parked is not None:
+            # Parked: the engine went back to the pool; the KV is in ``parked_kv_bytes``.
+            stats["device_kv_bytes"] = stats["host_kv_bytes"] = 0
         sliding = self.sliding_kv_bytes()
         stats["sliding_layers"] = len(self._sliding)
         stats["sliding_kv_bytes"] = sliding
@@ -835,10 +838,12 @@ class PieCache(Cache):
         self._shared.check_usable()
         out = DynamicCache(config=self._shared.info.text_config)
         for i, layer in enumerate(self.layers):
-            keys, values = layer.keys, layer.values
-            if keys is None or values is None or not getattr(layer, "is_initialized", True):
+            if layer.__class__ is not PieLayer:
+                out.layers[i] = copy.deepcopy(layer)  # transformers' own layer (sliding window)
                 continue
-            out.layers[i].update(keys.clone(), values.clone())
+            keys, values = layer.keys, layer.values
+            if keys is not None and values is not None:
+                out.layers[i].update(keys.clone(), values.clone())
         return out
 
     def close(self) -> None:
