@@ -33,7 +33,9 @@ def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _same(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+    if len(a) != len(b):
+        return False
+    return all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True))
 
 
 def _pins(model, pooled: bool) -> dict:
@@ -64,7 +66,9 @@ def test_prompt_reuse_pattern_matches_dynamic_cache(family, pooled, mode) -> Non
             past = copy.deepcopy(prefix_cache)
             if mode == "beam":  # generate expands the prompt, not a cache it is given
                 past.batch_repeat_interleave(4)
-            outs.append(generate(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, mode, **extra, **{kw: past}))
+            outs.append(
+                generate(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, mode, **extra, **{kw: past})
+            )
         assert _same(before, _kv(prefix_cache)), "a copy changed the prefix cache"
         assert prefix_cache.get_seq_length() == prefix.shape[1]
         return outs
@@ -202,12 +206,21 @@ def test_returned_cache_continues_and_branches_by_copy() -> None:
     branches = [_ids(3, 5), _ids(5, 6)]
 
     def run(pooled_model):
-        first = model.generate(input_ids=prompt, return_dict_in_generate=True, **GREEDY, **({} if pooled_model else {kw: DynamicCache(config=model.config)}))
+        first = model.generate(
+            input_ids=prompt,
+            return_dict_in_generate=True,
+            **GREEDY,
+            **({} if pooled_model else {kw: DynamicCache(config=model.config)}),
+        )
         cache = getattr(first, "cache", None) or first.past_key_values
         outs = []
         for branch in branches:
             ids = torch.cat([first.sequences, branch], dim=1)
-            outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY, **{kw: copy.deepcopy(cache)}))
+            outs.append(
+                model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY, **{kw: copy.deepcopy(cache)}
+                )
+            )
         return first.sequences, outs
 
     expected = run(False)
@@ -245,7 +258,10 @@ def test_store_batches_and_padding() -> None:
     padded = rows.clone()
     mask = torch.ones_like(padded)
     padded[1, :3], mask[1, :3] = 0, 0
-    expected = [generate(model, {"input_ids": rows}, "greedy"), generate(model, {"input_ids": padded, "attention_mask": mask}, "greedy")]
+    expected = [
+        generate(model, {"input_ids": rows}, "greedy"),
+        generate(model, {"input_ids": padded, "attention_mask": mask}, "greedy"),
+    ]
     with pie_rs.attach(model) as pool:
         pool.cache_prefix(torch.cat([a, b]))
         got = [generate(model, {"input_ids": rows}, "greedy")]

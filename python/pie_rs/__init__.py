@@ -16,6 +16,7 @@ from ._core import __version__, cuda_available, cuda_probe
 from ._errors import BackendError, BudgetError, ConfigError, InternalError, PieError, StateError
 from .cache import PieCache, PieLayer
 from .pool import Pool, attach
+from .prefix import PrefixStore
 
 __all__ = [
     "BackendError",
@@ -26,6 +27,7 @@ __all__ = [
     "PieError",
     "PieLayer",
     "Pool",
+    "PrefixStore",
     "StateError",
     "__version__",
     "attach",

@@ -504,7 +504,9 @@ class _Shared:
         self.engine = self.acquire_engine(batch, _core.round_capacity(want), key_states.dtype)
         self._reset_state(batch, key_states.dtype)
         self.parked = None
-        self.load([(k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)) for k, v in snap.layers])
+        self.load(
+            [(k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)) for k, v in snap.layers]
+        )
 
 
 class PieLayer(CacheLayerMixin):

@@ -138,8 +138,8 @@ class Pool:
     def prefix_store(
         self,
         max_bytes: int | str | None = None,
-        block_tokens: int = DEFAULT_BLOCK_TOKENS,
-        remember_prompts: bool = False,
+        block_tokens: int | None = None,
+        remember_prompts: bool | None = None,
     ) -> PrefixStore:
         """Configures (or returns) the prompt-prefix store in host memory.
 
@@ -148,38 +148,39 @@ class Pool:
 
         Args:
             max_bytes: host bytes the store may hold (an int or ``"2GiB"``); least recently used
-                blocks are evicted beyond it. ``None``: keep the current limit (1 GiB or a tenth
-                of the machine's memory for a new store).
-            block_tokens: tokens per block; prefixes match in whole blocks. Changing it empties
-                the store.
-            remember_prompts: also store the prompt of every ``generate`` served (unpadded rows),
-                so repeated prompts are computed once without calling :meth:`cache_prefix`.
+                blocks are evicted beyond it (at once when the limit shrinks). ``None``: keep the
+                current limit (1 GiB or a tenth of the machine's memory for a new store).
+            block_tokens: tokens per block (default 16); prefixes match in whole blocks. Changing
+                it empties the store.
+            remember_prompts: also store the prompt of every ``generate`` served (its unpadded
+                rows), so repeated prompts are computed once without :meth:`cache_prefix`.
+                ``None``: keep the current setting (off for a new store).
+
+        Raises:
+            ConfigError: an invalid limit or block size, or a model with sliding-window layers
+                (their KV is not kept per block; copies of a prefix cache work for them).
         """
         self._check()
-        if self._store is not None and max_bytes is None and block_tokens == self._store.block_tokens:
-            self._remember_prompts = bool(remember_prompts)
-            return self._store
-        if isinstance(max_bytes, str):
-            limit = _parse_size(max_bytes)
-        elif max_bytes is None:
-            limit = self._store.max_bytes if self._store is not None else _default_prefix_bytes()
-        else:
-            limit = max_bytes
         if self.info.managed != [li.index for li in self.info.layers]:
             raise ConfigError(
                 "the prefix store serves models whose every layer is full attention; this model has "
                 "sliding-window layers (copy.deepcopy of a prefix cache works for it)"
             )
-        store = PrefixStore(limit, block_tokens, pin=self.info.device.type == "cuda")
-        old = self._store
-        if old is not None and old.block_tokens == block_tokens:
-            store._roots, store._lru, store.bytes = old._roots, old._lru, old.bytes
-            store.lookups, store.hits, store.tokens_reused = old.lookups, old.hits, old.tokens_reused
-            store.evictions, store.inserted_blocks = old.evictions, old.inserted_blocks
-            store._make_room(0, keep=[])
-        self._store = store
-        self._remember_prompts = bool(remember_prompts)
-        return store
+        if remember_prompts is not None:
+            self._remember_prompts = bool(remember_prompts)
+        limit = _parse_size(max_bytes) if isinstance(max_bytes, str) else max_bytes
+        store = self._store
+        if store is None or (block_tokens is not None and block_tokens != store.block_tokens):
+            if limit is None:
+                limit = store.max_bytes if store is not None else _default_prefix_bytes()
+            pin = self.info.device.type == "cuda"
+            self._store = PrefixStore(limit, DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens, pin)
+            if store is not None:
+                store.clear()
+        elif limit is not None:
+            store.resize(limit)
+        assert self._store is not None
+        return self._store
 
     def cache_prefix(self, input_ids: Any, attention_mask: Any = None) -> int:
         """Computes the KV of ``input_ids`` once and keeps it in the prefix store.

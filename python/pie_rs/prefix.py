@@ -14,6 +14,7 @@ so the oldest block has no child and every stored block stays reachable.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,12 +93,12 @@ class PrefixStore:
     """Prompt-prefix KV in host memory: block-aligned, exact, bounded in bytes, LRU.
 
     One trie per ``(dtype, layer shapes)``; a block's key is its tokens, its KV is per layer
-    ``[1, kv_heads, block_tokens, dim]`` in host memory (pinned for CUDA models).
+    ``[1, kv_heads, block_tokens, dim]`` in host memory (pinned for CUDA models). Safe to use from
+    several threads (one lock around each call).
     """
 
     def __init__(self, max_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS, pin: bool = False) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ConfigError(f"the prefix store's max_bytes must be a non-negative int, got {max_bytes!r}")
+        _check_limit(max_bytes)
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
             raise ConfigError(f"block_tokens must be a positive int, got {block_tokens!r}")
         self.max_bytes = max_bytes
@@ -112,6 +113,15 @@ class PrefixStore:
         self.tokens_reused = 0
         self.evictions = 0
         self.inserted_blocks = 0
+        self._lock = threading.RLock()
+
+    def resize(self, max_bytes: int) -> None:
+        """Sets the byte limit, evicting least recently used blocks until the store fits it."""
+        _check_limit(max_bytes)
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self.bytes > max_bytes:
+                self._evict(next(b for b in self._lru if not b.children))
 
     # ------------------------------------------------------------------------ queries
     @property
@@ -158,6 +168,10 @@ class PrefixStore:
         Rows may hold different prefixes; they share the matched length (the shortest row match).
         Counts a lookup, and a hit with the tokens reused when something matched (unless not ``count``).
         """
+        with self._lock:
+            return self._match(key, rows, limit, count)
+
+    def _match(self, key: Any, rows: Sequence[Sequence[int]], limit: int, count: bool) -> HostKV | None:
         self.lookups += count
         if limit < self.block_tokens or not rows:
             return None
@@ -179,7 +193,8 @@ class PrefixStore:
 
     def matched_tokens(self, key: Any, tokens: Sequence[int]) -> int:
         """How many leading tokens of ``tokens`` are stored (a multiple of the block size); no counting."""
-        return len(self._path(key, tokens, len(tokens))) * self.block_tokens
+        with self._lock:
+            return len(self._path(key, tokens, len(tokens))) * self.block_tokens
 
     # ---------------------------------------------------------------------- insertion
     def insert(self, key: Any, tokens: Sequence[int], kv: HostKV, row: int = 0) -> int:
@@ -189,6 +204,10 @@ class PrefixStore:
         byte limit is reached, least recently used blocks are evicted first; a block that cannot fit
         even then (larger than the limit) is not stored, and neither are the ones after it.
         """
+        with self._lock:
+            return self._insert(key, tokens, kv, row)
+
+    def _insert(self, key: Any, tokens: Sequence[int], kv: HostKV, row: int) -> int:
         n = min(len(tokens), min(kv.lens) if kv.layers else 0)
         bt = self.block_tokens
         children = self._roots.setdefault(key, {})
@@ -249,6 +268,14 @@ class PrefixStore:
 
     def clear(self) -> None:
         """Drops every block (counters kept)."""
-        self._roots.clear()
-        self._lru.clear()
-        self.bytes = 0
+        with self._lock:
+            self._roots.clear()
+            self._lru.clear()
+            self.bytes = 0
+
+
+def _check_limit(max_bytes: object) -> None:
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ConfigError(
+            f"the prefix store's max_bytes must be a non-negative int or a size string, got {max_bytes!r}"
+        )
