@@ -307,3 +307,24 @@ def test_store_refused_for_sliding_window_models() -> None:
     model = make_model("gemma2")
     with pie_rs.attach(model) as pool, pytest.raises(pie_rs.ConfigError, match="sliding-window"):
         pool.cache_prefix(_ids(20, 0))
+
+
+def test_store_settings_resize_and_bad_input() -> None:
+    model = make_model("llama")
+    with pie_rs.attach(model) as pool:
+        assert pool.stats()["prefix_bytes"] == 0
+        store = pool.prefix_store(max_bytes="1MiB", remember_prompts=True)
+        pool.cache_prefix([5] * 20 + list(range(3, 63)))
+        assert pool.prefix_store() is store and pool._remember_prompts, "settings kept by later calls"
+        assert store.blocks == 5 and store.bytes == 5 * 16384
+        pool.prefix_store(max_bytes=2 * 16384)  # shrinking evicts the least recently used blocks, leaves first
+        assert store.blocks == 2 and store.bytes <= 2 * 16384 and store.evictions == 3
+        assert store.matched_tokens(pool._store_key(), [5] * 20 + list(range(3, 63))) == 32
+        for bad in (-1, "lots", 1.5):
+            with pytest.raises(pie_rs.ConfigError):
+                pool.prefix_store(max_bytes=bad)
+        with pytest.raises(pie_rs.ConfigError):
+            pool.prefix_store(block_tokens=0)
+        with pytest.raises(pie_rs.ConfigError, match="unpadded"):
+            pool.cache_prefix(torch.ones(2, 20, dtype=torch.long), attention_mask=torch.tensor([[0] + [1] * 19] * 2))
+        assert pool.prefix_store(block_tokens=8).blocks == 0  # a new block size starts empty

@@ -168,7 +168,12 @@ class Pool:
             )
         if remember_prompts is not None:
             self._remember_prompts = bool(remember_prompts)
-        limit = _parse_size(max_bytes) if isinstance(max_bytes, str) else max_bytes
+        try:
+            limit = _parse_size(max_bytes) if isinstance(max_bytes, str) else max_bytes
+        except ConfigError:
+            raise ConfigError(
+                f"max_bytes {max_bytes!r} is not a size; give bytes as an int or a string such as '2GiB'"
+            ) from None
         store = self._store
         if store is None or (block_tokens is not None and block_tokens != store.block_tokens):
             if limit is None:
@@ -283,8 +288,12 @@ class Pool:
         Keys include ``resident_layers``, ``pooled_layers`` (engine-managed layers on the device /
         in host memory), ``device_kv_bytes`` and ``peak_device_kv_bytes`` (engine arena plus
         sliding-window layers), ``host_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``,
-        ``stall_seconds``, ``steps``, ``sliding_layers``, ``sliding_kv_bytes``, plus
-        ``generations`` (generate calls served) and ``budget_bytes``.
+        ``stall_seconds``, ``steps``, ``sliding_layers``, ``sliding_kv_bytes``, ``parked`` and
+        ``parked_kv_bytes`` (a parked cache's KV in host memory), plus ``generations`` (generate
+        calls served), ``budget_bytes`` and the prefix store's ``prefix_lookups``,
+        ``prefix_hits``, ``prefix_tokens_reused`` (summed over rows), ``prefix_bytes`` (host bytes
+        held), ``prefix_max_bytes``, ``prefix_blocks``, ``prefix_block_tokens`` and
+        ``prefix_evictions`` (all 0 while no store is configured).
         """
         self._check()
         if self._last is not None:
