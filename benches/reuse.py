@@ -66,6 +66,14 @@ def ttft(model: torch.nn.Module, ids: torch.Tensor, device: str) -> float:
     return time.perf_counter() - start
 
 
+def allocated(device: str) -> int:
+    """Bytes torch's CUDA allocator holds now (0 on the CPU, where it is not tracked)."""
+    if device != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    return int(torch.cuda.memory_allocated())
+
+
 def kv_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
@@ -131,20 +139,25 @@ def main() -> None:
     with torch.no_grad():
         ref = DynamicCache(config=model.config)
         model(input_ids=prefix, use_cache=True, **{kw: ref})
+        base = allocated(device)
         dyn = [copy.deepcopy(ref) for _ in range(n)]
         dyn_bytes = sum(kv_bytes(c) for c in dyn)
+        dyn_allocated = allocated(device) - base
         del dyn
         with pie_rs.attach(model, gpu_budget=budget) as pool:
             source = pool.new_cache(max_length=args.prefix + 8)
             model(input_ids=prefix, use_cache=True, **{kw: source})
             src = source.stats()
+            base = allocated(device)
             copies = [copy.deepcopy(source) for _ in range(n)]
+            parked_allocated = allocated(device) - base
             parked_device = sum(c.stats()["device_kv_bytes"] for c in copies)
             parked_host = sum({id(c._shared.parked): c.stats()["parked_kv_bytes"] for c in copies}.values())
             # Every copy takes one decode step and all are held at once: each has its own engine.
             step = torch.randint(3, 32000, (1, 1), generator=gen).to(device)
             for c in copies:
                 model(input_ids=step, use_cache=True, **{kw: c})
+            live_allocated = allocated(device) - base  # engines' arenas are not torch's: see below
             live_device = sum(c.stats()["device_kv_bytes"] for c in copies)
             live_host = sum(c.stats()["host_kv_bytes"] for c in copies)
             pooled = copies[0].stats()["pooled_layers"]
@@ -159,6 +172,9 @@ def main() -> None:
         "live_copies_host_bytes": live_host,
         "live_copy_pooled_layers": pooled,
         "layers": len(layers),
+        "torch_allocated_dynamic_copies": dyn_allocated,
+        "torch_allocated_parked_copies": parked_allocated,
+        "torch_allocated_live_copies": live_allocated,
     }
 
     mib = 1 << 20
@@ -192,6 +208,12 @@ def main() -> None:
         f"{live_device / mib:.1f} / {live_host / mib:.1f} MiB ({pooled}/{len(layers)} layers pooled each) |"
     )
     print(f"| device KV, {n} PieCache copies used vs DynamicCache copies | {live_device / dyn_bytes:.2f}x |")
+    if device == "cuda":
+        print(
+            f"| torch.cuda.memory_allocated growth: {n} DynamicCache copies / {n} parked PieCache copies | "
+            f"{dyn_allocated / mib:.1f} / {parked_allocated / mib:.1f} MiB (engine arenas are allocated by "
+            "pie-rs, not torch, and counted in the rows above) |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -328,3 +328,31 @@ def test_store_settings_resize_and_bad_input() -> None:
         with pytest.raises(pie_rs.ConfigError, match="unpadded"):
             pool.cache_prefix(torch.ones(2, 20, dtype=torch.long), attention_mask=torch.tensor([[0] + [1] * 19] * 2))
         assert pool.prefix_store(block_tokens=8).blocks == 0  # a new block size starts empty
+
+
+# ------------------------------------------------------------------------------ CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("pooled", [False, True])
+def test_cuda_copies_park_and_store(pooled) -> None:
+    """On CUDA: snapshots are pinned, copies and the store give DynamicCache's tokens."""
+    model = make_model("llama", device="cuda")
+    kw = cache_keyword(model)
+    prefix = _ids(40, 0).cuda()
+    prompts = [torch.cat([prefix, _ids(n, n).cuda()], dim=1) for n in (2, 7)]
+    modes = ["greedy", "sample", "beam"]
+    expected = [generate(model, {"input_ids": p}, m) for p in prompts for m in modes]
+    ref = DynamicCache(config=model.config)
+    _fill(model, ref, prefix)
+    expected_copy = [model.generate(input_ids=p, **GREEDY, **{kw: copy.deepcopy(ref)}) for p in prompts]
+    with pie_rs.attach(model, **_pins(model, pooled)) as pool:
+        source = pool.new_cache()
+        _fill(model, source, prefix)
+        dup = copy.deepcopy(source)
+        assert dup.parked and dup._shared.parked.layers[0][0].is_pinned()
+        got_copy = [model.generate(input_ids=p, **GREEDY, **{kw: copy.deepcopy(source)}) for p in prompts]
+        dup.park()
+        pool.cache_prefix(prefix[0])
+        got = [generate(model, {"input_ids": p}, m) for p in prompts for m in modes]
+        assert pool.stats()["prefix_hits"] == len(got)
+    for a, b in zip(expected + expected_copy, got + got_copy, strict=True):
+        assert torch.equal(a, b)

@@ -33,6 +33,8 @@ echo "== per-layer overhead on the caller's thread (CUDA, everything resident)"
 timeout 60 python3 benches/overhead.py --device cuda --rounds 9 > "$WORK/overhead.md" 2>&1
 echo "== pie-rs demo (CUDA shape)"
 timeout 90 python3 -m pie_rs.cli demo --out "$OUT" --no-progress > "$WORK/demo.md" 2>&1
+echo "== KV reuse: prefix store vs recomputing, N copies' device memory"
+timeout 120 python3 benches/reuse.py --json "$WORK/reuse.json" > "$WORK/reuse.md" 2>&1
 cp "$WORK/py-tests.log" "$WORK/copy.md" "$WORK/e2e.md" "$OUT/" 2>/dev/null
 echo
 echo "===== summary ($(date -u +%Y-%m-%d), $(head -1 "$WORK/gpu.txt"), $(tail -1 "$WORK/gpu.txt"))"
@@ -41,3 +43,4 @@ cat "$WORK/copy.md"
 grep -v "^  pie-rs\|^  DynamicCache\|^  HF off" "$WORK/e2e.md" | tail -30
 tail -3 "$WORK/overhead.md"
 tail -18 "$WORK/demo.md"
+tail -14 "$WORK/reuse.md"
