@@ -291,16 +291,21 @@ def test_store_eviction_under_a_byte_limit_never_fails_a_generate() -> None:
     assert stats["prefix_evictions"] > 0 and stats["prefix_hits"] > 0, stats
 
 
-def test_remembered_prompts_are_reused() -> None:
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_remembered_prompts_are_reused(mode) -> None:
+    """``remember_prompts``: each unpadded row of a served prompt is stored (beams: from its group)."""
     model = make_model("llama")
-    prompt = _ids(50, 9)
+    prompts = torch.cat([_ids(50, 9), _ids(50, 10)])
+    expected = generate(model, {"input_ids": prompts}, mode)
     with pie_rs.attach(model) as pool:
         pool.prefix_store(max_bytes="8MiB", remember_prompts=True)
-        first = model.generate(input_ids=prompt, **GREEDY)
-        again = model.generate(input_ids=prompt, **GREEDY)
+        first = generate(model, {"input_ids": prompts}, mode)
+        again = generate(model, {"input_ids": prompts}, mode)
+        alone = generate(model, {"input_ids": prompts[1:]}, mode)
         stats = pool.stats()
-    assert torch.equal(first, again)
-    assert stats["prefix_hits"] == 1 and stats["prefix_tokens_reused"] == 48
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+    assert torch.equal(alone, generate(model, {"input_ids": prompts[1:]}, mode))
+    assert stats["prefix_hits"] == 2 and stats["prefix_tokens_reused"] == 3 * 48
 
 
 def test_store_refused_for_sliding_window_models() -> None:
