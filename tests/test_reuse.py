@@ -138,6 +138,11 @@ def test_copies_share_one_host_snapshot_and_take_no_device_memory() -> None:
         assert copy.deepcopy(cache)._shared.parked is not copies[0]._shared.parked
         # A copy of a copy shares it too, until one of them is used.
         assert copy.deepcopy(copies[0])._shared.parked is copies[0]._shared.parked
+        # A parked copy that is reset holds nothing and starts afresh.
+        copies[1].reset()
+        assert not copies[1].parked and copies[1].get_seq_length() == 0
+        ids = _ids(5, 2)
+        assert torch.equal(_fill(model, copies[1], ids), _fill(model, DynamicCache(config=model.config), ids))
 
 
 def test_copy_after_detach_raises_a_pie_rs_error() -> None:

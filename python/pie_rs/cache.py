@@ -347,7 +347,7 @@ class _Shared:
             if self.parked is not None:
                 lens = list(self.lens)
                 lens[e] = min(tokens, lens[e])
-                self.parked = self.parked.crop(lens)
+                self.parked = self.parked.crop(lens) if any(lens) else None  # emptied: nothing parked
                 self.lens = lens
             return
         self.engine.set_seq_len(e, tokens)
