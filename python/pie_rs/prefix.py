@@ -181,15 +181,23 @@ class PrefixStore:
             return None
         for path in paths:
             self._touch(path[:blocks])
-        layers = []
-        for e in range(len(paths[0][0].kv)):
-            ks = [torch.cat([b.kv[e][0] for b in path[:blocks]], dim=2) for path in paths]
-            vs = [torch.cat([b.kv[e][1] for b in path[:blocks]], dim=2) for path in paths]
-            layers.append((torch.cat(ks, dim=0), torch.cat(vs, dim=0)))
+        layers = tuple(
+            (self._gather(paths, blocks, e, 0), self._gather(paths, blocks, e, 1)) for e in range(len(paths[0][0].kv))
+        )
         self.hits += count
         self.tokens_reused += count * blocks * self.block_tokens * len(rows)
         first = paths[0][0].kv[0][0]
-        return HostKV(tuple(layers), len(rows), first.dtype, expandable=True)
+        return HostKV(layers, len(rows), first.dtype, expandable=True)
+
+    def _gather(self, paths: list[list[_Block]], blocks: int, e: int, which: int) -> torch.Tensor:
+        """Layer ``e``'s keys (0) or values (1) of the first ``blocks`` blocks of each path, one row per path."""
+        first = paths[0][0].kv[e][which]
+        _, heads, _, dim = first.shape
+        shape = (len(paths), heads, blocks * self.block_tokens, dim)
+        out = torch.empty(shape, dtype=first.dtype, pin_memory=self.pin)
+        for r, path in enumerate(paths):
+            torch.cat([b.kv[e][which] for b in path[:blocks]], dim=2, out=out[r : r + 1])
+        return out
 
     def matched_tokens(self, key: Any, tokens: Sequence[int]) -> int:
         """How many leading tokens of ``tokens`` are stored (a multiple of the block size); no counting."""
