@@ -785,8 +785,8 @@ class PieCache(Cache):
         sh.check_usable()
         new = PieCache(self._pool, sh.info, max_length=sh.max_length, batch_size=sh.batch)
         snap = sh.snapshot()
-        if snap is not None:
-            new._shared.park_snapshot(snap)
+        if snap is not None and any(snap.lens):
+            new.load_snapshot(snap)
         memo = {} if memo is None else memo
         memo[id(self)] = new
         for i, layer in enumerate(self.layers):
@@ -804,6 +804,25 @@ class PieCache(Cache):
             "DynamicCache with the same content) and pickle that; for a copy in this process use "
             "copy.deepcopy(cache)."
         )
+
+    def snapshot(self, tokens: int | None = None) -> HostKV | None:
+        """An immutable host copy of the engine-managed layers' KV (the first ``tokens`` of each if given).
+
+        ``None`` for a cache that never held anything. Sliding-window layers are not included.
+        """
+        return self._shared.snapshot(tokens)
+
+    def load_snapshot(self, snap: HostKV) -> None:
+        """Makes this empty cache hold ``snap``, parked (the next update loads it into an engine).
+
+        A snapshot from the prefix store (``expandable``) also serves a batch that is a multiple of
+        its own (``generate`` expanding prompts for beams or returned sequences).
+        """
+        sh = self._shared
+        sh.check_usable()
+        if sh.engine is not None or sh.parked is not None or any(sh.lens):
+            raise StateError("load_snapshot needs an empty cache: make one with pool.new_cache()")
+        sh.park_snapshot(snap)
 
     def park(self) -> None:
         """Moves the KV to host memory between uses (a chat between turns) and frees the engine.

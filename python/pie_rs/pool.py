@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -216,15 +217,17 @@ class Pool:
                 try:
                     part = store.match(key, [row], done, count=False) if done else None
                     if part is not None:
-                        cache._shared.park_snapshot(part)
+                        cache.load_snapshot(part)
                     tail = torch.tensor([row[done:whole]], dtype=torch.long, device=self.info.device)
                     with torch.no_grad():
                         self._forward(tail, cache)
-                    snap = cache._shared.snapshot(tokens=whole)
+                    snap = cache.snapshot(tokens=whole)
                     if snap is not None:
                         store.insert(key, row[:whole], snap)
-                finally:
-                    cache.release()
+                except BaseException:
+                    cache.close()  # a failed forward may have left a step half done: no reuse
+                    raise
+                cache.release()
             if r == 0:
                 held = store.matched_tokens(key, row)
         return held
@@ -232,10 +235,9 @@ class Pool:
     def _forward(self, ids: torch.Tensor, cache: PieCache) -> None:
         model = self.model
         kwargs: dict[str, Any] = {"input_ids": ids, self.info.cache_keyword: cache, "use_cache": True}
-        try:
-            model(**kwargs, logits_to_keep=1)
-        except TypeError:
-            model(**kwargs)
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # only the KV is wanted: skip the LM head over the prefix
+        model(**kwargs)
 
     def _store_key(self) -> Any:
         return str(self.info.dtype)
@@ -254,7 +256,7 @@ class Pool:
                 limit = min(limit, int(zero[0, 0]))
         snap = store.match(self._store_key(), ids[:, : max(limit, 0)].tolist(), limit)
         if snap is not None:
-            cache._shared.park_snapshot(snap)
+            cache.load_snapshot(snap)
 
     def _remember(self, cache: PieCache, prompt: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         """Stores the prompt rows' KV (unpadded rows only) from the cache of a finished generate."""
@@ -263,7 +265,7 @@ class Pool:
             return
         ids, mask = prompt
         rows = int(ids.shape[0])
-        batch = cache._shared.batch or 0
+        batch = max(cache.max_batch_size, 0)
         if rows == 0 or batch % rows:
             return
         bt = store.block_tokens
@@ -276,7 +278,7 @@ class Pool:
         ]
         if not todo or whole == 0:
             return
-        snap = cache._shared.snapshot(tokens=whole)
+        snap = cache.snapshot(tokens=whole)
         if snap is None:
             return
         for r in todo:
