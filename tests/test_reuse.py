@@ -158,6 +158,8 @@ def test_copy_after_detach_raises_a_pie_rs_error() -> None:
         copy.deepcopy(cache)
     with pytest.raises(pie_rs.StateError, match="detached"):
         dup.resume()
+    with pytest.raises(pie_rs.StateError, match="detached"):
+        pool.cache_prefix(_ids(20, 0))
 
 
 def test_pickling_refused_with_what_to_do_and_to_dynamic_pickles() -> None:
