@@ -639,6 +639,10 @@ class PieCache(Cache):
     Make it with :meth:`pie_rs.Pool.new_cache`; pass it to ``model(...)`` or ``model.generate(...)``
     as ``cache=`` (transformers >= 5.24) or ``past_key_values=``. Sliding-window layers are
     transformers' own ``DynamicSlidingWindowLayer``.
+
+    ``copy.deepcopy``/``copy.copy`` give independent parked copies (:meth:`copy`); :meth:`park`
+    and :meth:`resume` keep a chat's KV in host memory between turns; pickling is refused (use
+    :meth:`to_dynamic`).
     """
 
     def __init__(self, pool: Pool, info: ModelInfo, max_length: int | None = None, batch_size: int | None = None):
