@@ -50,7 +50,9 @@ SERVE_PATH=$PYTHONPATH
 PYTHONPATH=$SERVE_PATH timeout 150 python3 -m pie_rs.cli bench --serving --device cuda --llama3-8b \
     --rates 4,16 --requests 48 --out "$OUT" --no-progress > "$WORK/serving.md" 2>&1
 status+=("serving bench: exit $? ($(grep -c DIFFER "$WORK/serving.md") token mismatches)")
-cp "$WORK/py-tests.log" "$WORK/copy.md" "$WORK/e2e.md" "$WORK/serving.md" "$OUT/" 2>/dev/null
+echo "== KV reuse: prefix store vs recomputing, N copies' device memory"
+timeout 120 python3 benches/reuse.py --json "$WORK/reuse.json" > "$WORK/reuse.md" 2>&1
+cp "$WORK/py-tests.log" "$WORK/copy.md" "$WORK/e2e.md" "$WORK/serving.md" "$WORK/reuse.md" "$OUT/" 2>/dev/null
 echo
 echo "===== summary ($(date -u +%Y-%m-%d), $(head -1 "$WORK/gpu.txt"), $(tail -1 "$WORK/gpu.txt"))"
 printf '%s\n' "${status[@]}"
@@ -59,3 +61,4 @@ grep -v "^  pie-rs\|^  DynamicCache\|^  HF off" "$WORK/e2e.md" | tail -30
 tail -3 "$WORK/overhead.md"
 tail -18 "$WORK/demo.md"
 grep -v "psutil\|Logger" "$WORK/serving.md" | tail -16
+tail -14 "$WORK/reuse.md"

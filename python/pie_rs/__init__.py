@@ -17,6 +17,7 @@ from ._errors import BackendError, BudgetError, ConfigError, InternalError, PieE
 from .cache import PieCache, PieLayer
 from .distributed import gather_stats
 from .pool import Pool, attach
+from .prefix import PrefixStore
 
 __all__ = [
     "BackendError",
@@ -27,6 +28,7 @@ __all__ = [
     "PieError",
     "PieLayer",
     "Pool",
+    "PrefixStore",
     "StateError",
     "__version__",
     "attach",

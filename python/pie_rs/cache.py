@@ -14,6 +14,7 @@ expands the inputs to (beams, returned sequences).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from ._engine import LayerKV, engine_layers, rescale_shapes, sliding_kv_bytes
 from ._errors import BudgetError, ConfigError, StateError
 from ._model import MANAGED, SLIDING, ModelInfo, reference_layers
 from ._views import ArenaViews
+from .prefix import HostKV, host_copy
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -90,6 +92,13 @@ class _Shared:
         self._checked: list[Any] = [None] * len(info.managed)
         self.last_stats: dict[str, Any] | None = None
         self.sliding_estimate = 0
+        # A parked cache holds its KV in host memory (immutable, shared by copies) and no engine;
+        # the next update restores it into an engine. ``lens`` keep the parked lengths.
+        self.parked: HostKV | None = None
+        # Bumped by every change other than appending (crop, reorder, rebatch, reset), so a
+        # snapshot taken at the same lengths and count is still the cache's content.
+        self.mutations = 0
+        self._snapshot: tuple[Any, HostKV] | None = None
 
     # ----------------------------------------------------------------------------- engine
     def check_usable(self) -> None:
@@ -139,6 +148,7 @@ class _Shared:
         self.batch = batch
         self.capacity = self.engine.capacity
         self.lens = [0] * len(self.shapes)
+        self.mutations += 1
         self.open = None
         self._stream = None
         self._checked = [None] * len(self.shapes)
@@ -153,7 +163,7 @@ class _Shared:
         layer checks its guess at its own first update (``adopt_shape``).
         """
         self.check_usable()
-        if self.engine is not None or not self.shapes:
+        if self.engine is not None or not self.shapes or self.parked is not None:
             return
         if key_states.dim() != 4 or value_states.dim() != 4:
             raise ConfigError(
@@ -206,6 +216,8 @@ class _Shared:
     def close(self) -> None:
         engine = self._detach_engine()
         self.closed = True
+        self.parked = None
+        self._snapshot = None
         if engine is not None:
             engine.close()
 
@@ -305,7 +317,10 @@ class _Shared:
             raise StateError("update called while the cache is being reordered or cropped")
         engine = self.engine
         if engine is None:
-            self.initialize(key_states, value_states, self.info.managed[e])
+            if self.parked is not None:
+                self.restore(key_states)
+            else:
+                self.initialize(key_states, value_states, self.info.managed[e])
             engine = self.engine
             assert engine is not None
         kshape, vshape = key_states.shape, value_states.shape
@@ -355,7 +370,14 @@ class _Shared:
 
     # ---------------------------------------------------------------------- data changes
     def set_len(self, e: int, tokens: int) -> None:
-        assert self.engine is not None
+        self.mutations += 1
+        if self.engine is None:
+            if self.parked is not None:
+                lens = list(self.lens)
+                lens[e] = min(tokens, lens[e])
+                self.parked = self.parked.crop(lens) if any(lens) else None  # emptied: nothing parked
+                self.lens = lens
+            return
         self.engine.set_seq_len(e, tokens)
         self.lens[e] = tokens
 
@@ -365,8 +387,14 @@ class _Shared:
         ``tolist`` waits for the compute that chose ``beam_idx``; the engine's copies follow it on
         the compute stream and are done when this returns.
         """
+        if self.engine is None and self.parked is not None:
+            self.mutations += 1
+            index = beam_idx.to("cpu") if isinstance(beam_idx, torch.Tensor) else torch.tensor(list(beam_idx))
+            self.parked = self.parked.map_batch(lambda t: t.index_select(0, index))
+            return
         if self.engine is None or not any(self.lens):
             return
+        self.mutations += 1
         self.finish_step()
         indices = beam_idx.tolist() if isinstance(beam_idx, torch.Tensor) else list(beam_idx)
         self.engine.reorder(indices, self.stream())
@@ -374,6 +402,11 @@ class _Shared:
     def rebatch(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Applies a batch-changing ``transform`` to every layer: a new engine with the new batch."""
         self.check_usable()
+        self.mutations += 1
+        if self.engine is None and self.parked is not None:
+            self.parked = self.parked.map_batch(lambda t: transform(t).to("cpu"))
+            self.batch = self.parked.batch
+            return
         if self.engine is None:
             self.batch = None
             return
@@ -406,14 +439,112 @@ class _Shared:
         self.engine = self.make_engine(batch, capacity, dtype)
         self._reset_state(batch, dtype)
         self.last_stats = stats
-        for e, (k_new, v_new, n) in enumerate(data):
+        self.load([(k, v) for k, v, _ in data])
+
+    def load(self, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Writes ``data[e]`` (K, V of ``n_e`` tokens, on the device or in host memory) into empty layer ``e``.
+
+        One step through the engine's own path: each layer begins, its slot is written, its length
+        recorded (a pooled layer's tokens go back to host memory after the copy), and it is done.
+        """
+        engine = self.engine
+        assert engine is not None
+        for e, (k_new, v_new) in enumerate(data):
+            n = int(k_new.shape[2])
             self.begin(e)
-            offset = self.engine.layer_ready(e, self._stream)
+            offset = engine.layer_ready(e, self._stream)
             k, v = self.views.device(e, offset)
-            k[:, :, :n].copy_(k_new)
-            v[:, :, :n].copy_(v_new)
-            self.lens[e] = self.engine.layer_written(e, n, self._stream)
+            if n:
+                k[:, :, :n].copy_(k_new, non_blocking=True)
+                v[:, :, :n].copy_(v_new, non_blocking=True)
+            self.lens[e] = engine.layer_written(e, n, self._stream)
             self.done(e)
+
+    # ------------------------------------------------------------------- park and copy
+    def snapshot(self, tokens: int | None = None) -> HostKV | None:
+        """A host copy of the KV (the first ``tokens`` of each layer if given); ``None`` if empty.
+
+        A parked cache returns its own (immutable) snapshot; a live one is copied out while the
+        engine is quiesced, and the copy is remembered until the cache changes, so copies of an
+        unchanged cache share one snapshot.
+        """
+        self.check_usable()
+        if self.engine is None:
+            if self.parked is None or tokens is None:
+                return self.parked
+            return self.parked.crop([min(n, tokens) for n in self.lens])
+        assert self.dtype is not None and self.batch is not None
+        lens = [n if tokens is None else min(n, tokens) for n in self.lens]
+        key = (self.mutations, tuple(lens))
+        if self._snapshot is not None and self._snapshot[0] == key:
+            return self._snapshot[1]
+        pin = self._cuda
+        with self.quiesced():
+            layers = []
+            for e, n in enumerate(lens):
+                k, v = self.data_views(e)
+                layers.append((host_copy(k[:, :, :n], pin), host_copy(v[:, :, :n], pin)))
+        snap = HostKV(tuple(layers), self.batch, self.dtype)
+        if tokens is None:
+            self._snapshot = (key, snap)
+        return snap
+
+    def park_snapshot(self, snap: HostKV) -> None:
+        """Makes this (engine-less) cache hold ``snap``; the next update restores it into an engine."""
+        assert self.engine is None
+        if len(snap.layers) != len(self.shapes):
+            raise ConfigError(
+                f"a snapshot of {len(snap.layers)} layers cannot be parked in a cache of {len(self.shapes)} layers"
+            )
+        self.parked = snap
+        self.lens = snap.lens
+        self.batch = snap.batch if not snap.expandable else self.batch
+        self.dtype = snap.dtype
+        self.mutations += 1
+
+    def park(self) -> None:
+        """Moves the KV to host memory and hands the engine to the pool (kept for the next cache)."""
+        self.check_usable()
+        if self.engine is None or self.quiesce_depth:
+            return
+        self.finish_step()
+        snap = self.snapshot()
+        batch, dtype, sliding = self.batch, self.dtype, self.sliding_estimate
+        engine = self._detach_engine()
+        assert engine is not None and batch is not None and dtype is not None
+        self.pool.keep_engine(engine, batch, dtype, sliding)
+        self._snapshot = None
+        if snap is not None and any(snap.lens):
+            self.park_snapshot(snap)
+        else:
+            self.lens = [0] * len(self.shapes)
+
+    def restore(self, key_states: torch.Tensor) -> None:
+        """Gives a parked cache an engine again, loaded from its snapshot (batch of ``key_states``)."""
+        self.check_usable()
+        snap = self.parked
+        assert snap is not None
+        batch = int(key_states.shape[0]) if key_states.dim() == 4 else -1
+        if batch != snap.batch:
+            if not (snap.expandable and batch > 0 and batch % snap.batch == 0):
+                raise ConfigError(
+                    f"this PieCache holds KV of batch {snap.batch}, but the model runs batch {batch}; "
+                    "use batch_repeat_interleave on the cache, or a cache of the right batch"
+                )
+            repeats = batch // snap.batch
+            snap = snap.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        if key_states.dtype != snap.dtype:
+            raise ConfigError(f"this PieCache holds {snap.dtype} KV; the model gave {key_states.dtype} states")
+        if key_states.device.type != self.device.type:
+            raise ConfigError(f"key states are on {key_states.device}, the model's cache lives on {self.device}")
+        tokens = max(snap.lens) + int(key_states.shape[2])
+        want = max(self.max_length or 0, tokens if self.max_length is not None else tokens + DEFAULT_HEADROOM)
+        self.engine = self.acquire_engine(batch, _core.round_capacity(want), key_states.dtype)
+        self._reset_state(batch, key_states.dtype)
+        self.parked = None
+        self.load(
+            [(k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)) for k, v in snap.layers]
+        )
 
     def adopt_shape(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Layer ``e``'s first update: keeps its guessed shape, or rebuilds the engine for the real one.
@@ -480,8 +611,8 @@ class PieLayer(CacheLayerMixin):
 
     @property
     def is_initialized(self) -> bool:  # type: ignore[override]
-        """Whether the engine exists (created by the first update)."""
-        return self._shared.engine is not None
+        """Whether the cache holds KV: an engine exists (created by the first update) or it is parked."""
+        return self._shared.engine is not None or self._shared.parked is not None
 
     @is_initialized.setter
     def is_initialized(self, value: bool) -> None:
@@ -490,7 +621,9 @@ class PieLayer(CacheLayerMixin):
     def _valid(self, which: int) -> torch.Tensor | None:
         sh = self._shared
         if sh.engine is None:
-            return None
+            if sh.parked is None:
+                return None
+            return sh.parked.layers[self._e][which].to(sh.device, copy=True)
         n = sh.lens[self._e]
         with sh.quiesced():
             buf = sh.data_views(self._e)[which][:, :, :n]
@@ -532,7 +665,8 @@ class PieLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         """Tokens held."""
-        return self._shared.lens[self._e] if self._shared.engine is not None else 0
+        sh = self._shared
+        return sh.lens[self._e] if sh.engine is not None or sh.parked is not None else 0
 
     def get_max_length(self) -> int:
         """``-1``: the layer grows on demand (its capacity is sized up front by ``generate``)."""
@@ -550,6 +684,8 @@ class PieLayer(CacheLayerMixin):
         if sh.engine is not None:
             with sh.quiesced():
                 sh.set_len(self._e, 0)
+        elif sh.parked is not None:
+            sh.set_len(self._e, 0)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Removes the last ``-tokens_to_remove`` tokens (a negative int, as in ``DynamicLayer``)."""
@@ -559,7 +695,7 @@ class PieLayer(CacheLayerMixin):
                 "Please use a negative integer to remove that number of tokens from the cache instead."
             )
         sh = self._shared
-        if tokens_to_remove == 0 or sh.engine is None:
+        if tokens_to_remove == 0 or (sh.engine is None and sh.parked is None):
             return
         with sh.quiesced():
             sh.set_len(self._e, max(0, sh.lens[self._e] + tokens_to_remove))
@@ -583,6 +719,10 @@ class PieCache(Cache):
     Make it with :meth:`pie_rs.Pool.new_cache`; pass it to ``model(...)`` or ``model.generate(...)``
     as ``cache=`` (transformers >= 5.24) or ``past_key_values=``. Sliding-window layers are
     transformers' own ``DynamicSlidingWindowLayer``.
+
+    ``copy.deepcopy``/``copy.copy`` give independent parked copies (:meth:`copy`); :meth:`park`
+    and :meth:`resume` keep a chat's KV in host memory between turns; pickling is refused (use
+    :meth:`to_dynamic`).
     """
 
     def __init__(self, pool: Pool, info: ModelInfo, max_length: int | None = None, batch_size: int | None = None):
@@ -689,6 +829,9 @@ class PieCache(Cache):
     def stats(self) -> dict[str, Any]:
         """The engine's statistics plus the sliding-window layers' bytes (see :meth:`pie_rs.Pool.stats`)."""
         stats = self._shared.engine_stats()
+        if self._shared.parked is not None:
+            # Parked: the engine went back to the pool; the KV is in ``parked_kv_bytes``.
+            stats["device_kv_bytes"] = stats["host_kv_bytes"] = 0
         sliding = self.sliding_kv_bytes()
         stats["sliding_layers"] = len(self._sliding)
         stats["sliding_kv_bytes"] = sliding
@@ -698,7 +841,115 @@ class PieCache(Cache):
             stats["resident_layers"] = stats["pooled_layers"] = 0
         stats["capacity"] = self._shared.capacity
         stats["batch"] = self._shared.batch or 0
+        parked = self._shared.parked
+        stats["parked"] = parked is not None
+        stats["parked_kv_bytes"] = parked.nbytes if parked is not None else 0
         return stats
+
+    # reuse: copies, parking, conversion --------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> PieCache:
+        """An independent cache with the same content and pool (see :meth:`copy`)."""
+        return self.copy(memo)
+
+    def __copy__(self) -> PieCache:
+        """Same as ``copy.deepcopy``: a cache whose layers were shared would not be a cache of its own."""
+        return self.copy()
+
+    def copy(self, memo: dict[int, Any] | None = None) -> PieCache:
+        """An independent cache with the same content, made by the same pool.
+
+        The copy is parked: its engine-managed KV is a snapshot in host memory, shared by every
+        copy of this cache taken while it does not change (copy-on-write: the snapshot is never
+        written; a copy that is updated first gets an engine of its own, loaded from it). Until
+        then a copy takes no device memory; after, as much as any cache of the pool's budget.
+        Later updates to this cache or to a copy never change the other. Sliding-window layers
+        (small, on the device) are copied. Raises :class:`StateError` once the pool is detached.
+        """
+        sh = self._shared
+        sh.check_usable()
+        new = PieCache(self._pool, sh.info, max_length=sh.max_length, batch_size=sh.batch)
+        snap = sh.snapshot()
+        if snap is not None and any(snap.lens):
+            new.load_snapshot(snap)
+        memo = {} if memo is None else memo
+        memo[id(self)] = new
+        for i, layer in enumerate(self.layers):
+            if layer.__class__ is not PieLayer:
+                new.layers[i] = copy.deepcopy(layer, memo)
+        new._sliding = [new.layers[i] for i, li in enumerate(sh.info.layers) if li.kind == SLIDING]
+        new._sliding_peak = self._sliding_peak
+        self._pool.adopt(new)
+        return new
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(
+            "a pie_rs.PieCache cannot be pickled: its KV lives in a pie-rs engine's device and host memory, "
+            "which belongs to this process. Convert it first with cache.to_dynamic() (a transformers "
+            "DynamicCache with the same content) and pickle that; for a copy in this process use "
+            "copy.deepcopy(cache)."
+        )
+
+    def snapshot(self, tokens: int | None = None) -> HostKV | None:
+        """An immutable host copy of the engine-managed layers' KV (the first ``tokens`` of each if given).
+
+        ``None`` for a cache that never held anything. Sliding-window layers are not included.
+        """
+        return self._shared.snapshot(tokens)
+
+    def load_snapshot(self, snap: HostKV) -> None:
+        """Makes this empty cache hold ``snap``, parked (the next update loads it into an engine).
+
+        A snapshot from the prefix store (``expandable``) also serves a batch that is a multiple of
+        its own (``generate`` expanding prompts for beams or returned sequences).
+        """
+        sh = self._shared
+        sh.check_usable()
+        if sh.engine is not None or sh.parked is not None or any(sh.lens):
+            raise StateError("load_snapshot needs an empty cache: make one with pool.new_cache()")
+        sh.park_snapshot(snap)
+
+    def park(self) -> None:
+        """Moves the KV to host memory between uses (a chat between turns) and frees the engine.
+
+        The engine goes back to the pool for the next cache to reuse (its device memory with it);
+        the next update (the next ``generate`` with this cache) loads the KV into an engine again,
+        or call :meth:`resume`. Parking an empty or already parked cache does nothing.
+        """
+        self._shared.park()
+
+    def resume(self) -> None:
+        """Loads a parked cache back into an engine now (the next update does it otherwise)."""
+        sh = self._shared
+        sh.check_usable()
+        if sh.parked is None:
+            return
+        k = sh.parked.layers[0][0]
+        dtype = sh.parked.dtype
+        probe = torch.empty((sh.parked.batch, k.shape[1], 0, k.shape[3]), dtype=dtype, device=sh.device)
+        sh.restore(probe)
+
+    @property
+    def parked(self) -> bool:
+        """Whether the KV is parked in host memory (after :meth:`park`, or a copy not yet used)."""
+        return self._shared.parked is not None
+
+    def to_dynamic(self) -> Any:
+        """A transformers ``DynamicCache`` with the same content (on the model's device).
+
+        For pickling, or for handing the KV to code that wants transformers' own cache.
+        """
+        from transformers import DynamicCache
+
+        self._shared.check_usable()
+        out = DynamicCache(config=self._shared.info.text_config)
+        for i, layer in enumerate(self.layers):
+            if layer.__class__ is not PieLayer:
+                out.layers[i] = copy.deepcopy(layer)  # transformers' own layer (sliding window)
+                continue
+            keys, values = layer.keys, layer.values
+            if keys is not None and values is not None:
+                out.layers[i].update(keys.clone(), values.clone())
+        return out
 
     def close(self) -> None:
         """Frees the engine's memory now; the cache cannot be used afterwards."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -12,17 +13,21 @@ import torch
 from torch import nn
 
 from . import _core, distributed, serving
-from ._budget import parse_budget, total_host_memory
+from ._budget import _parse_size, parse_budget, total_host_memory
 from ._engine import EngineSettings, config_kv_shapes, engine_layers
 from ._errors import BackendError, ConfigError, StateError
 from ._model import MANAGED, ModelInfo, inspect_model
 from .cache import PieCache, empty_stats
+from .prefix import DEFAULT_BLOCK_TOKENS, PrefixStore
 
 __all__ = ["Pool", "attach"]
 
 _BACKENDS = ("auto", "cuda", "host")
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 _ATTR = "_pie_rs_pool"
+#: The prefix store's byte limit when ``cache_prefix`` is called before ``prefix_store``: 1 GiB or
+#: a tenth of the machine's memory, whichever is smaller.
+DEFAULT_PREFIX_BYTES = 1 << 30
 
 
 def _find_cache(args: Sequence[Any], kwargs: dict[str, Any]) -> PieCache | None:
@@ -68,6 +73,8 @@ class Pool:
         # Continuous batching: the live paged cache (one per pool) and the undo of its install.
         self._serving: Any = None
         self._undo_serving: Callable[[], None] = lambda: None
+        self._store: PrefixStore | None = None
+        self._remember_prompts = False
 
     # ------------------------------------------------------------------------- public
     @property
@@ -131,14 +138,172 @@ class Pool:
         self._last = cache
         return cache
 
+    def adopt(self, cache: PieCache) -> None:
+        """Tracks a cache made outside :meth:`new_cache` (a copy), so :meth:`detach` closes it too."""
+        self._check()
+        self._caches.add(cache)
+
+    # ----------------------------------------------------------------------- prefix store
+    def prefix_store(
+        self,
+        max_bytes: int | str | None = None,
+        block_tokens: int | None = None,
+        remember_prompts: bool | None = None,
+    ) -> PrefixStore:
+        """Configures (or returns) the prompt-prefix store in host memory.
+
+        Once it holds a prefix, every ``generate`` whose prompt rows start with stored whole blocks
+        (and carry no padding there) starts from that KV and computes only the rest.
+
+        Args:
+            max_bytes: host bytes the store may hold (an int or ``"2GiB"``); least recently used
+                blocks are evicted beyond it (at once when the limit shrinks). ``None``: keep the
+                current limit (1 GiB or a tenth of the machine's memory for a new store).
+            block_tokens: tokens per block (default 16); prefixes match in whole blocks. Changing
+                it empties the store.
+            remember_prompts: also store the prompt of every ``generate`` served (its unpadded
+                rows), so repeated prompts are computed once without :meth:`cache_prefix`.
+                ``None``: keep the current setting (off for a new store).
+
+        Raises:
+            ConfigError: an invalid limit or block size, or a model with sliding-window layers
+                (their KV is not kept per block; copies of a prefix cache work for them).
+        """
+        self._check()
+        if self.info.managed != [li.index for li in self.info.layers]:
+            raise ConfigError(
+                "the prefix store serves models whose every layer is full attention; this model has "
+                "sliding-window layers (copy.deepcopy of a prefix cache works for it)"
+            )
+        if remember_prompts is not None:
+            self._remember_prompts = bool(remember_prompts)
+        try:
+            limit = _parse_size(max_bytes) if isinstance(max_bytes, str) else max_bytes
+        except ConfigError:
+            raise ConfigError(
+                f"max_bytes {max_bytes!r} is not a size; give bytes as an int or a string such as '2GiB'"
+            ) from None
+        store = self._store
+        if store is None or (block_tokens is not None and block_tokens != store.block_tokens):
+            if limit is None:
+                limit = store.max_bytes if store is not None else _default_prefix_bytes()
+            pin = self.info.device.type == "cuda"
+            self._store = PrefixStore(limit, DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens, pin)
+            if store is not None:
+                store.clear()
+        elif limit is not None:
+            store.resize(limit)
+        assert self._store is not None
+        return self._store
+
+    def cache_prefix(self, input_ids: Any, attention_mask: Any = None) -> int:
+        """Computes the KV of ``input_ids`` once and keeps it in the prefix store.
+
+        ``input_ids``: one prompt (a 1-D tensor or list of ints) or a batch ``[rows, tokens]`` of
+        unpadded rows. The whole blocks of each row are stored (a part already stored is not
+        computed again). A later ``generate`` whose prompt starts with them reuses them.
+        Returns the tokens now held for the first row (a multiple of the block size).
+        """
+        self._check()
+        store = self.prefix_store()
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ConfigError(f"input_ids must be [tokens] or [rows, tokens], got shape {tuple(ids.shape)}")
+        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+            raise ConfigError("cache_prefix takes unpadded prompts: register each row alone, without padding")
+        key = self._store_key()
+        bt = store.block_tokens
+        held = 0
+        for r, row in enumerate(ids.tolist()):
+            whole = len(row) // bt * bt
+            done = store.matched_tokens(key, row)
+            if done < whole:
+                cache = PieCache(self, self.info, max_length=whole, batch_size=1)
+                self.adopt(cache)
+                try:
+                    part = store.match(key, [row], done, count=False) if done else None
+                    if part is not None:
+                        cache.load_snapshot(part)
+                    tail = torch.tensor([row[done:whole]], dtype=torch.long, device=self.info.device)
+                    with torch.no_grad():
+                        self._forward(tail, cache)
+                    snap = cache.snapshot(tokens=whole)
+                    if snap is not None:
+                        store.insert(key, row[:whole], snap)
+                except BaseException:
+                    cache.close()  # a failed forward may have left a step half done: no reuse
+                    raise
+                cache.release()
+            if r == 0:
+                held = store.matched_tokens(key, row)
+        return held
+
+    def _forward(self, ids: torch.Tensor, cache: PieCache) -> None:
+        model = self.model
+        kwargs: dict[str, Any] = {"input_ids": ids, self.info.cache_keyword: cache, "use_cache": True}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # only the KV is wanted: skip the LM head over the prefix
+        model(**kwargs)
+
+    def _store_key(self) -> Any:
+        return str(self.info.dtype)
+
+    def _reuse_prefix(self, cache: PieCache, prompt: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """Parks the longest stored prefix the prompt rows share in ``cache`` (exact reuse only)."""
+        store = self._store
+        if store is None or store.blocks == 0:
+            return
+        ids, mask = prompt
+        limit = int(ids.shape[1]) - 1  # the last prompt token is always computed (its logits)
+        if mask is not None:
+            # Reuse only where no row is padded: a padded row's KV sits at other positions.
+            zero = (mask == 0).any(dim=0).nonzero()
+            if zero.numel():
+                limit = min(limit, int(zero[0, 0]))
+        snap = store.match(self._store_key(), ids[:, : max(limit, 0)].tolist(), limit)
+        if snap is not None:
+            cache.load_snapshot(snap)
+
+    def _remember(self, cache: PieCache, prompt: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """Stores the prompt rows' KV (unpadded rows only) from the cache of a finished generate."""
+        store = self._store
+        if store is None or cache.closed or cache.engine is None:
+            return
+        ids, mask = prompt
+        rows = int(ids.shape[0])
+        batch = max(cache.max_batch_size, 0)
+        if rows == 0 or batch % rows:
+            return
+        bt = store.block_tokens
+        whole = int(ids.shape[1]) // bt * bt
+        key = self._store_key()
+        todo = [
+            r
+            for r, row in enumerate(ids.tolist())
+            if (mask is None or bool(mask[r].bool().all())) and store.matched_tokens(key, row) < whole
+        ]
+        if not todo or whole == 0:
+            return
+        snap = cache.snapshot(tokens=whole)
+        if snap is None:
+            return
+        for r in todo:
+            store.insert(key, ids[r, :whole].tolist(), snap, row=r * (batch // rows))
+
     def stats(self) -> dict[str, Any]:
         """What the engine of the most recent cache did.
 
         Keys include ``resident_layers``, ``pooled_layers`` (engine-managed layers on the device /
         in host memory), ``device_kv_bytes`` and ``peak_device_kv_bytes`` (engine arena plus
         sliding-window layers), ``host_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``,
-        ``stall_seconds``, ``steps``, ``sliding_layers``, ``sliding_kv_bytes``, plus
-        ``generations`` (generate calls served) and ``budget_bytes``. After continuous batching,
+        ``stall_seconds``, ``steps``, ``sliding_layers``, ``sliding_kv_bytes``, ``parked`` and
+        ``parked_kv_bytes`` (a parked cache's KV in host memory), plus ``generations`` (generate
+        calls served), ``budget_bytes`` and the prefix store's ``prefix_lookups``,
+        ``prefix_hits``, ``prefix_tokens_reused`` (summed over rows), ``prefix_bytes`` (host bytes
+        held), ``prefix_max_bytes``, ``prefix_blocks``, ``prefix_block_tokens`` and
+        ``prefix_evictions`` (all 0 while no store is configured). After continuous batching,
         ``serving`` holds its cache's figures: ``num_blocks``, ``device_blocks`` / ``pool_blocks``
         (blocks' worth held by resident / pooled layers), ``blocks_in_use``, ``requests_running``,
         ``peak_running``, ``preemptions``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, ...
@@ -151,6 +316,7 @@ class Pool:
             stats["sliding_layers"] = len(self.info.layers) - len(self.info.managed)
             stats["sliding_kv_bytes"] = 0
         stats["generations"] = self.generations
+        stats |= (self._store or PrefixStore(0)).stats()
         if self._serving is not None:
             stats["serving"] = self._serving.serving_stats()
         stats["budget_bytes"] = self.budget_bytes
@@ -184,6 +350,8 @@ class Pool:
         for cache in list(self._caches):
             cache.close()
         self.release()
+        if self._store is not None:
+            self._store.clear()
         self._model = None
 
     def release(self) -> None:
@@ -319,6 +487,9 @@ class Pool:
         if not self._should_inject(kwargs):
             return original(*args, **kwargs)
         cache = self.new_cache(max_length=self._capacity_hint(args, kwargs))
+        prompt = _prompt(args, kwargs) if self._store is not None else None
+        if prompt is not None:
+            self._reuse_prefix(cache, prompt)
         kwargs = dict(kwargs)
         kwargs[self.info.cache_keyword] = cache
         out = None
@@ -326,6 +497,8 @@ class Pool:
             out = original(*args, **kwargs)
         finally:
             self.generations += 1
+            if out is not None and prompt is not None and self._remember_prompts:
+                self._remember(cache, prompt)
             # The cache outlives generate only if the output carries it (return_dict_in_generate).
             # Otherwise its engine is kept for the next call, unless generate failed.
             if out is None:
@@ -383,6 +556,26 @@ class Pool:
             return prompt_len + int(max_new)
         max_length = first("max_length") or 20
         return max(int(max_length), prompt_len + 1)
+
+
+def _default_prefix_bytes() -> int:
+    total = total_host_memory()
+    return min(DEFAULT_PREFIX_BYTES, total // 10) if total else DEFAULT_PREFIX_BYTES
+
+
+def _prompt(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The prompt token ids ``[rows, tokens]`` and attention mask of a generate call, if given as ids."""
+    ids = None
+    for candidate in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids")):
+        if isinstance(candidate, torch.Tensor):
+            ids = candidate
+            break
+    if ids is None or ids.dim() != 2 or ids.is_floating_point() or kwargs.get("inputs_embeds") is not None:
+        return None
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        mask = None
+    return ids.cpu(), None if mask is None else mask.cpu()
 
 
 def _holds(out: Any, cache: PieCache) -> bool:
