@@ -665,9 +665,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_shape(args: argparse.Namespace, device: torch.device) -> ModelShape:
-    """The model shape from the options, device defaults and ``--quick``."""
-    base = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
+def resolve_shape(args: argparse.Namespace, device: torch.device, base: ModelShape | None = None) -> ModelShape:
+    """The model shape from the options over ``base`` (default: the device's), and ``--quick``."""
+    if base is None:
+        base = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
     if getattr(args, "quick", False) and device.type != "cuda":
         base = ModelShape(layers=4, hidden=64, heads=4, kv_heads=2, vocab=128)
     return ModelShape(

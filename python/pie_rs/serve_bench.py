@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .bench import ModelShape, build_model, cpu_threads, percentile, resolve_device
+from .bench import ModelShape, build_model, cpu_threads, percentile, resolve_device, resolve_shape
 
 __all__ = ["add_arguments", "make_workload", "run_serving"]
 
@@ -267,16 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _shape(args: argparse.Namespace, device: torch.device) -> ModelShape:
     base = LLAMA3_8B if (args.llama3_8b or device.type == "cuda") else CPU_SERVING
-    if args.quick and device.type != "cuda":
-        base = ModelShape(layers=4, hidden=64, heads=4, kv_heads=2, vocab=128)
-    return ModelShape(
-        layers=args.layers or base.layers,
-        hidden=args.hidden or base.hidden,
-        heads=args.heads or base.heads,
-        kv_heads=args.kv_heads or base.kv_heads,
-        vocab=args.vocab or base.vocab,
-        intermediate=None if args.hidden else base.intermediate,
-    )
+    return resolve_shape(args, device, base)
 
 
 _COLUMNS = (

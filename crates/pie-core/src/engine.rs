@@ -322,12 +322,18 @@ impl<B: Backend> Engine<B> {
         if self.in_step {
             // The step goes on after the caller mutated data: restart the
             // schedule at the next pooled layer of this step.
-            let from = self.cursor.unwrap_or(0);
-            let (schedule, step) = (&mut self.schedule, self.step);
-            self.submit
-                .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))?;
+            self.restart_mid_step()?;
         }
         Ok(())
+    }
+
+    /// Primes a new schedule epoch from the current layer of a step in progress
+    /// (after the copy queues drained and the data or the arenas changed).
+    fn restart_mid_step(&mut self) -> Result<()> {
+        let from = self.cursor.unwrap_or(0);
+        let (schedule, step) = (&mut self.schedule, self.step);
+        self.submit
+            .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))
     }
 
     /// `layer` starts: layer 0 begins a step (applying a pending plan); every
@@ -735,11 +741,8 @@ impl<B: Backend> Engine<B> {
         let was_in_step = self.in_step;
         self.transition(&Arc::new(plan), capacity)?;
         if was_in_step {
-            let from = self.cursor.unwrap_or(0);
             self.step_complete = false;
-            let (schedule, step) = (&mut self.schedule, self.step);
-            self.submit
-                .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))?;
+            self.restart_mid_step()?;
         }
         Ok(())
     }
@@ -764,11 +767,8 @@ impl<B: Backend> Engine<B> {
         let was_in_step = self.in_step;
         self.transition(&Arc::new(plan), capacity)?;
         if was_in_step {
-            let from = self.cursor.unwrap_or(0);
             self.step_complete = false;
-            let (schedule, step) = (&mut self.schedule, self.step);
-            self.submit
-                .emit_all(|emit| schedule.restart_from(from, step, &mut |op| emit(op)))?;
+            self.restart_mid_step()?;
         }
         Ok(())
     }

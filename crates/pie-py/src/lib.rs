@@ -6,6 +6,7 @@ mod dlpack;
 mod errors;
 mod geometry;
 mod paged;
+mod request;
 mod serving;
 mod simulate;
 

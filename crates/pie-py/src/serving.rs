@@ -53,14 +53,7 @@ fn opt<'py, T>(request: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<T>>
 where
     T: for<'a> FromPyObject<'a, 'py>,
 {
-    match request.get_item(key)? {
-        None => Ok(None),
-        Some(v) if v.is_none() => Ok(None),
-        Some(v) => v.extract::<T>().map(Some).map_err(|e| {
-            let e: PyErr = e.into();
-            config(format!("simulate_serving: {key} has the wrong type ({e})"))
-        }),
-    }
+    crate::request::optional("simulate_serving", request, key)
 }
 
 fn method(name: &str) -> PyResult<Method> {

@@ -33,16 +33,7 @@ fn opt<'py, T>(request: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<T>>
 where
     T: for<'a> FromPyObject<'a, 'py>,
 {
-    match request.get_item(key)? {
-        None => Ok(None),
-        Some(v) if v.is_none() => Ok(None),
-        Some(v) => v.extract::<T>().map(Some).map_err(|e| {
-            let e: PyErr = e.into();
-            to_py(PieError::config(format!(
-                "simulate: {key} has the wrong type ({e})"
-            )))
-        }),
-    }
+    crate::request::optional("simulate", request, key)
 }
 
 fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<SimulateRequest> {
