@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if not link:
             raise ValueError("give --link or a 'link' entry in the measured run")
         result = compare(measured, link)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, subprocess.CalledProcessError, _core.PieError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, subprocess.SubprocessError, _core.PieError) as exc:
         print(f"serving_calibration: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -182,10 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['predicted_tok_s']:.1f} tok/s ({100 * result['error']:+.1f}%)"
         )
         sim = result["simulated"]
-        print(
-            "simulated: "
-            + ", ".join(f"{k} {sim[k]}" for k in ("peak_running", "preemptions", "pooled_layers", "device_kv_mib") if k in sim)
-        )
+        keys = ("peak_running", "preemptions", "pooled_layers", "device_kv_mib")
+        print("simulated: " + ", ".join(f"{k} {sim[k]}" for k in keys if k in sim))
         print(
             "measured: "
             + ", ".join(f"{k} {measured[k]}" for k in ("peak_running", "pooled_layers", "num_blocks") if k in measured)
