@@ -474,6 +474,7 @@ def run_serving(args: argparse.Namespace) -> int:
         if calibrating:
             methods = [m for m in methods if m != "pie-compute"] + ["pie-compute"]
         results: list[Result] = []
+        every_run: dict[float, dict[str, list[Result]]] = {}
         repeats = max(1, args.repeats or 1)
         for rate in rates:
             runs: dict[str, list[Result]] = {m: [] for m in methods}
@@ -496,6 +497,7 @@ def run_serving(args: argparse.Namespace) -> int:
                             num_blocks=next((r.num_blocks for r in runs.get("pie", []) if r.ok), None),
                         )
                     )
+            every_run[rate] = runs
             by_method = {}
             for method, rs in runs.items():
                 ok = sorted((r for r in rs if r.ok), key=lambda r: r.tokens_per_s)
@@ -536,7 +538,9 @@ def run_serving(args: argparse.Namespace) -> int:
     }
     (out / "serving.json").write_text(json.dumps(summary, indent=2, default=float))
     if calibrating:
-        measured = calibration_run(model, results, workloads[rates[0]], rates[0], budget=budget, mbt=mbt)
+        measured = calibration_run(
+            model, results, workloads[rates[0]], rates[0], budget=budget, mbt=mbt, compute_runs=every_run[rates[0]]
+        )
         Path(args.calibration_out).write_text(json.dumps(measured, indent=1, default=float))
         if not args.json:
             print(f"wrote {args.calibration_out} (the measured run for benches/serving_calibration.py)")
@@ -564,6 +568,7 @@ def calibration_run(
     *,
     budget: int,
     mbt: int,
+    compute_runs: dict[str, list[Result]] | None = None,
 ) -> dict[str, Any]:
     """The measured run in ``benches/serving_calibration.py``'s format.
 
@@ -572,7 +577,9 @@ def calibration_run(
     attached with everything resident and as many blocks as the ``pie`` run: the same batches,
     no copies), so that the simulator adds the link's cost once, from
     the measured link, rather than again on top of step times that already hold it. The ``pie``
-    run's own steps are kept as ``pie_steps``.
+    run's own steps are kept as ``pie_steps``. With ``--repeats`` the steps of every
+    ``pie-compute`` repeat count (``compute_runs``): the repeats are interleaved with ``pie``'s, so
+    the fit sees the machine's load as the median ``pie`` run does, on average.
     """
     by = {r.method: r for r in results if r.rate == rate}
     pie, resident = by.get("pie"), by.get("pie-compute")
@@ -611,7 +618,7 @@ def calibration_run(
         "pooled_layers": pie.pooled_layers,
         "num_blocks": pie.num_blocks,
         "peak_running": pie.peak_running,
-        "steps": per_layer(resident.steps),
+        "steps": per_layer([s for r in (compute_runs or {}).get("pie-compute", [resident]) if r.ok for s in r.steps]),
         "pie_steps": per_layer(pie.steps),
         "compute_run": {"throughput_tok_s": resident.tokens_per_s, "peak_running": resident.peak_running},
     }
