@@ -116,4 +116,6 @@ def test_one_command_measures_the_run_and_compares(tmp_path: Path, capsys: pytes
     assert all(s["context_tokens"] >= s["tokens"] >= 1 and s["layer_seconds"] > 0 for s in steps)
     assert sum(s["tokens"] for s in measured["pie_steps"]) == total - len(measured["requests"])
     assert result["simulated"]["finished"] == 6 and result["predicted_tok_s"] > 0
+    assert len(measured["repeats"]) == 1 and measured["repeats"][0]["steps"] == steps
+    assert len(result["paired"]) == 1 and result["paired"][0]["measured_tok_s"] == result["measured_tok_s"]
     assert rc == (0 if abs(result["error"]) <= 0.10 else 1)

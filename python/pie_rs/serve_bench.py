@@ -621,6 +621,15 @@ def calibration_run(
         "steps": per_layer([s for r in (compute_runs or {}).get("pie-compute", [resident]) if r.ok for s in r.steps]),
         "pie_steps": per_layer(pie.steps),
         "compute_run": {"throughput_tok_s": resident.tokens_per_s, "peak_running": resident.peak_running},
+        # Repeat i: the pie run and the pie-compute run right after it (the closest in time, so
+        # under the most similar load of a shared machine), for a paired comparison.
+        "repeats": [
+            {"throughput_tok_s": p.tokens_per_s, "steps": per_layer(c.steps)}
+            for p, c in zip(
+                (compute_runs or {}).get("pie", []), (compute_runs or {}).get("pie-compute", []), strict=False
+            )
+            if p.ok and c.ok
+        ],
     }
 
 
