@@ -38,6 +38,7 @@ host backend's link calibration (``cargo run -p pie-host --release --example cal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import shlex
@@ -154,7 +155,8 @@ def measure_run(bench_args: str, out: Path) -> Path:
 
     path = out / "measured.json"
     argv = ["bench", "--serving", *shlex.split(bench_args), "--out", str(out), "--calibration-out", str(path)]
-    rc = cli(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the comparison's (--json: one object)
+        rc = cli(argv)
     if rc != 0 or not path.exists():
         raise ValueError(f"pie-rs {' '.join(argv)} failed (exit code {rc})")
     return path

@@ -102,7 +102,7 @@ def test_one_command_measures_the_run_and_compares(tmp_path: Path, capsys: pytes
     bench = "--quick --device cpu --no-progress --rates inf --requests 6 --methods pie"
     rc = calibration.main(["--run", bench, "--link", str(link), "--out", str(tmp_path / "out"), "--json"])
     assert rc in (0, 1)  # within or beyond the tolerance: both are a completed comparison
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = json.loads(capsys.readouterr().out)  # the bench's own report goes to stderr
     measured = json.loads((tmp_path / "out" / "measured.json").read_text())
     assert measured["method"] == "pie" and measured["model_shape"]["layers"] == 4
     assert len(measured["requests"]) == 6 and measured["rate"] is None  # every request at once
