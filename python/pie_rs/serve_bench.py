@@ -310,7 +310,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=int, default=None, help="tokens per page (CPU default 16, CUDA 256)")
     g.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward (CPU 256, CUDA 4096)")
     g.add_argument("--objective", default="memory", choices=("speed", "memory"), help="pie-rs objective")
-    g.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)},pie-resident")
+    g.add_argument(
+        "--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)},pie-resident,pie-compute"
+    )
     g.add_argument("--resident-check", action="store_true", help="add pie-resident (everything resident)")
     g.add_argument(
         "--calibration-out",
@@ -538,9 +540,13 @@ def run_serving(args: argparse.Namespace) -> int:
     }
     (out / "serving.json").write_text(json.dumps(summary, indent=2, default=float))
     if calibrating:
-        measured = calibration_run(
-            model, results, workloads[rates[0]], rates[0], budget=budget, mbt=mbt, compute_runs=every_run[rates[0]]
-        )
+        try:
+            measured = calibration_run(
+                model, results, workloads[rates[0]], rates[0], budget=budget, mbt=mbt, compute_runs=every_run[rates[0]]
+            )
+        except RuntimeError as e:
+            print(f"pie-rs bench --serving --calibration-out: {e}", file=sys.stderr)
+            return 2
         Path(args.calibration_out).write_text(json.dumps(measured, indent=1, default=float))
         if not args.json:
             print(f"wrote {args.calibration_out} (the measured run for benches/serving_calibration.py)")
