@@ -26,13 +26,23 @@ with the measured compute and link, and the script prints predicted against meas
 throughput; it exits 1 when they differ by more than ``--tolerance`` (default 10%).
 
     python benches/serving_calibration.py measured.json --link host-link.json [--json]
+
+One command measures and compares: ``--run "ARGS"`` first runs ``pie-rs bench --serving ARGS
+--calibration-out OUT/measured.json --out OUT`` (the ``pie`` run, plus ``pie-compute`` for the
+compute model: see ``pie_rs.serve_bench.calibration_run``), and ``--measure-link`` first runs the
+host backend's link calibration (``cargo run -p pie-host --release --example calibrate``)::
+
+    python benches/serving_calibration.py --run "--rates inf --repeats 3" --measure-link --out calib
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,36 +106,88 @@ def simulate(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]
 
 
 def compare(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]:
-    """Predicted against measured throughput for one measured run."""
+    """Predicted against measured throughput for one measured run.
+
+    With ``repeats`` (pairs of a measured throughput and the per-step timings of the compute run
+    made right after it), each pair is predicted on its own and the error is the median of the
+    paired errors: on a shared machine the load moves between runs, and a pair sees about the
+    same load. ``pooled_error`` is the single comparison (all steps, median throughput).
+    """
     report = simulate(measured, link)
     method = measured.get("method", "pie")
     predicted = report["methods"][method]["throughput_tok_s"]
     actual = float(measured["throughput_tok_s"])
+    paired = []
+    for rep in measured.get("repeats") or []:
+        if len(rep["steps"]) >= 3:
+            sim = simulate({**measured, "steps": rep["steps"], "compute": None}, link)
+            got = float(rep["throughput_tok_s"])
+            paired.append({"measured_tok_s": got, "predicted_tok_s": sim["methods"][method]["throughput_tok_s"]})
+    for p in paired:
+        p["error"] = p["predicted_tok_s"] / p["measured_tok_s"] - 1.0
+    pooled_error = predicted / actual - 1.0
+    if len(paired) >= 2:
+        mid = sorted(paired, key=lambda p: p["error"])[len(paired) // 2]
+        actual, predicted = mid["measured_tok_s"], mid["predicted_tok_s"]
     return {
         "method": method,
         "measured_tok_s": actual,
         "predicted_tok_s": predicted,
         "error": predicted / actual - 1.0,
+        "pooled_error": pooled_error,
+        "paired": paired,
         "compute": report["compute"],
         "link": link,
         "simulated": report["methods"][method],
     }
 
 
+def measure_link(path: Path) -> None:
+    """Runs the host backend's link calibration, which writes ``path``."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = ["cargo", "run", "-q", "-p", "pie-host", "--release", "--example", "calibrate"]
+    subprocess.run([*cmd, "--", "--profile-json", str(path.resolve())], cwd=root, check=True, stdout=sys.stderr)
+
+
+def measure_run(bench_args: str, out: Path) -> Path:
+    """Runs ``pie-rs bench --serving`` with ``bench_args``; returns the measured run it wrote."""
+    from pie_rs.cli import main as cli
+
+    path = out / "measured.json"
+    argv = ["bench", "--serving", *shlex.split(bench_args), "--out", str(out), "--calibration-out", str(path)]
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the comparison's (--json: one object)
+        rc = cli(argv)
+    if rc != 0 or not path.exists():
+        raise ValueError(f"pie-rs {' '.join(argv)} failed (exit code {rc})")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("measured", type=Path, help="JSON of the measured run (see above)")
+    p.add_argument("measured", type=Path, nargs="?", help="JSON of the measured run (see above)")
     p.add_argument("--link", type=Path, help="JSON of the measured link (h2d_gbps, d2h_gbps, copy_latency_us)")
+    p.add_argument("--run", metavar="ARGS", help="first run pie-rs bench --serving ARGS to measure the run")
+    p.add_argument("--measure-link", action="store_true", help="first measure the host backend's link (cargo)")
+    p.add_argument("--out", type=Path, default=Path("serving-calibration"), help="folder for --run and --measure-link")
     p.add_argument("--tolerance", type=float, default=0.10, help="largest accepted relative error (default 0.10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     try:
+        if args.run is not None or args.measure_link:
+            args.out.mkdir(parents=True, exist_ok=True)
+        if args.measure_link:
+            args.link = args.out / "host-link.json"
+            measure_link(args.link)
+        if args.run is not None:
+            args.measured = measure_run(args.run, args.out)
+        if args.measured is None:
+            raise ValueError("give the measured run's JSON, or --run to measure one")
         measured = json.loads(args.measured.read_text())
         link = json.loads(args.link.read_text()) if args.link else measured.get("link")
         if not link:
             raise ValueError("give --link or a 'link' entry in the measured run")
         result = compare(measured, link)
-    except (OSError, ValueError, KeyError, TypeError, _core.PieError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, subprocess.SubprocessError, _core.PieError) as exc:
         print(f"serving_calibration: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -137,9 +199,23 @@ def main(argv: list[str] | None = None) -> int:
             f"+ {c['per_context_token'] * 1e9:.3f} ns/context token"
         )
         print(f"link: H2D {link['h2d_gbps']:.1f} GB/s, D2H {link['d2h_gbps']:.1f} GB/s")
+        for p in result["paired"]:
+            print(
+                f"  repeat: measured {p['measured_tok_s']:.1f} tok/s, predicted {p['predicted_tok_s']:.1f} "
+                f"({100 * p['error']:+.1f}%)"
+            )
+        if len(result["paired"]) >= 2:
+            print(f"pooled fit, median run: {100 * result['pooled_error']:+.1f}%; the median pair:")
         print(
             f"{result['method']}: measured {result['measured_tok_s']:.1f} tok/s, predicted "
             f"{result['predicted_tok_s']:.1f} tok/s ({100 * result['error']:+.1f}%)"
+        )
+        sim = result["simulated"]
+        keys = ("peak_running", "preemptions", "pooled_layers", "device_kv_mib")
+        print("simulated: " + ", ".join(f"{k} {sim[k]}" for k in keys if k in sim))
+        print(
+            "measured: "
+            + ", ".join(f"{k} {measured[k]}" for k in ("peak_running", "pooled_layers", "num_blocks") if k in measured)
         )
     return 0 if abs(result["error"]) <= args.tolerance else 1
 

@@ -87,3 +87,35 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     measured, _ = _run(tmp_path, 1.0)
     assert calibration.main([str(measured)]) == 2
     assert "give --link" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    __import__("pie_rs.serving").serving.serving_supported() is not None, reason="needs transformers >= 5.24"
+)
+def test_one_command_measures_the_run_and_compares(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--run`` drives ``pie-rs bench --serving --calibration-out`` and compares its measured run.
+
+    Plumbing only: a tiny run on a shared CPU says nothing about the 10% figure (README).
+    """
+    link = tmp_path / "link.json"
+    link.write_text(json.dumps(LINK))
+    bench = "--quick --device cpu --no-progress --rates inf --requests 6 --methods pie"
+    rc = calibration.main(["--run", bench, "--link", str(link), "--out", str(tmp_path / "out"), "--json"])
+    assert rc in (0, 1)  # within or beyond the tolerance: both are a completed comparison
+    result = json.loads(capsys.readouterr().out)  # the bench's own report goes to stderr
+    measured = json.loads((tmp_path / "out" / "measured.json").read_text())
+    assert measured["method"] == "pie" and measured["model_shape"]["layers"] == 4
+    assert len(measured["requests"]) == 6 and measured["rate"] is None  # every request at once
+    assert measured["max_batched_tokens"] == 256 and measured["kv_budget_mib"] > 0
+    assert measured["pooled_layers"] == 4 and measured["num_blocks"] > 0
+    assert measured["throughput_tok_s"] == result["measured_tok_s"] > 0
+    # Every step of the compute run is recorded: its batches cover every prompt and output token.
+    steps = measured["steps"]
+    total = sum(r["prompt"] + r["output"] for r in measured["requests"])
+    assert sum(s["tokens"] for s in steps) == total - len(measured["requests"])  # the last token is not fed
+    assert all(s["context_tokens"] >= s["tokens"] >= 1 and s["layer_seconds"] > 0 for s in steps)
+    assert sum(s["tokens"] for s in measured["pie_steps"]) == total - len(measured["requests"])
+    assert result["simulated"]["finished"] == 6 and result["predicted_tok_s"] > 0
+    assert len(measured["repeats"]) == 1 and measured["repeats"][0]["steps"] == steps
+    assert len(result["paired"]) == 1 and result["paired"][0]["measured_tok_s"] == result["measured_tok_s"]
+    assert rc == (0 if abs(result["error"]) <= 0.10 else 1)

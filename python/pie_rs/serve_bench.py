@@ -122,6 +122,48 @@ class Result:
     ttft_ms: list[float] = field(default_factory=list)
     tpot_ms: list[float] = field(default_factory=list)
     tokens: dict[str, list[int]] = field(default_factory=dict)
+    steps: list[dict[str, float]] = field(default_factory=list)
+
+
+def record_steps(bp: Any, steps: list[dict[str, float]]) -> None:
+    """Records every step of a batch processor: tokens in the batch, KV tokens read, wall seconds.
+
+    A step is timed from the start of the scheduling that found work (``prepare_next_batch``) to the
+    end of ``update_batch``: the forward, sampling and transformers' own per-step Python all count,
+    since a serving step costs all of them. ``context_tokens`` sums, over the batch's requests, the
+    KV the step's attention reads (past plus new tokens).
+    """
+    prepare, generate, update = bp.prepare_next_batch, bp._generation_step, bp.update_batch
+    current: dict[str, float] = {}
+
+    def prepare_next_batch() -> bool:
+        t = time.perf_counter()
+        found = prepare()
+        if found:
+            current.clear()
+            current["start"] = t
+        return found
+
+    def generation_step(model: Any) -> None:
+        batch = bp.inputs_and_outputs.requests_in_batch
+        current["tokens"] = sum(fs.query_length for fs in batch)
+        # position_offset already counts this step's tokens (prepare_batch_tensors advanced it).
+        current["context_tokens"] = sum(fs.state.position_offset for fs in batch)
+        generate(model)
+
+    def update_batch() -> None:
+        update()
+        if "tokens" in current:
+            steps.append(
+                {
+                    "tokens": current["tokens"],
+                    "context_tokens": current["context_tokens"],
+                    "seconds": time.perf_counter() - current["start"],
+                }
+            )
+            current.clear()
+
+    bp.prepare_next_batch, bp._generation_step, bp.update_batch = prepare_next_batch, generation_step, update_batch
 
 
 def cache_geometry(model: torch.nn.Module, page: int) -> dict[str, int]:
@@ -145,6 +187,8 @@ def run_one(
     max_batch_tokens: int,
     objective: str,
     progress: bool,
+    steps: bool = False,
+    num_blocks: int | None = None,
 ) -> Result:
     """Runs ``workload`` open-loop through one method; never raises for a method that cannot run."""
     from tqdm.auto import tqdm
@@ -171,6 +215,10 @@ def run_one(
         pool = pie_rs.attach(model, gpu_budget=budget, objective=objective)
     elif method == "pie-resident":
         pool = pie_rs.attach(model, gpu_budget=None)
+    elif method == "pie-compute":
+        # Everything resident with as many blocks as the pie run: the same batches without copies.
+        cfg["num_blocks"] = num_blocks or cb_blocks
+        pool = pie_rs.attach(model, gpu_budget=None)
     gen = GenerationConfig(max_new_tokens=max(r.output for r in workload), do_sample=False, eos_token_id=-1)
     counters = Instrument()
     manager = None
@@ -187,6 +235,8 @@ def run_one(
             raise RuntimeError("the continuous batching manager did not start")
         if pool is None:
             instrument_processor(bp, counters)
+        if steps:
+            record_steps(bp, res.steps)
         first: dict[str, float] = {}
         done: dict[str, float] = {}
         arrival: dict[str, float] = {}
@@ -260,8 +310,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=int, default=None, help="tokens per page (CPU default 16, CUDA 256)")
     g.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward (CPU 256, CUDA 4096)")
     g.add_argument("--objective", default="memory", choices=("speed", "memory"), help="pie-rs objective")
-    g.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)},pie-resident")
+    g.add_argument(
+        "--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)},pie-resident,pie-compute"
+    )
     g.add_argument("--resident-check", action="store_true", help="add pie-resident (everything resident)")
+    g.add_argument(
+        "--calibration-out",
+        default=None,
+        help="write the pie run (first rate) as benches/serving_calibration.py's measured run (adds pie-compute)",
+    )
     g.add_argument("--llama3-8b", action="store_true", help="Llama-3-8B layer shapes (8 layers; CUDA default)")
 
 
@@ -402,9 +459,15 @@ def run_serving(args: argparse.Namespace) -> int:
         kv = sum(len(r.prompt) + r.output for r in workloads[rates[0]]) * geo["token"]
         budget = parse_budget(args.budget, None) if args.budget else max(1, int(kv * args.budget_share))
         methods = [m for m in args.methods.split(",") if m]
+        calibrating = bool(getattr(args, "calibration_out", None))
+        if calibrating and "pie" not in methods:
+            methods.append("pie")
         if args.resident_check and "pie-resident" not in methods:
             methods.append("pie-resident")
+        if calibrating:
+            methods = [m for m in methods if m != "pie-compute"] + ["pie-compute"]
         results: list[Result] = []
+        every_run: dict[float, dict[str, list[Result]]] = {}
         repeats = max(1, args.repeats or 1)
         for rate in rates:
             runs: dict[str, list[Result]] = {m: [] for m in methods}
@@ -423,8 +486,11 @@ def run_serving(args: argparse.Namespace) -> int:
                             max_batch_tokens=mbt,
                             objective=args.objective,
                             progress=not args.no_progress,
+                            steps=calibrating and rate == rates[0],
+                            num_blocks=next((r.num_blocks for r in runs.get("pie", []) if r.ok), None),
                         )
                     )
+            every_run[rate] = runs
             by_method = {}
             for method, rs in runs.items():
                 ok = sorted((r for r in rs if r.ok), key=lambda r: r.tokens_per_s)
@@ -443,7 +509,7 @@ def run_serving(args: argparse.Namespace) -> int:
     rows = []
     for r in results:
         d = asdict(r)
-        for k in ("ttft_ms", "tpot_ms", "tokens"):
+        for k in ("ttft_ms", "tpot_ms", "tokens", "steps"):
             d.pop(k)
         d["device_kv_mib"] = r.device_kv_bytes / 2**20
         rows.append(d)
@@ -464,6 +530,17 @@ def run_serving(args: argparse.Namespace) -> int:
         "ratios": _ratios(rows),
     }
     (out / "serving.json").write_text(json.dumps(summary, indent=2, default=float))
+    if calibrating:
+        try:
+            measured = calibration_run(
+                model, results, workloads[rates[0]], rates[0], budget=budget, mbt=mbt, compute_runs=every_run[rates[0]]
+            )
+        except RuntimeError as e:
+            print(f"pie-rs bench --serving --calibration-out: {e}", file=sys.stderr)
+            return 2
+        Path(args.calibration_out).write_text(json.dumps(measured, indent=1, default=float))
+        if not args.json:
+            print(f"wrote {args.calibration_out} (the measured run for benches/serving_calibration.py)")
     files = plot(rows, curves, out)
     if args.json:
         print(json.dumps(summary, indent=2, default=float))
@@ -478,6 +555,79 @@ def run_serving(args: argparse.Namespace) -> int:
             print(line)
         print(f"wrote {out / 'serving.json'}, {', '.join(files)}")
     return 1 if any(r.tokens_match is False for r in results) else 0
+
+
+def calibration_run(
+    model: torch.nn.Module,
+    results: list[Result],
+    workload: list[Request],
+    rate: float,
+    *,
+    budget: int,
+    mbt: int,
+    compute_runs: dict[str, list[Result]] | None = None,
+) -> dict[str, Any]:
+    """The measured run in ``benches/serving_calibration.py``'s format.
+
+    Requests, KV budget, scheduler limits and throughput are the ``pie`` run's (the median of the
+    repeats); the per-step timings that fix the compute model are ``pie-compute``'s (pie-rs
+    attached with everything resident and as many blocks as the ``pie`` run: the same batches,
+    no copies), so that the simulator adds the link's cost once, from
+    the measured link, rather than again on top of step times that already hold it. The ``pie``
+    run's own steps are kept as ``pie_steps``. With ``--repeats`` the steps of every
+    ``pie-compute`` repeat count (``compute_runs``): the repeats are interleaved with ``pie``'s, so
+    the fit sees the machine's load as the median ``pie`` run does, on average.
+    """
+    by = {r.method: r for r in results if r.rate == rate}
+    pie, resident = by.get("pie"), by.get("pie-compute")
+    if pie is None or not pie.ok or resident is None or not resident.ok:
+        bad = next((r for r in (pie, resident) if r is not None and not r.ok), None)
+        raise RuntimeError(f"calibration needs pie and pie-compute runs: {bad.note if bad else 'missing'}")
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = cfg.num_hidden_layers
+
+    def per_layer(steps: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [
+            {"tokens": s["tokens"], "context_tokens": s["context_tokens"], "layer_seconds": s["seconds"] / layers}
+            for s in steps
+        ]
+
+    return {
+        "method": "pie",
+        "model_shape": {
+            "layers": layers,
+            "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size,
+            "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_key_value_heads,
+            "head_dim": head_dim,
+            "elem_size": torch.empty((), dtype=model.dtype).element_size(),
+        },
+        "kv_budget_mib": budget / 2**20,
+        # transformers' scheduler has no limit on running requests: every request may run.
+        "max_running": len(workload),
+        "max_batched_tokens": mbt,
+        "rate": rate if math.isfinite(rate) else None,
+        "requests": [{"arrival": r.arrival, "prompt": len(r.prompt), "output": r.output} for r in workload],
+        "throughput_tok_s": pie.tokens_per_s,
+        "throughput_runs": pie.note,
+        "pooled_layers": pie.pooled_layers,
+        "num_blocks": pie.num_blocks,
+        "peak_running": pie.peak_running,
+        "steps": per_layer([s for r in (compute_runs or {}).get("pie-compute", [resident]) if r.ok for s in r.steps]),
+        "pie_steps": per_layer(pie.steps),
+        "compute_run": {"throughput_tok_s": resident.tokens_per_s, "peak_running": resident.peak_running},
+        # Repeat i: the pie run and the pie-compute run right after it (the closest in time, so
+        # under the most similar load of a shared machine), for a paired comparison.
+        "repeats": [
+            {"throughput_tok_s": p.tokens_per_s, "steps": per_layer(c.steps)}
+            for p, c in zip(
+                (compute_runs or {}).get("pie", []), (compute_runs or {}).get("pie-compute", []), strict=False
+            )
+            if p.ok and c.ok
+        ],
+    }
 
 
 def _ratios(rows: list[dict[str, Any]]) -> list[str]:
