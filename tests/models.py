@@ -76,10 +76,51 @@ def make_inputs(batch: int, length: int = 7, *, seed: int = 1, device: str = "cp
 
 
 #: Words of the tiny chat tokenizer (ids after the four special tokens).
-CHAT_WORDS = (
-    "user assistant system : hello world the a cat dog sat on mat tell me story about blue red green "
-    "one two three four five six seven eight nine ten is was and or not yes no why how what who"
-).split()
+CHAT_WORDS = tuple(
+    [
+        "user",
+        "assistant",
+        "system",
+        ":",
+        "hello",
+        "world",
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "tell",
+        "me",
+        "story",
+        "about",
+        "blue",
+        "red",
+        "green",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "is",
+        "was",
+        "and",
+        "or",
+        "not",
+        "yes",
+        "no",
+        "why",
+        "how",
+        "what",
+        "who",
+    ]
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"

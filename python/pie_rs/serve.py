@@ -86,9 +86,7 @@ _NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def _flatten(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
-    if isinstance(value, bool):
-        yield prefix, float(value)
-    elif isinstance(value, int | float):
+    if isinstance(value, bool | int | float):
         yield prefix, float(value)
     elif isinstance(value, dict):
         for key, sub in value.items():
@@ -114,7 +112,7 @@ class _PoolCollector:
                 continue
             for name, number in _flatten("pie_rs", stats):
                 if name not in families:
-                    families[name] = GaugeMetricFamily(name, f"pool.stats() {name[len('pie_rs_'):]}", labels=["model"])
+                    families[name] = GaugeMetricFamily(name, f"pool.stats() {name[len('pie_rs_') :]}", labels=["model"])
                 families[name].add_metric([model_id], number)
         yield attached
         yield from families.values()
@@ -224,7 +222,9 @@ def build_app(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                 raise HTTPException(status_code=400, detail=f"{field} must be a number >= 0, not {value!r}")
         model = body.get("model")
         if model is not None and model != served:
-            raise HTTPException(status_code=404, detail=f"model {model!r} is not served here; this server serves {served!r}")
+            raise HTTPException(
+                status_code=404, detail=f"model {model!r} is not served here; this server serves {served!r}"
+            )
 
     class CheckedCompletion(CompletionHandler):
         async def handle_request(self, body: dict, request_id: str):
@@ -273,9 +273,7 @@ def build_app(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     registry = CollectorRegistry()
     registry.register(_PoolCollector(pools))
-    requests_total = Counter(
-        "pie_rs_http_requests", "HTTP requests answered", ["path", "status"], registry=registry
-    )
+    requests_total = Counter("pie_rs_http_requests", "HTTP requests answered", ["path", "status"], registry=registry)
 
     @app.middleware("http")
     async def count_requests(request: Any, call_next: Any) -> Any:
@@ -319,7 +317,7 @@ def build_app(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _quiet_server(uvicorn: Any) -> type:
-    """uvicorn's server without re-raising the stopping signal once it has stopped.
+    """The uvicorn server, without re-raising the stopping signal once it has stopped.
 
     uvicorn turns SIGINT/SIGTERM into a graceful exit, then raises the signal again, which would
     kill the process (SIGTERM) or raise ``KeyboardInterrupt`` (SIGINT) before the pool is detached.
