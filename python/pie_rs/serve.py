@@ -295,6 +295,9 @@ def build_app(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         model_id = manager.process_model_name(served)
         model, _ = manager.load_model_and_processor(model_id)
         gen_config = completion._build_generation_config({}, model.generation_config, use_cb=True)
+        context = context_of(model)
+        if context is not None and (gen_config.max_new_tokens or context) > context:
+            gen_config.max_new_tokens = context  # no request is longer (CheckedCBManager); the cache is sized by it
         cb_manager = state.get_manager(model_id, use_cb=True)
         cb_manager.init_cb(model, gen_config)
         deadline = time.monotonic() + timeout
