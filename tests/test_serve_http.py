@@ -25,11 +25,14 @@ from pathlib import Path
 import pytest
 
 from pie_rs import serve as serve_module
+from pie_rs.serving import serving_supported
 
 from models import save_chat_model
 
 for _name in serve_module.EXTRAS:
     pytest.importorskip(_name)
+if serving_supported() is not None:
+    pytest.skip(serving_supported(), allow_module_level=True)
 
 START_TIMEOUT = 300.0
 POOLED = ["--gpu-budget", "200000", "--objective", "memory", "--page-size", "8", "--max-batch-tokens", "64"]

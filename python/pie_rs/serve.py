@@ -352,6 +352,12 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from .serving import serving_supported
+
+    why_not = serving_supported()
+    if why_not is not None:
+        print(f"pie-rs serve: {why_not}", file=sys.stderr)
+        return 2
     import uvicorn
 
     app, warm_up, shutdown = build_app(args)
