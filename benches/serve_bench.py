@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     parser.add_argument("--pooled-args", default=None, help=f"pie-rs serve options (tiny default: {TINY_POOLED})")
     parser.add_argument("--plain-args", default=None, help=f"options without pie-rs (tiny default: {TINY_PLAIN})")
+    parser.add_argument("--plain-first", action="store_true", help="run the server without pie-rs first")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         pooled = shlex.split(args.pooled_args if args.pooled_args is not None else TINY_POOLED)
         plain = ["--no-pool", *shlex.split(args.plain_args if args.plain_args is not None else TINY_PLAIN)]
         results = {}
-        for name, extra in (("pie-rs", pooled), ("without pie-rs", plain)):
+        order = [("pie-rs", pooled), ("without pie-rs", plain)]
+        for name, extra in reversed(order) if args.plain_first else order:
             with server(model, extra, Path(tmp) / f"{name.replace(' ', '-')}.log") as url:
                 results[name] = load(url, args.requests, args.rate, args.max_tokens)
     same = results["pie-rs"]["texts"] == results["without pie-rs"]["texts"]
