@@ -275,3 +275,14 @@ def test_sigint_stops_the_server_cleanly(model_dir: str, tmp_path: Path) -> None
             get(server.url + "/health", timeout=5)
     finally:
         server.stop()
+
+
+def test_a_budget_too_small_exits_1_with_the_reason(model_dir: str) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = ["serve", model_dir, "--port", str(free_port()), "--gpu-budget", "1000", "--objective", "memory"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pie_rs.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "cannot hold a paged cache" in done.stderr
+    assert "continuous batching failed to start" in done.stderr

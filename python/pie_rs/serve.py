@@ -363,6 +363,10 @@ def run_serve(args: argparse.Namespace) -> int:
     app, warm_up, shutdown = build_app(args)
     try:
         warm_up()
+    except RuntimeError as exc:  # the generation loop's own error is in the log above
+        shutdown()
+        print(f"pie-rs serve: {exc}", file=sys.stderr)
+        return 1
     except BaseException:
         shutdown()
         raise
