@@ -12,6 +12,10 @@ python -m pip install -q --upgrade pip
 # torch from PyPI is large: it is installed once into .venv and then reused.
 # accelerate: tensor parallel on CPU (tests/test_tensor_parallel.py).
 python -m pip install -q "torch>=2.6" "transformers>=5.17" numpy tqdm matplotlib pytest ruff "maturin>=1.7,<2" "accelerate>=1.0"
+# pie-rs serve (tests/test_serve_http.py): the serving extras of the installed transformers,
+# pinned to its version so that pip does not replace it, and prometheus_client for /metrics.
+TF_VERSION=$(python -c 'import transformers; print(transformers.__version__)')
+python -m pip install -q "transformers[serving]==$TF_VERSION" "prometheus_client>=0.20"
 # transformers 5.17 (the oldest supported, and the GPU machine's) beside the
 # newest, for the version matrix in scripts/test-all.sh.
 TF517=.cache/transformers-5.17

@@ -73,3 +73,88 @@ def make_inputs(batch: int, length: int = 7, *, seed: int = 1, device: str = "cp
         ids[row, :pad] = PAD
         mask[row, :pad] = 0
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+#: Words of the tiny chat tokenizer (ids after the four special tokens).
+CHAT_WORDS = tuple(
+    [
+        "user",
+        "assistant",
+        "system",
+        ":",
+        "hello",
+        "world",
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "tell",
+        "me",
+        "story",
+        "about",
+        "blue",
+        "red",
+        "green",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "is",
+        "was",
+        "and",
+        "or",
+        "not",
+        "yes",
+        "no",
+        "why",
+        "how",
+        "what",
+        "who",
+    ]
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def save_chat_model(path: str, *, family: str = "llama", layers: int | None = None, seed: int = 0) -> str:
+    """Saves a tiny ``family`` model and a word-level tokenizer with a chat template to ``path``.
+
+    Everything is built offline: the tokenizer knows ``CHAT_WORDS`` (others are ``<unk>``) and
+    decodes with spaces between words.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3}
+    for word in CHAT_WORDS:
+        vocab.setdefault(word, len(vocab))
+    for i in range(len(vocab), VOCAB):  # the rest of the model's vocabulary decodes as w<id>
+        vocab[f"w{i}"] = i
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = make_model(family, layers=layers, seed=seed)
+    model.generation_config.do_sample = False
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

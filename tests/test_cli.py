@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import pie_rs.serve
 from pie_rs.bench import StepClock, percentile
 from pie_rs.cli import main
 from pie_rs.plots import exact_timeline
@@ -128,3 +129,12 @@ def test_bench_serving_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert rows["pie"]["device_kv_bytes"] <= result["budget_bytes"]
     for name in ("serving_throughput.png", "serving_latency_cdf.png"):
         assert _png(tmp_path / name), name
+
+
+def test_serve_without_the_extras_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(pie_rs.serve, "missing_extras", lambda: ["fastapi", "uvicorn"])
+    assert main(["serve", "some/model"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'pie-rs[serve]'" in err and "fastapi" in err

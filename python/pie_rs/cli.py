@@ -1,4 +1,4 @@
-"""The ``pie-rs`` command: ``demo``, ``bench`` and ``simulate``."""
+"""The ``pie-rs`` command: ``demo``, ``bench``, ``simulate`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import bench, demo
+    from . import bench, demo, serve
 
     parser = argparse.ArgumentParser(
         prog="pie-rs",
         description="Pool CPU memory into the KV cache of HuggingFace transformers models.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,simulate}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,simulate,serve}")
     demo.add_arguments(
         sub.add_parser(
             "demo",
@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
             "bench",
             help="DynamicCache, transformers' caches and pie-rs over budgets, batches and contexts",
             description=bench.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    serve.add_arguments(
+        sub.add_parser(
+            "serve",
+            help="an OpenAI-compatible HTTP server (transformers serve) with pooled KV",
+            description=serve.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
@@ -59,6 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from . import PieError
+
+    if args.command == "serve":
+        from .serve import run_serve
+
+        try:
+            return run_serve(args)
+        except PieError as exc:
+            print(f"pie-rs serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     from .bench import run_bench
     from .demo import run_demo
 
