@@ -72,24 +72,20 @@ def host_attention(
     ``lengths[b] - q_len``), used by ``causal`` and ``window``. A row that sees
     no key gets 0 and ``lse = -inf``.
     """
-    batch = query.shape[0]
-    out, lse = _outputs(query, value.shape[-1])
-    _core.host_attention(
-        query.detach(),
-        key.detach(),
-        value.detach(),
-        out,
-        lse,
-        lengths=_ints(lengths, batch),
-        query_positions=_ints(query_positions, batch),
-        mask=_mask(mask),
+    return _run(
+        query,
+        (key.detach(), value.detach()),
+        value.shape[-1],
+        {},
+        lengths=lengths,
+        query_positions=query_positions,
+        mask=mask,
         causal=causal,
         window=window,
         scale=scale,
         softcap=softcap,
         threads=threads,
     )
-    return out, lse
 
 
 def host_attention_layer(
@@ -116,26 +112,47 @@ def host_attention_layer(
     K ``[batch, kv_heads, capacity, k_dim]`` then V, ``layer = (batch, kv_heads,
     k_dim, v_dim)``. ``lengths`` (default ``capacity``) says how many are valid.
     """
-    batch = query.shape[0]
-    out, lse = _outputs(query, layer[3])
-    _core.host_attention(
-        query.detach(),
-        region,
-        None,
-        out,
-        lse,
-        layer=layer,
-        capacity=capacity,
-        offset=offset,
-        kv_dtype=str(kv_dtype),
-        lengths=_ints(lengths, batch),
-        query_positions=_ints(query_positions, batch),
-        mask=_mask(mask),
+    return _run(
+        query,
+        (region, None),
+        layer[3],
+        {"layer": layer, "capacity": capacity, "offset": offset, "kv_dtype": str(kv_dtype)},
+        lengths=lengths,
+        query_positions=query_positions,
+        mask=mask,
         causal=causal,
         window=window,
         scale=scale,
         softcap=softcap,
         threads=threads,
+    )
+
+
+def _run(
+    query: torch.Tensor,
+    kv: tuple[object, object],
+    v_dim: int,
+    source: dict[str, object],
+    *,
+    lengths: int | Sequence[int] | torch.Tensor | None,
+    query_positions: int | Sequence[int] | torch.Tensor | None,
+    mask: torch.Tensor | None,
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calls the kernel with K/V given by ``kv`` (tensors, or a region and ``source``'s layout)."""
+    batch = query.shape[0]
+    out, lse = _outputs(query, v_dim)
+    _core.host_attention(
+        query.detach(),
+        kv[0],
+        kv[1],
+        out,
+        lse,
+        lengths=_ints(lengths, batch),
+        query_positions=_ints(query_positions, batch),
+        mask=_mask(mask),
+        **source,
+        **options,
     )
     return out, lse
 

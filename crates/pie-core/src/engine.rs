@@ -711,16 +711,7 @@ impl<B: Backend> Engine<B> {
     /// every valid token. The plan is re-derived if it no longer fits the budget.
     pub fn resize(&mut self, capacity: usize) -> Result<()> {
         self.check()?;
-        let longest = (0..self.num_layers())
-            .map(|l| self.shared.page_table.seq_len(l))
-            .max()
-            .unwrap_or(0);
-        if capacity < longest.max(1) {
-            return Err(PieError::config(format!(
-                "capacity {capacity} is smaller than the {longest} tokens held; crop first"
-            )));
-        }
-        crate::slots::check_capacity(&self.shared.specs, capacity)?;
+        self.check_new_capacity(capacity)?;
         let mut plan = (**self.schedule.plan()).clone();
         if check_budget(
             &self.shared.specs,
@@ -735,16 +726,11 @@ impl<B: Backend> Engine<B> {
                 &self.shared.specs,
                 capacity,
                 self.shared.device_budget,
-                plan.prefetch_depth.max(2),
+                plan.prefetch_depth
+                    .max(crate::policy::DEFAULT_PREFETCH_DEPTH),
             )?;
         }
-        let was_in_step = self.in_step;
-        self.transition(&Arc::new(plan), capacity)?;
-        if was_in_step {
-            self.step_complete = false;
-            self.restart_mid_step()?;
-        }
-        Ok(())
+        self.rebuild(capacity, plan)
     }
 
     /// Rebuilds the arenas at `capacity` tokens under `plan` in one transition
@@ -754,6 +740,12 @@ impl<B: Backend> Engine<B> {
     pub fn resize_with_plan(&mut self, capacity: usize, plan: Plan) -> Result<()> {
         self.check()?;
         plan.validate(self.num_layers())?;
+        self.check_new_capacity(capacity)?;
+        self.rebuild(capacity, plan)
+    }
+
+    /// Refuses a capacity below the longest layer or beyond the address space.
+    fn check_new_capacity(&self, capacity: usize) -> Result<()> {
         let longest = (0..self.num_layers())
             .map(|l| self.shared.page_table.seq_len(l))
             .max()
@@ -763,7 +755,12 @@ impl<B: Backend> Engine<B> {
                 "capacity {capacity} is smaller than the {longest} tokens held; crop first"
             )));
         }
-        crate::slots::check_capacity(&self.shared.specs, capacity)?;
+        crate::slots::check_capacity(&self.shared.specs, capacity)
+    }
+
+    /// Moves to `plan` at `capacity` now, mid-step if need be (the rest of the
+    /// step is fetched again).
+    fn rebuild(&mut self, capacity: usize, plan: Plan) -> Result<()> {
         let was_in_step = self.in_step;
         self.transition(&Arc::new(plan), capacity)?;
         if was_in_step {
