@@ -342,6 +342,20 @@ def _quiet_server(uvicorn: Any) -> type:
     return Server
 
 
+def _threads_still_running(deadline: float) -> list[str]:
+    """Names of the non-daemon threads alive at `deadline`.
+
+    Threads told to stop may still be on their way out when the server returns
+    (anyio's worker threads stop on a callback of the event loop's last task), so
+    each gets until the deadline to end before it counts as left behind.
+    """
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGINT or SIGTERM; returns the exit status."""
     missing = missing_extras()
@@ -384,7 +398,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server.run()  # uvicorn turns SIGINT/SIGTERM into a graceful exit
     finally:
         shutdown()
-    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    left = _threads_still_running(deadline=time.monotonic() + 5.0)
     if left:
         print(f"pie-rs serve: threads still running: {left}", file=sys.stderr)
         return 1

@@ -409,6 +409,11 @@ impl<B: Backend> Engine<B> {
                     ))),
                 };
             }
+            Ready::HostAttended => {
+                return Err(PieError::state(format!(
+                    "layer {layer} is attended on the host under this plan: its KV stays in host memory and has no device offset"
+                )));
+            }
             _ if !self.in_step => {
                 return Err(PieError::state(format!(
                     "layer_ready({layer}) outside a step; call layer_begin first"

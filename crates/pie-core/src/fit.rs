@@ -228,15 +228,7 @@ mod tests {
             fit_plan(&s, 64, None, 0).unwrap_err(),
             fit_plan(&s, usize::MAX / 4, Some(1), 1).unwrap_err(),
             device_bytes(&s, 64, &Plan::spread(3, 3, 1)).unwrap_err(),
-            device_bytes(
-                &s,
-                64,
-                &Plan {
-                    pooled: vec![1, 0],
-                    prefetch_depth: 1,
-                },
-            )
-            .unwrap_err(),
+            device_bytes(&s, 64, &Plan::copying(vec![1, 0], 1)).unwrap_err(),
         ] {
             assert_eq!(err.kind(), ErrorKind::Config, "{err}");
         }

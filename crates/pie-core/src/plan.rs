@@ -1,13 +1,20 @@
-//! The per-step plan: which layers are pooled and how many staging slots
-//! (the prefetch depth) they cycle through. Plans change only at step boundaries.
+//! The per-step plan: which layers are pooled, which of those are attended on
+//! the host where their KV lives, and how many staging slots (the prefetch
+//! depth) the others cycle through. Plans change only at step boundaries.
 
 use crate::error::{PieError, Result};
 
-/// Which layers live in host memory, and how many device staging slots they share.
+/// Which layers live in host memory, which of them are attended there, and
+/// how many device staging slots the copied ones share.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Plan {
     /// Pooled layer indices, strictly increasing (execution order).
     pub pooled: Vec<usize>,
+    /// Pooled layers whose attention runs on the host over the KV where it
+    /// lives (only the query goes down and the partial result comes back):
+    /// a subset of `pooled`, strictly increasing. They are never prefetched
+    /// and borrow no staging slot; the other pooled layers are *copied*.
+    pub host_attended: Vec<usize>,
     /// Prefetch depth `W`: the number of staging slots pooled layers borrow on the
     /// device. While pooled layer `k` computes, the copies of pooled layers
     /// `k+1 .. k+W-1` may be in flight; the copy of `k+W` starts when `k` is done.
@@ -21,19 +28,45 @@ impl Plan {
         Plan::default()
     }
 
+    /// The plan pooling `pooled` through `prefetch_depth` staging slots, all
+    /// of them copied (none attended on the host). Not validated.
+    pub fn copying(pooled: Vec<usize>, prefetch_depth: usize) -> Self {
+        Plan {
+            pooled,
+            host_attended: Vec::new(),
+            prefetch_depth,
+        }
+    }
+
+    /// Pooled layers that are copied to a staging slot for their attention
+    /// (pooled and not host-attended), in execution order.
+    pub fn copied(&self) -> Vec<usize> {
+        self.pooled
+            .iter()
+            .copied()
+            .filter(|&l| !self.is_host_attended(l))
+            .collect()
+    }
+
     /// Number of staging slots this plan uses: `prefetch_depth` clamped to the
-    /// number of pooled layers (more slots than pooled layers would hold nothing).
+    /// number of copied layers (more slots than copied layers would hold nothing).
     pub fn staging_slots(&self) -> usize {
-        if self.pooled.is_empty() {
+        let copied = self.pooled.len() - self.host_attended.len();
+        if copied == 0 {
             0
         } else {
-            self.prefetch_depth.clamp(1, self.pooled.len())
+            self.prefetch_depth.clamp(1, copied)
         }
     }
 
     /// Whether layer `layer` is pooled.
     pub fn is_pooled(&self, layer: usize) -> bool {
         self.pooled.binary_search(&layer).is_ok()
+    }
+
+    /// Whether pooled layer `layer` is attended on the host.
+    pub fn is_host_attended(&self, layer: usize) -> bool {
+        self.host_attended.binary_search(&layer).is_ok()
     }
 
     /// Checks indices are in range, sorted, unique, and the depth is usable.
@@ -49,9 +82,19 @@ impl Plan {
                 "pooled layers must be listed once each, in increasing order",
             ));
         }
-        if !self.pooled.is_empty() && self.prefetch_depth == 0 {
+        if self.host_attended.windows(2).any(|w| w[0] >= w[1]) {
             return Err(PieError::config(
-                "prefetch_depth must be at least 1 when layers are pooled",
+                "host-attended layers must be listed once each, in increasing order",
+            ));
+        }
+        if let Some(&bad) = self.host_attended.iter().find(|&&l| !self.is_pooled(l)) {
+            return Err(PieError::config(format!(
+                "layer {bad} is host-attended but not pooled; only pooled layers can be attended on the host"
+            )));
+        }
+        if self.staging_slots() > 0 && self.prefetch_depth == 0 {
+            return Err(PieError::config(
+                "prefetch_depth must be at least 1 when layers are copied from the pool",
             ));
         }
         Ok(())
@@ -72,10 +115,7 @@ impl Plan {
                 w[0]
             )));
         }
-        let plan = Plan {
-            pooled: layers,
-            prefetch_depth,
-        };
+        let plan = Plan::copying(layers, prefetch_depth);
         plan.validate(num_layers)?;
         Ok(plan)
     }
@@ -84,10 +124,7 @@ impl Plan {
     /// depth so each prefetch has as many layers of compute as possible to hide
     /// under, with `prefetch_depth` staging slots.
     pub fn spread(num_layers: usize, count: usize, prefetch_depth: usize) -> Self {
-        Plan {
-            pooled: spread_positions(num_layers, count),
-            prefetch_depth,
-        }
+        Plan::copying(spread_positions(num_layers, count), prefetch_depth)
     }
 }
 
@@ -131,29 +168,17 @@ mod tests {
 
     #[test]
     fn validate_rejects_bad_plans() {
-        assert!(Plan {
-            pooled: vec![3],
-            prefetch_depth: 1
+        assert!(Plan::copying(vec![3], 1).validate(3).is_err());
+        assert!(Plan::copying(vec![1, 1], 1).validate(3).is_err());
+        for host_attended in [vec![2], vec![1, 0], vec![0, 0]] {
+            let bad = Plan {
+                pooled: vec![0, 1],
+                host_attended,
+                prefetch_depth: 1,
+            };
+            assert!(bad.validate(3).is_err(), "{bad:?}");
         }
-        .validate(3)
-        .is_err());
-        assert!(Plan {
-            pooled: vec![1, 1],
-            prefetch_depth: 1
-        }
-        .validate(3)
-        .is_err());
-        assert!(Plan {
-            pooled: vec![1],
-            prefetch_depth: 0
-        }
-        .validate(3)
-        .is_err());
-        assert!(Plan {
-            pooled: vec![0, 2],
-            prefetch_depth: 5
-        }
-        .validate(3)
-        .is_ok());
+        assert!(Plan::copying(vec![1], 0).validate(3).is_err());
+        assert!(Plan::copying(vec![0, 2], 5).validate(3).is_ok());
     }
 }

@@ -131,6 +131,9 @@ pub enum Ready {
         /// Total prefetches that must have been issued (this one included).
         prefetch: u64,
     },
+    /// The layer is pooled and attended on the host: its KV stays in host
+    /// memory, nothing is copied and nothing is staged on the device.
+    HostAttended,
     /// The layer came out of execution order (a layer skipped or repeated):
     /// drain the copy queues, then call [`Schedule::restart_at`].
     OutOfOrder,
@@ -182,10 +185,12 @@ impl Schedule {
     /// the next [`Schedule::begin`] primes it. Prefetch counts carry on.
     pub fn set_plan(&mut self, plan: Arc<Plan>) {
         self.pos_of.iter_mut().for_each(|p| *p = None);
-        for (k, &l) in plan.pooled.iter().enumerate() {
+        // Host-attended layers are never copied: only the copied layers take
+        // turns in the staging slots.
+        self.order = plan.copied();
+        for (k, &l) in self.order.iter().enumerate() {
             self.pos_of[l] = Some(k);
         }
-        self.order = plan.pooled.clone();
         self.w = plan.staging_slots() as u64;
         self.plan = plan;
         self.invalidate();
@@ -196,12 +201,13 @@ impl Schedule {
         &self.plan
     }
 
-    /// Pooled layers in execution order.
+    /// Copied pooled layers (those that take turns in the staging slots) in
+    /// execution order.
     pub fn pooled(&self) -> &[usize] {
         &self.order
     }
 
-    /// Whether `layer` is pooled under this plan.
+    /// Whether `layer` is a copied pooled layer under this plan.
     pub fn is_pooled(&self, layer: usize) -> bool {
         self.pos_of.get(layer).is_some_and(Option::is_some)
     }
@@ -303,6 +309,9 @@ impl Schedule {
 
     /// Right before `layer`'s attention: where its KV is and what to wait for.
     pub fn ready(&self, layer: usize) -> Ready {
+        if self.plan.is_host_attended(layer) {
+            return Ready::HostAttended;
+        }
         if !self.is_pooled(layer) {
             return Ready::Resident;
         }
@@ -413,10 +422,7 @@ mod tests {
     use super::*;
 
     fn plan(pooled: &[usize], depth: usize) -> Arc<Plan> {
-        Arc::new(Plan {
-            pooled: pooled.to_vec(),
-            prefetch_depth: depth,
-        })
+        Arc::new(Plan::copying(pooled.to_vec(), depth))
     }
 
     /// Runs `steps` in-order steps over `layers` layers, returning every op.
@@ -426,7 +432,7 @@ mod tests {
             for l in 0..layers {
                 s.begin(l, step, &mut |op| ops.push(op));
                 match s.ready(l) {
-                    Ready::Resident => {}
+                    Ready::Resident | Ready::HostAttended => {}
                     Ready::Staged { slot, .. } => {
                         assert_eq!(Some(slot), s.slot_of(l));
                         ops.extend(s.written(l, 0, 1, step).unwrap());
@@ -438,6 +444,40 @@ mod tests {
             s.end_step();
         }
         ops
+    }
+
+    #[test]
+    fn host_attended_layers_are_never_copied_and_take_no_slot() {
+        let plan = Arc::new(Plan {
+            pooled: vec![1, 2, 3, 5],
+            host_attended: vec![2, 5],
+            prefetch_depth: 2,
+        });
+        assert_eq!(plan.copied(), vec![1, 3]);
+        assert_eq!(plan.staging_slots(), 2);
+        let mut s = Schedule::new(plan, 6);
+        let ops = run(&mut s, 6, 3);
+        assert!(!ops.is_empty());
+        for op in &ops {
+            let layer = match *op {
+                SwapOp::Prefetch { layer, .. }
+                | SwapOp::WriteBack { layer, .. }
+                | SwapOp::WriteBackRuns { layer, .. }
+                | SwapOp::Release { layer, .. } => layer,
+            };
+            assert!(layer == 1 || layer == 3, "{op:?}");
+        }
+        assert_eq!(s.ready(2), Ready::HostAttended);
+        assert_eq!(s.slot_of(5), None);
+        // Everything host-attended: no staging slot, no copies at all.
+        let all_host = Arc::new(Plan {
+            pooled: vec![0, 1],
+            host_attended: vec![0, 1],
+            prefetch_depth: 0,
+        });
+        assert!(all_host.validate(2).is_ok());
+        assert_eq!(all_host.staging_slots(), 0);
+        assert!(run(&mut Schedule::new(all_host, 2), 2, 2).is_empty());
     }
 
     #[test]

@@ -161,10 +161,7 @@ mod tests {
     #[test]
     fn slots_do_not_overlap_and_fit() {
         let s = specs(6);
-        let plan = Plan {
-            pooled: vec![1, 3, 5],
-            prefetch_depth: 2,
-        };
+        let plan = Plan::copying(vec![1, 3, 5], 2);
         let l = ArenaLayout::new(&s, 37, &plan).unwrap();
         let mut ranges: Vec<(usize, usize)> = l
             .device_slot

@@ -162,7 +162,7 @@ proptest! {
         };
         let budget = inputs.budget_bytes.unwrap();
         prop_assert!(best.prediction.device_bytes <= budget);
-        let plan = Plan { pooled: (0..inputs.num_layers()).filter(|&i| mask[i]).collect(), prefetch_depth: w };
+        let plan = Plan::copying((0..inputs.num_layers()).filter(|&i| mask[i]).collect(), w);
         if device_bytes(&inputs.layer_bytes, &plan) > budget {
             return Ok(());
         }

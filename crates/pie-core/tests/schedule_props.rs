@@ -98,10 +98,10 @@ fn event(layers: usize) -> impl Strategy<Value = Event> {
 }
 
 fn plan_of(mask: &[bool], depth: usize) -> Arc<Plan> {
-    Arc::new(Plan {
-        pooled: (0..mask.len()).filter(|&i| mask[i]).collect(),
-        prefetch_depth: depth,
-    })
+    Arc::new(Plan::copying(
+        (0..mask.len()).filter(|&i| mask[i]).collect(),
+        depth,
+    ))
 }
 
 /// Drives one layer as the engine does; returns the ops emitted.
@@ -128,6 +128,7 @@ fn run_layer(
             prop_assert!(staged, "a restart did not stage the layer");
         }
         Ready::Staged { .. } => {}
+        Ready::HostAttended => prop_assert!(s.plan().is_host_attended(layer)),
     }
     if let Ready::Staged { slot, prefetch } = s.ready(layer) {
         // The swapper has issued the awaited prefetch, and it is this layer's.

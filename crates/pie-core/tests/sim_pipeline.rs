@@ -143,14 +143,7 @@ fn arb_case() -> impl Strategy<Value = (PolicyInputs, Plan, usize)> {
                         objective: Objective::Speed,
                     };
                     let pooled: Vec<usize> = (0..l).filter(|&i| mask[i]).collect();
-                    (
-                        inputs,
-                        Plan {
-                            pooled,
-                            prefetch_depth: w,
-                        },
-                        steps,
-                    )
+                    (inputs, Plan::copying(pooled, w), steps)
                 })
         })
 }

@@ -219,13 +219,12 @@ pub fn reorder(
 
 /// The plan pooling the layers whose `mask` entry is true, with `depth` staging slots.
 pub fn plan_of(mask: &[bool], depth: usize) -> Plan {
-    Plan {
-        pooled: mask
-            .iter()
+    Plan::copying(
+        mask.iter()
             .enumerate()
             .filter(|(_, p)| **p)
             .map(|(i, _)| i)
             .collect(),
-        prefetch_depth: depth,
-    }
+        depth,
+    )
 }

@@ -275,22 +275,10 @@ impl Harness {
             }
             Op::BadPlan(bad) => {
                 let plan = match bad {
-                    BadPlan::OutOfRange(x) => Plan {
-                        pooled: vec![0, n + x],
-                        prefetch_depth: 1,
-                    },
-                    BadPlan::Duplicate(l) => Plan {
-                        pooled: vec![*l, *l],
-                        prefetch_depth: 1,
-                    },
-                    BadPlan::Unsorted => Plan {
-                        pooled: vec![n - 1, 0],
-                        prefetch_depth: 1,
-                    },
-                    BadPlan::DepthZero => Plan {
-                        pooled: vec![0],
-                        prefetch_depth: 0,
-                    },
+                    BadPlan::OutOfRange(x) => Plan::copying(vec![0, n + x], 1),
+                    BadPlan::Duplicate(l) => Plan::copying(vec![*l, *l], 1),
+                    BadPlan::Unsorted => Plan::copying(vec![n - 1, 0], 1),
+                    BadPlan::DepthZero => Plan::copying(vec![0], 0),
                 };
                 let r = no_panic(op, || e.set_plan(plan))?;
                 expect_err(op, r, &[Config])?.map(drop)
@@ -449,7 +437,7 @@ proptest! {
         let one = if spec_ok { specs[0].bytes(capacity.max(1)) } else { 1024 };
         // From nothing to ~3 layers' worth.
         let budget = one * budget_frac / 100;
-        let plan = Plan { pooled: pooled.clone(), prefetch_depth: depth };
+        let plan = Plan::copying(pooled.clone(), depth);
         let r = no_panic(&"Engine::new", || {
             Engine::new(
                 HostBackend::new().unwrap(),

@@ -183,10 +183,7 @@ fn out_of_range_rows_are_refused() {
             capacity: 8,
             ..Default::default()
         },
-        Box::new(StaticPolicy::pinned(Plan {
-            pooled: vec![1],
-            prefetch_depth: 1,
-        })),
+        Box::new(StaticPolicy::pinned(Plan::copying(vec![1], 1))),
     )
     .unwrap();
     let s = Stream::Foreign(0);
@@ -202,10 +199,7 @@ fn out_of_range_rows_are_refused() {
             capacity: 8,
             ..Default::default()
         },
-        Box::new(StaticPolicy::pinned(Plan {
-            pooled: vec![0],
-            prefetch_depth: 1,
-        })),
+        Box::new(StaticPolicy::pinned(Plan::copying(vec![0], 1))),
     )
     .unwrap();
     let err = engine.layer_written_ranges(0, &[(0, 1)], s).unwrap_err();

@@ -117,10 +117,7 @@ fn device_bytes(
         .map_err(|_| config_error("pooled_layers must be a list of layer indices"))?
         .map(|i| size(&i?, "a pooled layer index"))
         .collect::<PyResult<Vec<_>>>()?;
-    let plan = Plan {
-        pooled,
-        prefetch_depth: size(prefetch_depth, "prefetch_depth")?,
-    };
+    let plan = Plan::copying(pooled, size(prefetch_depth, "prefetch_depth")?);
     fit::device_bytes(&specs, size(capacity, "capacity")?, &plan).map_err(to_py)
 }
 

@@ -221,10 +221,7 @@ mod tests {
         assert_eq!(c.kind, PolicyKind::Static);
         assert_eq!(
             c.pinned,
-            Some(Plan {
-                pooled: vec![0, 2, 3],
-                prefetch_depth: DEFAULT_PREFETCH_DEPTH
-            })
+            Some(Plan::copying(vec![0, 2, 3], DEFAULT_PREFETCH_DEPTH))
         );
         let c = parse("static", "speed", Some(vec![1]), Some(1)).unwrap();
         assert_eq!(c.pinned.unwrap().prefetch_depth, 1);
@@ -274,10 +271,7 @@ mod tests {
             seq_lens: &[0; 4],
             device_budget: None,
         };
-        let pinned = Plan {
-            pooled: vec![1, 3],
-            prefetch_depth: 1,
-        };
+        let pinned = Plan::copying(vec![1, 3], 1);
         let mut p = PolicyConfig::pinned(pinned.clone()).build();
         assert_eq!(p.initial_plan(&ctx).unwrap(), pinned);
         // No budget: the static and the adaptive policy start all resident.

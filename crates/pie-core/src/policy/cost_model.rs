@@ -493,10 +493,7 @@ mod tests {
         // is issued when the other pooled layer finishes and hides under the one
         // resident layer between them (1 ms). A 5 ms copy stalls 4 ms twice a step.
         let i = inputs(4, 1e-3, 5_000_000, 1e9);
-        let plan = Plan {
-            pooled: vec![1, 3],
-            prefetch_depth: 1,
-        };
+        let plan = Plan::copying(vec![1, 3], 1);
         let p = predict_step(&i, &plan).unwrap();
         assert!((p.stall_seconds - 8e-3).abs() < 1e-12, "{p:?}");
         assert!((p.step_seconds - 12e-3).abs() < 1e-12);
@@ -506,24 +503,14 @@ mod tests {
         let p = predict_step(&i, &plan).unwrap();
         assert!(p.stall_seconds.abs() < 1e-15, "{p:?}");
         // One pooled layer in one slot stays there: nothing moves.
-        let p = predict_step(
-            &i,
-            &Plan {
-                pooled: vec![3],
-                prefetch_depth: 1,
-            },
-        )
-        .unwrap();
+        let p = predict_step(&i, &Plan::copying(vec![3], 1)).unwrap();
         assert_eq!(p.h2d_bytes, 0);
     }
 
     #[test]
     fn pooled_layers_within_slots_move_nothing_in_steady_state() {
         let i = inputs(4, 1e-3, 5_000_000, 1e9);
-        let plan = Plan {
-            pooled: vec![1, 3],
-            prefetch_depth: 2,
-        };
+        let plan = Plan::copying(vec![1, 3], 2);
         let t = timeline(&i, &plan, 3).unwrap();
         assert!(t[0].stall_seconds > 0.0);
         assert_eq!(t[2].h2d_bytes, 0);

@@ -119,10 +119,7 @@ pub fn transparent_fraction(inputs: &PolicyInputs) -> Result<f64> {
 /// The largest prefetch depth the budget allows for pooling `set`, clamped to
 /// `set.len()`; 0 when not even one staging slot fits.
 pub fn max_depth(inputs: &PolicyInputs, set: &[usize]) -> usize {
-    let probe = Plan {
-        pooled: set.to_vec(),
-        prefetch_depth: 1,
-    };
+    let probe = Plan::copying(set.to_vec(), 1);
     let Some(budget) = inputs.budget_bytes else {
         return set.len();
     };
@@ -314,10 +311,7 @@ fn search_speed(inputs: &PolicyInputs, exhaustive: bool) -> Result<Choice> {
             if w == 0 {
                 return;
             }
-            let plan = Plan {
-                pooled: set.to_vec(),
-                prefetch_depth: w,
-            };
+            let plan = Plan::copying(set.to_vec(), w);
             let prediction = predict_unchecked(inputs, &plan);
             if best
                 .as_ref()
@@ -353,13 +347,7 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
                 return;
             }
             // The least device memory this set could reach (one staging slot).
-            let floor = device_bytes(
-                &inputs.layer_bytes,
-                &Plan {
-                    pooled: set.to_vec(),
-                    prefetch_depth: 1,
-                },
-            );
+            let floor = device_bytes(&inputs.layer_bytes, &Plan::copying(set.to_vec(), 1));
             if best
                 .as_ref()
                 .is_some_and(|b| floor > b.prediction.device_bytes)
@@ -367,10 +355,7 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
                 return;
             }
             let eval = |w: usize| {
-                let plan = Plan {
-                    pooled: set.to_vec(),
-                    prefetch_depth: w,
-                };
+                let plan = Plan::copying(set.to_vec(), w);
                 let pred = predict_unchecked(inputs, &plan);
                 (plan, pred)
             };
