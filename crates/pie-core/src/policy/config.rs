@@ -5,7 +5,7 @@
 
 use std::str::FromStr;
 
-use super::{AdaptiveConfig, AdaptivePolicy, Policy, StaticPolicy};
+use super::{AdaptiveConfig, AdaptivePolicy, HostAttention, Placed, Policy, StaticPolicy};
 use crate::error::{PieError, Result};
 use crate::plan::Plan;
 
@@ -104,6 +104,9 @@ pub struct PolicyConfig {
     /// A plan the user pinned; when set, [`PolicyConfig::build`] gives a static
     /// policy holding it, whatever `kind` says.
     pub pinned: Option<Plan>,
+    /// Where pooled layers' attention runs; [`PolicyConfig::build`] holds the
+    /// policy to it (see [`Placed`]).
+    pub host_attention: HostAttention,
 }
 
 impl PolicyConfig {
@@ -139,6 +142,7 @@ impl PolicyConfig {
             objective,
             prefetch_depth,
             pinned,
+            host_attention: HostAttention::Never,
         })
     }
 
@@ -152,8 +156,20 @@ impl PolicyConfig {
         }
     }
 
-    /// The policy this config describes, for [`crate::Engine::new`].
+    /// This config with pooled layers placed by `choice` ("auto", "never" or
+    /// "always"); errors with a [`PieError::Config`] naming the three.
+    pub fn with_host_attention(mut self, choice: &str) -> Result<Self> {
+        self.host_attention = choice.parse()?;
+        Ok(self)
+    }
+
+    /// The policy this config describes, for [`crate::Engine::new`], its plans
+    /// held to [`PolicyConfig::host_attention`].
     pub fn build(&self) -> Box<dyn Policy> {
+        Box::new(Placed::new(self.build_inner(), self.host_attention))
+    }
+
+    fn build_inner(&self) -> Box<dyn Policy> {
         if let Some(plan) = &self.pinned {
             return Box::new(StaticPolicy::pinned(plan.clone()));
         }
