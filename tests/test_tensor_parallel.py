@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def identity_run(model_dir, tmp_path_factory) -> list[dict[str, Any]]:
-    """Identity, bad input, then the injected fault, in one pair of processes (start-up dominates)."""
+    """Identity, bad input, continuous batching, then the injected fault, in one pair of processes."""
     reports, elapsed = run_ranks("all", model_dir, tmp_path_factory.mktemp("tp-run"))
     print(f"\ntensor-parallel run: {elapsed:.1f} s for 2 ranks")
     return reports
@@ -153,6 +154,65 @@ def test_a_failed_rank_makes_every_rank_raise(identity_run) -> None:
     assert reports[1]["fault"]["type"] in ("BackendError", "StateError")
     assert reports[0]["fault"]["type"] == "BackendError"
     assert "rank 1" in reports[0]["fault"]["message"]
+
+
+# ------------------------------------------------------------------ continuous batching under TP
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_continuous_batching_tokens_identical_to_tensor_parallel_without_pie_rs(identity_run, mode) -> None:
+    for report in identity_run:
+        result = report["serving"][mode]
+        assert result["equal"], f"rank {report['rank']} {mode}: generate_batch tokens differ from TP without pie-rs"
+        assert result["rank"] == report["rank"]
+        stats = result["stats"]
+        # Half of this rank's shard pooled, and the decode went through the pool both ways.
+        assert stats["pooled_layers"] == 2 and stats["resident_layers"] == 2
+        assert stats["h2d_bytes"] > 0 and stats["d2h_bytes"] > 0
+        assert stats["forward_steps"] == 10  # one prefill step, then one per new token
+    assert identity_run[0]["serving"][mode]["tokens"] == identity_run[1]["serving"][mode]["tokens"]
+
+
+def test_continuous_batching_ranks_size_and_schedule_alike(identity_run) -> None:
+    # Each rank runs its own scheduler: the same blocks, plan and decisions, or the collectives desynchronise.
+    same = ("num_blocks", "rows_per_layer", "pooled_layers", "prefetch_depth", "forward_steps", "preemptions")
+    for key in ("greedy", "sample"):
+        stats = [report["serving"][key]["stats"] for report in identity_run]
+        assert {k: stats[0][k] for k in same} == {k: stats[1][k] for k in same}
+        # Each rank's cache holds its shard (1 of the 2 KV heads): equal bytes on both ranks.
+        assert stats[0]["host_kv_bytes"] == stats[1]["host_kv_bytes"] > 0
+
+
+def test_continuous_batching_manager_runs_through_the_pool(identity_run) -> None:
+    for report in identity_run:
+        assert report["serving"]["manager_equal"], f"rank {report['rank']}: manager tokens differ"
+        stats = report["serving"]["manager_stats"]
+        assert stats["pooled_layers"] == 2 and stats["h2d_bytes"] > 0
+        assert report["serving"]["restored"]
+
+
+def test_continuous_batching_budget_too_small_on_one_rank_is_refused_on_every_rank(identity_run) -> None:
+    for report in identity_run:
+        err = report["serving"]["small"]
+        assert err is not None and err["type"] == "BudgetError", err
+        assert "rank 1's budget for the paged cache (4096 bytes)" in err["message"]
+        assert re.search(r"needs \d+ bytes", err["message"]), err["message"]
+        assert err["message"].endswith("raise gpu_budget on rank 1")
+        assert report["serving"]["small_seconds"] < 30
+
+
+def test_continuous_batching_failed_rank_makes_every_rank_raise(identity_run) -> None:
+    serving = [report["serving"] for report in identity_run]
+    print(
+        "\n"
+        + "; ".join(f"rank {r}: {s['fault']['message']} ({s['fault_seconds']:.2f} s)" for r, s in enumerate(serving))
+    )
+    for result in serving:
+        assert result["fault"] is not None, "generate_batch returned despite a failed rank"
+        assert result["fault"]["pie_error"] and result["fault_seconds"] < 30
+        # The group stayed in step: the next run on the same group gives the right tokens.
+        assert result["after_fault_equal"]
+    assert serving[1]["fault"]["type"] == "BackendError" and "injected fault" in serving[1]["fault"]["message"]
+    assert serving[0]["fault"]["type"] == "BackendError"
+    assert "rank 1: BackendError" in serving[0]["fault"]["message"]
 
 
 @pytest.mark.slow

@@ -144,7 +144,9 @@ def cb_generation(mode: str) -> GenerationConfig:
 
 def cb_tokens(model: Any, mode: str, **config: Any) -> dict[str, list[int]]:
     out = model.generate_batch(
-        CB_PROMPTS, generation_config=cb_generation(mode), continuous_batching_config=cb_config(**config),
+        CB_PROMPTS,
+        generation_config=cb_generation(mode),
+        continuous_batching_config=cb_config(**config),
         progress_bar=False,
     )
     assert all(v.error is None for v in out.values()), [v.error for v in out.values()]
@@ -153,7 +155,9 @@ def cb_tokens(model: Any, mode: str, **config: Any) -> dict[str, list[int]]:
 
 def manager_tokens(model: Any) -> dict[str, list[int]]:
     """The same greedy requests through the manager API (every rank adds them; the driver's are served)."""
-    manager = model.init_continuous_batching(generation_config=cb_generation("greedy"), continuous_batching_config=cb_config())
+    manager = model.init_continuous_batching(
+        generation_config=cb_generation("greedy"), continuous_batching_config=cb_config()
+    )
     manager.start()
     try:
         for i, prompt in enumerate(CB_PROMPTS):
@@ -240,7 +244,13 @@ def main() -> None:
     out: dict[str, Any] = {"rank": rank}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto").eval()
-        steps = {"identity": [identity], "fault": [fault], "serving": [serving], "all": [identity, serving, fault], "absent": [absent]}
+        steps = {
+            "identity": [identity],
+            "fault": [fault],
+            "serving": [serving],
+            "all": [identity, serving, fault],
+            "absent": [absent],
+        }
         for step in steps[scenario]:
             step(model, rank, out)
     except BaseException as exc:
