@@ -31,6 +31,12 @@ pool per rank; :func:`pie_rs.attach` does, on each rank:
   pending collectives fail at once instead of waiting for the group's timeout; each peer then
   raises ``BackendError`` naming the failed rank.
 
+Continuous batching (``generate_batch`` and the manager) runs through the pools too: every
+rank's paged cache is sized from the same inputs and the smallest serving budget of the ranks
+(one collective when the cache is made), so the ranks' schedulers decide alike; a rank whose
+engine fails inside a layer finishes the forward on scratch KV and every rank raises after it
+(:class:`StepFailures`), so the group stays in step.
+
 :func:`gather_stats` collects every rank's ``pool.stats()`` on one rank.
 """
 
