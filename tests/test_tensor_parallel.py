@@ -189,6 +189,18 @@ def test_continuous_batching_manager_runs_through_the_pool(identity_run) -> None
         assert report["serving"]["restored"]
 
 
+def test_continuous_batching_forks_and_preemption_decide_alike_on_every_rank(identity_run) -> None:
+    serving = [report["serving"] for report in identity_run]
+    for result in serving:
+        # Forked children copy their parent's blocks into the host copy of pooled layers.
+        assert result["forks_equal"] and result["forks_stats"]["peak_running"] == 6
+        assert result["forks_stats"]["pooled_layers"] == 4
+        # A cache too small for every request at once: transformers preempts, the same on both ranks.
+        assert result["preempt_equal"] and result["preempt_stats"]["preemptions"] > 0
+    same = ("num_blocks", "preemptions", "peak_running", "forward_steps")
+    assert {k: serving[0]["preempt_stats"][k] for k in same} == {k: serving[1]["preempt_stats"][k] for k in same}
+
+
 def test_continuous_batching_budget_too_small_on_one_rank_is_refused_on_every_rank(identity_run) -> None:
     for report in identity_run:
         err = report["serving"]["small"]
@@ -210,7 +222,11 @@ def test_continuous_batching_failed_rank_makes_every_rank_raise(identity_run) ->
         assert result["fault"]["pie_error"] and result["fault_seconds"] < 30
         # The group stayed in step: the next run on the same group gives the right tokens.
         assert result["after_fault_equal"]
+        # The manager API: every request's result carries the error, on every rank.
+        assert result["manager_fault"]["all_failed"] and result["manager_fault"]["seconds"] < 30
     assert serving[1]["fault"]["type"] == "BackendError" and "injected fault" in serving[1]["fault"]["message"]
+    assert "injected fault" in serving[1]["manager_fault"]["errors"][0]
+    assert "stopped: rank 1: BackendError" in serving[0]["manager_fault"]["errors"][0]
     assert serving[0]["fault"]["type"] == "BackendError"
     assert "rank 1: BackendError" in serving[0]["fault"]["message"]
 

@@ -142,10 +142,12 @@ def cb_generation(mode: str) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=MAX_NEW, eos_token_id=-1, pad_token_id=0, **sample)
 
 
-def cb_tokens(model: Any, mode: str, **config: Any) -> dict[str, list[int]]:
+def cb_tokens(
+    model: Any, mode: str, prompts: list[list[int]] = CB_PROMPTS, gen: Any = None, **config: Any
+) -> dict[str, list[int]]:
     out = model.generate_batch(
-        CB_PROMPTS,
-        generation_config=cb_generation(mode),
+        prompts,
+        generation_config=gen or cb_generation(mode),
         continuous_batching_config=cb_config(**config),
         progress_bar=False,
     )
@@ -153,8 +155,11 @@ def cb_tokens(model: Any, mode: str, **config: Any) -> dict[str, list[int]]:
     return {k: list(v.generated_tokens) for k, v in out.items()}
 
 
-def manager_tokens(model: Any) -> dict[str, list[int]]:
-    """The same greedy requests through the manager API (every rank adds them; the driver's are served)."""
+def manager_tokens(model: Any) -> dict[str, Any]:
+    """The same greedy requests through the manager API (every rank adds them; the driver's are served).
+
+    A request that failed gives ``{"error": ...}``.
+    """
     manager = model.init_continuous_batching(
         generation_config=cb_generation("greedy"), continuous_batching_config=cb_config()
     )
@@ -167,7 +172,7 @@ def manager_tokens(model: Any) -> dict[str, list[int]]:
         while len(results) < len(CB_PROMPTS) and time.time() < deadline:
             out = manager.get_result(timeout=1)
             if out is not None and out.is_finished():
-                results[out.request_id] = list(out.generated_tokens)
+                results[out.request_id] = {"error": out.error} if out.error else list(out.generated_tokens)
     finally:
         manager.stop(block=True)
     return results
@@ -192,6 +197,18 @@ def serving(model: Any, rank: int, out: dict[str, Any]) -> None:
     with pie_rs.attach(model, gpu_budget=budget) as pool:
         result["manager_equal"] = manager_tokens(model) == result["greedy"]["tokens"]
         result["manager_stats"] = pool.stats()["serving"]
+    # Forks (block copies into pooled layers' host copy) and preemption under memory pressure: each
+    # rank's scheduler must decide alike, token for token against TP without pie-rs.
+    shared = [40 + j for j in range(2 * PAGE + 3)]
+    prompts = [[*shared, 5 + i] for i in range(3)]
+    forks = GenerationConfig(max_new_tokens=8, do_sample=True, eos_token_id=-1, pad_token_id=0, num_return_sequences=2)
+    expected_forks = cb_tokens(model, "sample", prompts, forks, num_blocks=64)
+    expected_small = cb_tokens(model, "greedy", num_blocks=6)
+    with pie_rs.attach(model, gpu_budget=budget, objective="memory") as pool:
+        result["forks_equal"] = cb_tokens(model, "sample", prompts, forks) == expected_forks
+        result["forks_stats"] = pool.stats()["serving"]
+        result["preempt_equal"] = cb_tokens(model, "greedy", num_blocks=6) == expected_small
+        result["preempt_stats"] = pool.stats()["serving"]
     # A serving budget too small on rank 1 only: every rank refuses, naming rank 1 and the minimum.
     with pie_rs.attach(model, gpu_budget=budget) as pool:
         if rank == 1:
@@ -214,6 +231,14 @@ def serving(model: Any, rank: int, out: dict[str, Any]) -> None:
         except Exception as exc:  # every rank must get here
             result["fault"] = error(exc) | {"pie_error": isinstance(exc, pie_rs.PieError)}
         result["fault_seconds"] = time.perf_counter() - start
+        # The manager API: each request's result carries the error, on every rank, and nothing hangs.
+        start = time.perf_counter()
+        failed = manager_tokens(model)
+        result["manager_fault"] = {
+            "all_failed": len(failed) == len(CB_PROMPTS) and all(isinstance(v, dict) for v in failed.values()),
+            "errors": sorted({v["error"] for v in failed.values() if isinstance(v, dict)}),
+            "seconds": time.perf_counter() - start,
+        }
         pool._serving_engine_options = None
         result["after_fault_equal"] = cb_tokens(model, "greedy") == result["greedy"]["tokens"]
     result["restored"] = "generate_batch" not in model.__dict__ and "init_continuous_batching" not in model.__dict__
