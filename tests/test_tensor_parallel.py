@@ -179,6 +179,11 @@ def test_continuous_batching_ranks_size_and_schedule_alike(identity_run) -> None
         assert {k: stats[0][k] for k in same} == {k: stats[1][k] for k in same}
         # Each rank's cache holds its shard (1 of the 2 KV heads): equal bytes on both ranks.
         assert stats[0]["host_kv_bytes"] == stats[1]["host_kv_bytes"] > 0
+        # pie_rs.gather_stats on rank 0: both ranks' serving plans, the same pooled layers.
+        gathered = identity_run[0]["serving"][key]["gathered"]
+        assert [g[0] for g in gathered] == [0, 1] and all(g[2] for g in gathered)
+        assert gathered[0][1] == gathered[1][1] and len(gathered[0][1][0]) == 2
+        assert identity_run[1]["serving"][key]["gathered"] is None
 
 
 def test_continuous_batching_manager_runs_through_the_pool(identity_run) -> None:

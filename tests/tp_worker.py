@@ -193,7 +193,16 @@ def serving(model: Any, rank: int, out: dict[str, Any]) -> None:
         with pie_rs.attach(model, gpu_budget=budget) as pool:
             got = cb_tokens(model, mode)
             stats = pool.stats()
-        result[mode] = {"equal": got == expected, "tokens": got, "stats": stats["serving"], "rank": stats["rank"]}
+            gathered = distributed.gather_stats(pool)
+        result[mode] = {
+            "equal": got == expected,
+            "tokens": got,
+            "stats": stats["serving"],
+            "rank": stats["rank"],
+            "gathered": None
+            if gathered is None
+            else [(s["rank"], s["serving_plan"], s["plans_agree"]) for s in gathered],
+        }
     with pie_rs.attach(model, gpu_budget=budget) as pool:
         result["manager_equal"] = manager_tokens(model) == result["greedy"]["tokens"]
         result["manager_stats"] = pool.stats()["serving"]

@@ -355,8 +355,9 @@ def gather_stats(pool: Pool, dst: int = 0) -> list[dict[str, Any]] | None:
     """Every rank's ``pool.stats()`` on rank ``dst`` of the pool's group (a list by rank), ``None`` elsewhere.
 
     A collective: call it on every rank. With one process it returns ``[pool.stats()]``. The list's
-    stats carry ``plan`` (the pooled layers and prefetch depth each rank's engine ran with), and
-    every dict gets ``plans_agree``: whether every rank ran the same plan.
+    stats carry ``plan`` (the pooled layers each rank's ``generate`` engine ran with) and
+    ``serving_plan`` (the pooled layers and prefetch depth of its last continuous-batching cache),
+    and every dict gets ``plans_agree``: whether every rank ran the same plans.
     """
     stats = pool.stats()
     engine = pool.kept_engine
@@ -364,6 +365,8 @@ def gather_stats(pool: Pool, dst: int = 0) -> list[dict[str, Any]] | None:
     if engine is not None:
         plan = [i for i in range(engine.num_layers) if engine.is_pooled(i)]
     stats["plan"] = plan
+    serving_plan = getattr(getattr(pool, "_serving", None), "plan", None)
+    stats["serving_plan"] = None if serving_plan is None else [list(serving_plan[0]), serving_plan[1]]
     rank_group: RankGroup | None = getattr(pool, "rank_group", None)
     if rank_group is None:
         stats["plans_agree"] = True
@@ -373,7 +376,9 @@ def gather_stats(pool: Pool, dst: int = 0) -> list[dict[str, Any]] | None:
     dist.gather_object(stats, out, dst=dist.get_global_rank(rank_group.group, dst), group=rank_group.group)
     if out is None:
         return None
-    agree_ = all(s.get("plan") == out[0].get("plan") for s in out)
+    agree_ = all(
+        (s.get("plan"), s.get("serving_plan")) == (out[0].get("plan"), out[0].get("serving_plan")) for s in out
+    )
     for s in out:
         s["plans_agree"] = agree_
     return out

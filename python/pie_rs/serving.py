@@ -265,6 +265,7 @@ def _cache_class() -> type:
                     raise distributed.serving_budget_error(self.rank_group, budget_rank, budget, why) from None
                 raise BudgetError(why) from None
             rows = int(fit["rows"])
+            self.plan = (list(fit["pooled_layers"]), max(1, int(fit["prefetch_depth"])))  # pooled areas, slots
             self.num_sectors = rows // quantum - 2
             options = dict(engine_options or {})
             self.engine = _core.Engine(
