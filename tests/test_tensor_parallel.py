@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+import pie_rs
+
 from models import make_model
 
 pytest.importorskip("accelerate", reason="tp_plan on CPU needs accelerate (pip install -e .[dev])")
@@ -234,6 +236,23 @@ def test_continuous_batching_failed_rank_makes_every_rank_raise(identity_run) ->
     assert "stopped: rank 1: BackendError" in serving[0]["manager_fault"]["errors"][0]
     assert serving[0]["fault"]["type"] == "BackendError"
     assert "rank 1: BackendError" in serving[0]["fault"]["message"]
+
+
+def test_continuous_batching_refuses_a_pool_without_the_models_group() -> None:
+    # transformers runs the model over 2 ranks, but the pool found no group (or another size) at
+    # attach: refused on every rank (they attached alike) before any collective.
+    from types import SimpleNamespace
+
+    from pie_rs import distributed
+
+    assert distributed.serving_group(SimpleNamespace(rank_group=None), 1) is None
+    with pytest.raises(pie_rs.ConfigError, match=r"over 2 ranks, but pie_rs\.attach found no tensor-parallel group"):
+        distributed.serving_group(SimpleNamespace(rank_group=None), 2)
+    four = distributed.RankGroup(group=None, rank=0, size=4)
+    with pytest.raises(pie_rs.ConfigError, match="found a group of 4 ranks"):
+        distributed.serving_group(SimpleNamespace(rank_group=four), 2)
+    two = distributed.RankGroup(group=None, rank=1, size=2)
+    assert distributed.serving_group(SimpleNamespace(rank_group=two), 2) is two
 
 
 @pytest.mark.slow
