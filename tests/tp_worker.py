@@ -11,7 +11,10 @@ Scenarios:
 - ``fault``: rank 1's engines fail their third copy; every rank must raise (the failed rank
   tears the process group down, so it comes last).
 - ``absent``: rank 1 never attaches; rank 0's attach must raise, naming it.
-- ``all``: ``identity`` then ``fault`` in one pair of processes (one start-up, ~10 s each here).
+- ``serving``: continuous batching (``generate_batch`` and the manager) with and without pie-rs:
+  greedy and seeded sampling at a budget that pools half of this rank's shard; a serving budget
+  too small on rank 1 only; rank 1's engine failing mid-run, then a run without the fault.
+- ``all``: ``identity``, ``serving`` then ``fault`` in one pair of processes (one start-up).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
 import pie_rs
 from pie_rs import _core, distributed
@@ -125,6 +128,131 @@ def fault(model: Any, rank: int, out: dict[str, Any]) -> None:
     pool.detach()
 
 
+# Mixed lengths, below and above a page (8 tokens), one spanning three pages (as tests/test_serving.py).
+CB_PROMPTS = [[3 + (7 * i + j) % 120 for j in range(n)] for i, n in enumerate([3, 9, 1, 17, 6])]
+PAGE = 8
+
+
+def cb_config(**kw: Any) -> ContinuousBatchingConfig:
+    return ContinuousBatchingConfig(**({"page_size": PAGE, "max_batch_tokens": 64, "seed": 1234} | kw))
+
+
+def cb_generation(mode: str) -> GenerationConfig:
+    sample = {"do_sample": True, "temperature": 0.9, "top_k": 50} if mode == "sample" else {"do_sample": False}
+    return GenerationConfig(max_new_tokens=MAX_NEW, eos_token_id=-1, pad_token_id=0, **sample)
+
+
+def cb_tokens(
+    model: Any, mode: str, prompts: list[list[int]] = CB_PROMPTS, gen: Any = None, **config: Any
+) -> dict[str, list[int]]:
+    out = model.generate_batch(
+        prompts,
+        generation_config=gen or cb_generation(mode),
+        continuous_batching_config=cb_config(**config),
+        progress_bar=False,
+    )
+    assert all(v.error is None for v in out.values()), [v.error for v in out.values()]
+    return {k: list(v.generated_tokens) for k, v in out.items()}
+
+
+def manager_tokens(model: Any) -> dict[str, Any]:
+    """The same greedy requests through the manager API (every rank adds them; the driver's are served).
+
+    A request that failed gives ``{"error": ...}``.
+    """
+    manager = model.init_continuous_batching(
+        generation_config=cb_generation("greedy"), continuous_batching_config=cb_config()
+    )
+    manager.start()
+    try:
+        for i, prompt in enumerate(CB_PROMPTS):
+            manager.add_request(prompt, request_id=f"req_{i}", max_new_tokens=MAX_NEW)
+        results: dict[str, list[int]] = {}
+        deadline = time.time() + 60
+        while len(results) < len(CB_PROMPTS) and time.time() < deadline:
+            out = manager.get_result(timeout=1)
+            if out is not None and out.is_finished():
+                results[out.request_id] = {"error": out.error} if out.error else list(out.generated_tokens)
+    finally:
+        manager.stop(block=True)
+    return results
+
+
+def shard_row_bytes(model: Any) -> int:
+    """Bytes of one token of one layer (K and V) of this rank's shard, float32."""
+    cfg = model.config
+    return 2 * (cfg.num_key_value_heads // dist.get_world_size()) * (cfg.hidden_size // cfg.num_attention_heads) * 4
+
+
+def serving(model: Any, rank: int, out: dict[str, Any]) -> None:
+    result: dict[str, Any] = out.setdefault("serving", {})
+    # 600 rows of one layer of the shard: pie-rs pools 2 of the 4 layers (as tests/test_serving.py).
+    budget = 600 * shard_row_bytes(model)
+    for mode in ("greedy", "sample"):
+        expected = cb_tokens(model, mode, num_blocks=64)
+        with pie_rs.attach(model, gpu_budget=budget) as pool:
+            got = cb_tokens(model, mode)
+            stats = pool.stats()
+            gathered = distributed.gather_stats(pool)
+        result[mode] = {
+            "equal": got == expected,
+            "tokens": got,
+            "stats": stats["serving"],
+            "rank": stats["rank"],
+            "gathered": None
+            if gathered is None
+            else [(s["rank"], s["serving_plan"], s["plans_agree"]) for s in gathered],
+        }
+    with pie_rs.attach(model, gpu_budget=budget) as pool:
+        result["manager_equal"] = manager_tokens(model) == result["greedy"]["tokens"]
+        result["manager_stats"] = pool.stats()["serving"]
+    # Forks (block copies into pooled layers' host copy) and preemption under memory pressure: each
+    # rank's scheduler must decide alike, token for token against TP without pie-rs.
+    shared = [40 + j for j in range(2 * PAGE + 3)]
+    prompts = [[*shared, 5 + i] for i in range(3)]
+    forks = GenerationConfig(max_new_tokens=8, do_sample=True, eos_token_id=-1, pad_token_id=0, num_return_sequences=2)
+    expected_forks = cb_tokens(model, "sample", prompts, forks, num_blocks=64)
+    expected_small = cb_tokens(model, "greedy", num_blocks=6)
+    with pie_rs.attach(model, gpu_budget=budget, objective="memory") as pool:
+        result["forks_equal"] = cb_tokens(model, "sample", prompts, forks) == expected_forks
+        result["forks_stats"] = pool.stats()["serving"]
+        result["preempt_equal"] = cb_tokens(model, "greedy", num_blocks=6) == expected_small
+        result["preempt_stats"] = pool.stats()["serving"]
+    # A serving budget too small on rank 1 only: every rank refuses, naming rank 1 and the minimum.
+    with pie_rs.attach(model, gpu_budget=budget) as pool:
+        if rank == 1:
+            pool._serving_budget = lambda: 4096  # type: ignore[method-assign]
+        start = time.perf_counter()
+        try:
+            cb_tokens(model, "greedy")
+            result["small"] = None
+        except pie_rs.PieError as exc:
+            result["small"] = error(exc)
+        result["small_seconds"] = time.perf_counter() - start
+    # Rank 1's engine fails its third copy mid-run: every rank raises, then the next run is right.
+    with pie_rs.attach(model, gpu_budget=budget) as pool:
+        if rank == 1:
+            pool._serving_engine_options = {"faults": {"fail_copy_at": 3}, "wait_timeout": 0.5}
+        start = time.perf_counter()
+        try:
+            cb_tokens(model, "greedy")
+            result["fault"] = None
+        except Exception as exc:  # every rank must get here
+            result["fault"] = error(exc) | {"pie_error": isinstance(exc, pie_rs.PieError)}
+        result["fault_seconds"] = time.perf_counter() - start
+        # The manager API: each request's result carries the error, on every rank, and nothing hangs.
+        start = time.perf_counter()
+        failed = manager_tokens(model)
+        result["manager_fault"] = {
+            "all_failed": len(failed) == len(CB_PROMPTS) and all(isinstance(v, dict) for v in failed.values()),
+            "errors": sorted({v["error"] for v in failed.values() if isinstance(v, dict)}),
+            "seconds": time.perf_counter() - start,
+        }
+        pool._serving_engine_options = None
+        result["after_fault_equal"] = cb_tokens(model, "greedy") == result["greedy"]["tokens"]
+    result["restored"] = "generate_batch" not in model.__dict__ and "init_continuous_batching" not in model.__dict__
+
+
 def absent(model: Any, rank: int, out: dict[str, Any]) -> None:
     """Rank 1 never attaches: rank 0's attach names it after the (shortened) attach timeout."""
     distributed.ATTACH_TIMEOUT = 3.0
@@ -150,13 +278,19 @@ def main() -> None:
     out: dict[str, Any] = {"rank": rank}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto").eval()
-        steps = {"identity": [identity], "fault": [fault], "all": [identity, fault], "absent": [absent]}
+        steps = {
+            "identity": [identity],
+            "fault": [fault],
+            "serving": [serving],
+            "all": [identity, serving, fault],
+            "absent": [absent],
+        }
         for step in steps[scenario]:
             step(model, rank, out)
     except BaseException as exc:
         out["crash"] = "".join(traceback.format_exception(exc))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    if scenario == "identity" and dist.is_initialized():
+    if scenario in ("identity", "serving") and dist.is_initialized():
         dist.destroy_process_group()
 
 

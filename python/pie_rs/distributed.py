@@ -31,6 +31,12 @@ pool per rank; :func:`pie_rs.attach` does, on each rank:
   pending collectives fail at once instead of waiting for the group's timeout; each peer then
   raises ``BackendError`` naming the failed rank.
 
+Continuous batching (``generate_batch`` and the manager) runs through the pools too: every
+rank's paged cache is sized from the same inputs and the smallest serving budget of the ranks
+(one collective when the cache is made), so the ranks' schedulers decide alike; a rank whose
+engine fails inside a layer finishes the forward on scratch KV and every rank raises after it
+(:class:`StepFailures`), so the group stays in step.
+
 :func:`gather_stats` collects every rank's ``pool.stats()`` on one rank.
 """
 
@@ -40,6 +46,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -314,14 +321,43 @@ def install(pool: Pool, model: nn.Module, rank_group: RankGroup) -> None:
     restore = _Restore(model, "forward")
     model.__dict__["forward"] = guard(rank_group, model.forward)
     pool._handles.append(restore)
+    if hasattr(type(model), "generate_batch"):
+        restore = _Restore(model, "generate_batch")
+        model.__dict__["generate_batch"] = _raise_step_failure(pool, model.generate_batch)
+        pool._handles.append(restore)
+
+
+def _step_failures(pool: Pool) -> StepFailures | None:
+    return getattr(getattr(pool, "_serving", None), "tp_failures", None)
+
+
+def _raise_step_failure(pool: Pool, call: Any) -> Any:
+    """Wraps ``generate_batch``: a run that stopped for a rank's failure raises on every rank.
+
+    transformers hands a failed run's error to each request's output; under tensor parallel
+    pie-rs raises it instead (this rank's own failure, or a :class:`BackendError` naming the
+    rank that failed), so no rank goes on with partial results while another has raised.
+    """
+
+    @functools.wraps(call)
+    def generate_batch(*args: Any, **kwargs: Any) -> Any:
+        before = _step_failures(pool)
+        out = call(*args, **kwargs)
+        after = _step_failures(pool)
+        if after is not None and after is not before and after.failure is not None:
+            raise after.failure
+        return out
+
+    return generate_batch
 
 
 def gather_stats(pool: Pool, dst: int = 0) -> list[dict[str, Any]] | None:
     """Every rank's ``pool.stats()`` on rank ``dst`` of the pool's group (a list by rank), ``None`` elsewhere.
 
     A collective: call it on every rank. With one process it returns ``[pool.stats()]``. The list's
-    stats carry ``plan`` (the pooled layers and prefetch depth each rank's engine ran with), and
-    every dict gets ``plans_agree``: whether every rank ran the same plan.
+    stats carry ``plan`` (the pooled layers each rank's ``generate`` engine ran with) and
+    ``serving_plan`` (the pooled layers and prefetch depth of its last continuous-batching cache),
+    and every dict gets ``plans_agree``: whether every rank ran the same plans.
     """
     stats = pool.stats()
     engine = pool.kept_engine
@@ -329,6 +365,8 @@ def gather_stats(pool: Pool, dst: int = 0) -> list[dict[str, Any]] | None:
     if engine is not None:
         plan = [i for i in range(engine.num_layers) if engine.is_pooled(i)]
     stats["plan"] = plan
+    serving_plan = getattr(getattr(pool, "_serving", None), "plan", None)
+    stats["serving_plan"] = None if serving_plan is None else [list(serving_plan[0]), serving_plan[1]]
     rank_group: RankGroup | None = getattr(pool, "rank_group", None)
     if rank_group is None:
         stats["plans_agree"] = True
@@ -338,7 +376,108 @@ def gather_stats(pool: Pool, dst: int = 0) -> list[dict[str, Any]] | None:
     dist.gather_object(stats, out, dst=dist.get_global_rank(rank_group.group, dst), group=rank_group.group)
     if out is None:
         return None
-    agree_ = all(s.get("plan") == out[0].get("plan") for s in out)
+    agree_ = all(
+        (s.get("plan"), s.get("serving_plan")) == (out[0].get("plan"), out[0].get("serving_plan")) for s in out
+    )
     for s in out:
         s["plans_agree"] = agree_
     return out
+
+
+# ----------------------------------------------------------------------------- continuous batching
+# Under tensor parallel, transformers' continuous batching runs one scheduler per rank; the ranks
+# see the same requests (the driver broadcasts them) and must then make the same scheduling
+# choices, which depend on the paged cache's size. pie-rs sizes every rank's paged cache from the
+# same inputs: the same shard shapes (transformers' allocator divides the KV heads by the group
+# size), the same request and page sizes, and the smallest serving budget of all ranks (one
+# collective when the cache is made, where transformers makes its own); ``paged_fit`` is a pure
+# function of these, so every rank gets the same rows, plan and prefetch depth, and a budget
+# that cannot hold the smallest cache fails on every rank alike.
+
+
+def serving_group(pool: Pool, tp_size: int) -> RankGroup | None:
+    """The pool's group when transformers' continuous batching runs tensor-parallel (``tp_size``), else ``None``."""
+    if tp_size <= 1:
+        return None
+    rank_group: RankGroup | None = getattr(pool, "rank_group", None)
+    if rank_group is None or rank_group.size != tp_size:
+        # Every rank's pool was attached alike (attach compared them), so every rank refuses here.
+        found = "no tensor-parallel group" if rank_group is None else f"a group of {rank_group.size} ranks"
+        raise ConfigError(
+            f"continuous batching runs this model tensor-parallel over {tp_size} ranks, but pie_rs.attach found "
+            f"{found}; attach on every rank with the model's tensor-parallel group (process_group=...)"
+        )
+    return rank_group
+
+
+def agree_serving(
+    rank_group: RankGroup, budget: int | None, prefer: int | None = None
+) -> tuple[int | None, int | None, str]:
+    """The budget every rank's paged cache is sized with: the smallest of the ranks' (a collective).
+
+    Returns ``(budget, the rank that has it, a run id)``; the budget and rank are ``None`` when no
+    rank has a limit, and of ranks tied for the smallest, ``prefer`` (the rank whose ``gpu_budget``
+    was the smallest at attach) is named. The run id (rank 0's) is the same on every rank and new
+    for every cache: it names this cache's failure record in the store (see :class:`StepFailures`).
+    """
+    gathered = _gather(rank_group, (budget, uuid.uuid4().hex))
+    run = str(gathered[0][1])
+    limited = [b for b, _ in gathered if b is not None]
+    if not limited:
+        return None, None, run
+    smallest = min(limited)
+    ranks = [r for r, (b, _) in enumerate(gathered) if b == smallest]
+    return smallest, prefer if prefer in ranks else ranks[0], run
+
+
+def serving_budget_error(rank_group: RankGroup, budget_rank: int | None, budget: int | None, why: str) -> BudgetError:
+    """A paged cache too big for the shared budget, said the same on every rank, naming the rank to change."""
+    return BudgetError(
+        f"tensor-parallel continuous batching: rank {budget_rank}'s budget for the paged cache ({budget} bytes) is "
+        f"the smallest of the {rank_group.size} ranks, and every rank sizes its cache with it so their schedulers "
+        f"decide alike; it is too small: {why}; raise gpu_budget on rank {budget_rank}"
+    )
+
+
+class StepFailures:
+    """Keeps a tensor-parallel continuous-batching run's ranks in step when one rank's engine fails.
+
+    A rank that raised inside a layer would leave its peers waiting in that layer's collective
+    (tearing the group down does not close its connections while transformers and the device mesh
+    hold it). So the failed rank only records the failure here (in the process group's store) and
+    runs the rest of the forward on scratch KV; after the forward every rank checks the record and
+    raises, before any token of the step is delivered. The group stays in step and usable: the
+    ranks' loops end through transformers' own stop status and the next run can start.
+    """
+
+    def __init__(self, rank_group: RankGroup, run: str) -> None:
+        self.rank_group = rank_group
+        self.key = f"pie_rs/serving_failed/{run}"
+        self.store = _store()
+        self.failure: BaseException | None = None
+
+    def record(self, exc: BaseException) -> None:
+        """This rank failed: the peers learn it after the forward (the first failure is kept)."""
+        if self.failure is not None:
+            return
+        self.failure = exc
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.set(self.key, f"rank {self.rank_group.rank}: {type(exc).__name__}: {exc}")
+
+    def check(self) -> None:
+        """After a forward: raises this rank's failure, or a peer's as a :class:`BackendError`."""
+        if self.failure is not None:
+            raise self.failure
+        failed = None
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                if self.store.check([self.key]):
+                    failed = bytes(self.store.get(self.key)).decode(errors="replace")
+        if failed is not None:
+            self.failure = BackendError(
+                f"tensor-parallel continuous batching stopped: {failed}. Every rank stopped this run after the "
+                f"same step (this is rank {self.rank_group.rank}); the process group is still in step, so the next "
+                "run can start"
+            )
+            raise self.failure

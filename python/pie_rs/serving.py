@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _core
-from ._errors import BudgetError, ConfigError, StateError
+from . import _core, distributed
+from ._errors import BudgetError, ConfigError, PieError, StateError
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -203,10 +203,10 @@ def _cache_class() -> type:
                     f"{' and '.join(groups)} layers (transformers shares one sector space between the groups). "
                     "Run continuous batching without pie-rs (pool.detach()) or use generate()"
                 )
-            if distributed_helper.tp_size > 1:
-                raise ConfigError(
-                    "pie-rs serving runs on one device; tensor-parallel continuous batching is not supported"
-                )
+            # Tensor parallel: this rank's pool (refused on every rank when the pool has no such group).
+            self.rank_group = distributed.serving_group(pool, distributed_helper.tp_size)
+            self.tp_failures: distributed.StepFailures | None = None
+            self._scratch_kv: Any = None
             # Let transformers build its allocators and sizing on a one-sector cache, then lay the
             # real cache out in the engine.
             tiny = _copy_config(continuous_batching_config)
@@ -231,6 +231,12 @@ def _cache_class() -> type:
             self.quantum = quantum
             min_sectors = ceil(max(1, min_tokens) / quantum)
             budget = pool._serving_budget()
+            budget_rank, self._tp_run = None, ""
+            if self.rank_group is not None:
+                # Every rank sizes its cache from the same inputs (see pie_rs.distributed).
+                budget, budget_rank, self._tp_run = distributed.agree_serving(
+                    self.rank_group, budget, getattr(pool.settings, "budget_rank", None)
+                )
             row = (heads * dim, heads * dim, elem)
             min_rows = (2 + min_sectors) * quantum
             if user_num_blocks is not None:
@@ -251,11 +257,15 @@ def _cache_class() -> type:
             try:
                 fit = _core.paged_fit(row, self.layers, budget, quantum, min_rows, prefetch_depth=depth, **target)
             except BudgetError as e:
-                raise BudgetError(
+                why = (
                     f"{e} (continuous batching with page_size={page}: {self.layers} layers, one request of "
                     f"{min_tokens} tokens needs {min_sectors} sector(s) besides the 2 trash sectors)"
-                ) from None
+                )
+                if self.rank_group is not None:
+                    raise distributed.serving_budget_error(self.rank_group, budget_rank, budget, why) from None
+                raise BudgetError(why) from None
             rows = int(fit["rows"])
+            self.plan = (list(fit["pooled_layers"]), max(1, int(fit["prefetch_depth"])))  # pooled areas, slots
             self.num_sectors = rows // quantum - 2
             options = dict(engine_options or {})
             self.engine = _core.Engine(
@@ -302,6 +312,8 @@ def _cache_class() -> type:
             self.peak_running = 0
             self.preemptions = 0
             self.steps = 0
+            self._runs = 0
+            self._new_run()
             self._zero()
 
         # ----------------------------------------------------------------- sizing
@@ -444,10 +456,26 @@ def _cache_class() -> type:
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict[str, Any]
         ) -> tuple[torch.Tensor, torch.Tensor]:
+            try:
+                k, v, pages = self._layer_views(self._eidx[layer_idx])
+            except PieError as exc:
+                if self.tp_failures is None:
+                    raise
+                # The peers wait in this layer's collective: finish the forward on scratch KV and
+                # raise after it, on every rank (end_step).
+                self.tp_failures.record(exc)
+                k, v, pages = self._scratch()
+            self.allocator._kv_token_views[layer_idx] = (k, v)
+            self.allocator._kv_page_views[layer_idx] = pages
+            return super().update(key_states, value_states, layer_idx, kwargs)
+
+        def _layer_views(self, e: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+            """Layer ``e``'s K and V (rows and pages) in the engine, once it is ready for this step."""
+            if self.tp_failures is not None and self.tp_failures.failure is not None:
+                raise self.tp_failures.failure  # this step already failed: the engine is not called again
             if self._closed or self.engine is None:
                 self.check_usable()
             engine = self.engine
-            e = self._eidx[layer_idx]
             if self._open != e:
                 if e == 0:
                     self._ranges = coalesce(self._writes)
@@ -460,9 +488,16 @@ def _cache_class() -> type:
             offset = engine.layer_ready(e, self._stream)
             k, v = self._area(e, offset)
             views = self._views[(e, offset)]
-            self.allocator._kv_token_views[layer_idx] = (k, v)
-            self.allocator._kv_page_views[layer_idx] = (views[2], views[3])
-            return super().update(key_states, value_states, layer_idx, kwargs)
+            return k, v, (views[2], views[3])
+
+        def _scratch(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+            """Throwaway K and V of one layer, for the rest of a tensor-parallel step that failed."""
+            if self._scratch_kv is None:
+                shape = (self.rows, self.heads, self.head_dim)
+                k, v = (torch.zeros(shape, dtype=self.dtype_t, device=self.device_t) for _ in range(2))
+                pages = (-1, self.page_size, self.heads, self.head_dim)
+                self._scratch_kv = (k, v, (k.view(*pages), v.view(*pages)))
+            return self._scratch_kv
 
         def _close_layer(self) -> None:
             """Ends the open layer: its written rows go back, then its staging slot is released.
@@ -480,9 +515,28 @@ def _cache_class() -> type:
             if self._open is not None:
                 self._close_layer()
 
+        def end_step(self) -> None:
+            """After the forward: the last layer is done; under tensor parallel, any rank's failure raises here."""
+            if self.tp_failures is None:
+                self.finish_step()
+                return
+            try:
+                if self.tp_failures.failure is None:
+                    self.finish_step()
+            except PieError as exc:
+                self.tp_failures.record(exc)
+            self.tp_failures.check()
+
+        def _new_run(self) -> None:
+            """A new run of this cache (made, or reset for the next session): its own failure record."""
+            if self.rank_group is not None:
+                self._runs += 1
+                self.tp_failures = distributed.StepFailures(self.rank_group, f"{self._tp_run}/{self._runs}")
+
         # ------------------------------------------------------------- lifecycle
         def reset(self) -> None:
             super().reset()
+            self._new_run()
             if self.engine is not None and not self._closed:
                 self.finish_step()
                 self.engine.reset()  # nothing is held: prefetches move nothing until rows are written again
@@ -702,6 +756,7 @@ def _patch_manager(pool: Pool, manager: Any) -> None:
             raise StateError("the pie-rs pool of this continuous batching manager was detached; attach again")
         bp = getattr(manager, "batch_processor", None)
         if bp is not None and isinstance(getattr(bp, "cache", None), PagedPieCache) and not bp.cache._closed:
+            bp.cache._new_run()
             return original_create()  # reset and reuse
         impl = str(manager.model.config._attn_implementation)
         if impl not in _CB_ATTENTION and not impl.startswith("paged|") and "flash" not in impl:
@@ -733,7 +788,7 @@ def _patch_manager(pool: Pool, manager: Any) -> None:
         with _paged_factory(make):
             bp = original_create()
         cache = bp.cache
-        instrument_processor(bp, cache, after_forward=cache.finish_step)
+        instrument_processor(bp, cache, after_forward=cache.end_step)
         return bp
 
     def add_request(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
