@@ -492,6 +492,7 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
         link: sim.link_model(),
         budget_bytes: Some(budget),
         objective: req.objective,
+        host: None,
     };
     inputs.validate()?;
     let custom = req.layers.is_some() || layer_kv_mib.is_some() || layer_compute_ms.is_some();

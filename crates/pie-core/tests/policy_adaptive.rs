@@ -76,6 +76,7 @@ fn case(
         link: sim.link_model(),
         budget_bytes: budget_share.map(|s| (total as f64 * s) as u64),
         objective,
+        host: None,
     };
     let spec = LayerSpec {
         batch,

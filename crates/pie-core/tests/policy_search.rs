@@ -141,6 +141,7 @@ fn arb_inputs() -> impl Strategy<Value = (PolicyInputs, Vec<bool>, usize)> {
                         } else {
                             Objective::Speed
                         },
+                        host: None,
                     };
                     (inputs, mask, w)
                 })

@@ -141,6 +141,7 @@ fn arb_case() -> impl Strategy<Value = (PolicyInputs, Plan, usize)> {
                         link,
                         budget_bytes: None,
                         objective: Objective::Speed,
+                        host: None,
                     };
                     let pooled: Vec<usize> = (0..l).filter(|&i| mask[i]).collect();
                     (inputs, Plan::copying(pooled, w), steps)

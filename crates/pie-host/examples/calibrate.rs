@@ -125,6 +125,7 @@ fn main() -> pie_core::Result<()> {
             link,
             budget_bytes: None,
             objective: Objective::Speed,
+            host: None,
         };
         let predicted = predict_step(&inputs, &plan)?.step_seconds;
         println!(

@@ -192,6 +192,7 @@ impl AdaptivePolicy {
             link,
             budget_bytes: self.budget_bytes,
             objective: self.config.objective,
+            host: None,
         };
         inputs.validate()?;
         Ok(inputs)

@@ -92,6 +92,7 @@ fn full_pool_inputs(setup: &ServingSetup, tokens: usize, seqs: usize) -> PolicyI
         link: setup.sim.link_model(),
         budget_bytes: Some(setup.budget_bytes),
         objective: Objective::Speed,
+        host: None,
     }
 }
 
