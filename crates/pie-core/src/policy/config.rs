@@ -5,7 +5,9 @@
 
 use std::str::FromStr;
 
-use super::{AdaptiveConfig, AdaptivePolicy, HostAttention, Placed, Policy, StaticPolicy};
+use super::{
+    AdaptiveConfig, AdaptivePolicy, HostAttention, HostModel, Placed, Policy, StaticPolicy,
+};
 use crate::error::{PieError, Result};
 use crate::plan::Plan;
 
@@ -164,22 +166,38 @@ impl PolicyConfig {
     }
 
     /// The policy this config describes, for [`crate::Engine::new`], its plans
-    /// held to [`PolicyConfig::host_attention`].
+    /// held to [`PolicyConfig::host_attention`]. Without the host's figures
+    /// (see [`PolicyConfig::build_with_host`]) `Auto` keeps pooled layers copied.
     pub fn build(&self) -> Box<dyn Policy> {
-        Box::new(Placed::new(self.build_inner(), self.host_attention))
+        self.build_with_host(None)
     }
 
-    fn build_inner(&self) -> Box<dyn Policy> {
+    /// [`PolicyConfig::build`] with the host attention path's figures (the
+    /// CPU's measured memory bandwidth and cores, the model's query and result
+    /// sizes): under `Auto` the adaptive policy then chooses per pooled layer
+    /// between copying it and attending it on the host. `host.choice` is
+    /// replaced by [`PolicyConfig::host_attention`].
+    pub fn build_with_host(&self, host: Option<HostModel>) -> Box<dyn Policy> {
+        let host = host.map(|h| HostModel {
+            choice: self.host_attention,
+            ..h
+        });
+        Box::new(Placed::new(self.build_inner(host), self.host_attention))
+    }
+
+    fn build_inner(&self, host: Option<HostModel>) -> Box<dyn Policy> {
         if let Some(plan) = &self.pinned {
             return Box::new(StaticPolicy::pinned(plan.clone()));
         }
         match self.kind {
-            PolicyKind::Static => Box::new(StaticPolicy::budget_fit(
+            PolicyKind::Static => Box::new(StaticPolicy::budget_fit_placed(
                 self.prefetch_depth.unwrap_or(DEFAULT_PREFETCH_DEPTH),
+                self.host_attention,
             )),
             PolicyKind::Adaptive => Box::new(AdaptivePolicy::new(AdaptiveConfig {
                 objective: self.objective,
                 initial_prefetch_depth: self.prefetch_depth,
+                host: host.filter(|h| h.choice != HostAttention::Never),
                 ..AdaptiveConfig::default()
             })),
         }
