@@ -293,9 +293,9 @@ impl SimEngine {
 
 /// The engine's policy, shown the tokens the driver appended to host-attended
 /// layers (see the module docs) as part of those layers' valid lengths.
-struct HostTokens {
-    inner: Box<dyn Policy>,
-    tokens: Arc<Mutex<Vec<usize>>>,
+pub(crate) struct HostTokens {
+    pub(crate) inner: Box<dyn Policy>,
+    pub(crate) tokens: Arc<Mutex<Vec<usize>>>,
 }
 
 impl HostTokens {
