@@ -318,4 +318,67 @@ mod tests {
             assert_eq!(p.initial_plan(&ctx).unwrap(), Plan::all_resident(), "{c:?}");
         }
     }
+
+    #[test]
+    fn auto_places_layers_on_the_host_only_with_the_host_figures() {
+        use super::super::PolicyContext;
+        use crate::layout::LayerSpec;
+        use crate::slots::ArenaLayout;
+        // 4 layers of 64 MiB (all valid) under a budget of 3: a copy takes
+        // 2.7 ms at the 25 GB/s link prior against 1 ms of compute a layer,
+        // host attention at 1 TB/s 67 us.
+        let spec = LayerSpec {
+            batch: 1,
+            kv_heads: 1,
+            k_dim: 256,
+            v_dim: 256,
+            elem_size: 2,
+        };
+        let specs = vec![spec; 4];
+        let capacity = 1 << 16;
+        let layer = ArenaLayout::device_bytes_for(&specs[..1], capacity, &Plan::all_resident());
+        let ctx = PolicyContext {
+            specs: &specs,
+            capacity,
+            seq_lens: &[capacity; 4],
+            device_budget: Some(3 * layer),
+        };
+        let host = HostModel {
+            attention_bandwidth: 1e12,
+            query_bytes: 1024,
+            result_bytes: 2048,
+            choice: HostAttention::Never,
+        };
+        let auto = PolicyConfig::default().with_host_attention("auto").unwrap();
+        let plan = auto.build_with_host(Some(host)).initial_plan(&ctx).unwrap();
+        assert_eq!(
+            (plan.pooled.len(), plan.host_attended.len()),
+            (1, 1),
+            "{plan:?}"
+        );
+        // Without the CPU's figures, auto copies.
+        let plan = auto.build().initial_plan(&ctx).unwrap();
+        assert!(
+            plan.host_attended.is_empty() && !plan.pooled.is_empty(),
+            "{plan:?}"
+        );
+        // never copies even with them; always attends every pooled layer.
+        let never = PolicyConfig::default()
+            .with_host_attention("never")
+            .unwrap();
+        let plan = never
+            .build_with_host(Some(host))
+            .initial_plan(&ctx)
+            .unwrap();
+        assert!(plan.host_attended.is_empty(), "{plan:?}");
+        let always = PolicyConfig::default()
+            .with_host_attention("always")
+            .unwrap();
+        let plan = always
+            .build_with_host(Some(host))
+            .initial_plan(&ctx)
+            .unwrap();
+        assert_eq!(plan.host_attended, plan.pooled);
+        assert!(!plan.pooled.is_empty());
+    }
 }

@@ -59,7 +59,7 @@
 //! simulator does ([`crate::simulate`]). Since a host round trip lengthens
 //! the step, the "within 2% of all-resident" rule would never grow the pool
 //! with it; with host attention allowed, `pie` also grows the pool (by 1/8
-//! to 1/4) when the cost model predicts at least 5% more decode throughput
+//! to 1/4) when the cost model predicts at least 10% more decode throughput
 //! (sequences a full pool holds per second) than the current pool's, so a
 //! slower step that serves more requests counts.
 //!
