@@ -147,3 +147,10 @@ def test_bad_host_attention_exits_2_and_the_binding_names_the_choices(capsys: py
     for call in (_core.simulate, _core.simulate_serving):
         with pytest.raises(_core.ConfigError, match='use "auto", "never" or "always"'):
             call({"host_attention": "sometimes"})
+
+
+def test_list_shows_each_machines_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    profiles = _json(capsys, ["simulate", "--list", "--json"])
+    a100 = profiles["machines"]["a100-pcie-gen4"]
+    assert "host CPU 200 GB/s, 64 cores (host attention 200 GB/s)" in a100
+    assert "(host attention 60 GB/s)" in profiles["machines"]["rtx4090-pcie-gen4"]

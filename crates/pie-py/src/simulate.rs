@@ -152,7 +152,16 @@ fn simulate(py: Python<'_>, request: &Bound<'_, PyDict>) -> PyResult<Py<PyDict>>
 fn list_profiles(py: Python<'_>) -> PyResult<Py<PyDict>> {
     let ms = PyDict::new(py);
     for m in machines() {
-        ms.set_item(m.name, m.description)?;
+        ms.set_item(
+            m.name,
+            format!(
+                "{}; host CPU {:.0} GB/s, {} cores (host attention {:.0} GB/s)",
+                m.description,
+                m.cpu_memory_gbps,
+                m.cpu_cores,
+                m.host_attention_gbps()
+            ),
+        )?;
     }
     let mods = PyDict::new(py);
     for m in models() {
