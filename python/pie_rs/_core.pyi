@@ -155,10 +155,17 @@ class Engine:
         """Joins the engine's threads and frees its memory; further use raises StateError."""
 
 def simulate(request: dict[str, Any]) -> dict[str, Any]:
-    """Runs the engine's policy on the sim backend for a described machine and model."""
+    """Runs the engine's policy on the sim backend for a described machine and model.
+
+    ``host_attention`` ("auto", the default, "never" or "always") says where pooled layers'
+    attention may run; ``cpu_memory_gbps`` and ``cpu_cores`` override the profile's CPU.
+    """
 
 def simulate_serving(request: dict[str, Any]) -> dict[str, Any]:
-    """Continuous batching in virtual time: four ways of holding the KV on a described machine."""
+    """Continuous batching in virtual time: four ways of holding the KV on a described machine.
+
+    ``host_attention`` ("auto", the default, "never" or "always") applies to ``pie``.
+    """
 
 def list_profiles() -> dict[str, dict[str, str]]:
     """Named machine profiles and model shapes for ``simulate``."""

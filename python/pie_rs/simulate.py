@@ -8,6 +8,13 @@ best static plan. Profiles give the numbers; explicit options override them::
     pie-rs simulate --layers 32 --layer-compute-ms 0.3 --layer-kv-mib 256 --h2d-gbps 25
     pie-rs simulate --list
 
+Pooled layers are copied to the device before they run or, with ``--host-attention``
+(``auto``, the default: per layer, whichever the cost model predicts faster; ``never``;
+``always``), attended on the CPU where their KV lives, at the machine's CPU memory
+bandwidth and cores (``--cpu-memory-gbps``, ``--cpu-cores`` override them)::
+
+    pie-rs simulate --machine a100-pcie-gen4 --context 4096 --host-attention never
+
 With ``--serving`` it answers the serving question instead: chat-like requests (seeded)
 through a continuous-batching scheduler like vLLM's, in front of the engine on the
 simulated machine, for four ways of holding the KV (``no_pooling``, ``swap``,
@@ -36,6 +43,7 @@ __all__ = [
 ]
 
 METHODS = ("no_pooling", "swap", "static_offload", "pie")
+HOST_ATTENTION = ("auto", "never", "always")
 
 
 def _rate(text: str) -> float:
@@ -81,6 +89,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--objective", choices=["speed", "memory"], default="speed", help="what to optimise (default speed)")
     p.add_argument("--steps", type=int, help="decode steps to simulate (default 30)")
+    p.add_argument(
+        "--host-attention",
+        choices=HOST_ATTENTION,
+        default="auto",
+        help="where pooled layers' attention may run: auto (per layer, whichever is predicted "
+        "faster), never (always copy the KV to the device), always (on the CPU); default auto",
+    )
+    p.add_argument("--cpu-memory-gbps", type=float, help="override: the host CPU's memory bandwidth, GB/s")
+    p.add_argument("--cpu-cores", type=int, help="override: host CPU cores for attention")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     serving = p.add_argument_group("serving (--serving)")
     serving.add_argument(
@@ -114,6 +131,9 @@ _REQUEST_KEYS = (
     "gpu_budget_mib",
     "objective",
     "steps",
+    "host_attention",
+    "cpu_memory_gbps",
+    "cpu_cores",
 )
 
 
@@ -122,14 +142,33 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _REQUEST_KEYS if getattr(args, k) is not None}
 
 
-_SINGLE_ONLY = ("batch", "context", "layers", "layer_compute_ms", "layer_kv_mib", "steps")
+_SINGLE_ONLY = (
+    "batch",
+    "context",
+    "layers",
+    "layer_compute_ms",
+    "layer_kv_mib",
+    "steps",
+    "cpu_memory_gbps",
+    "cpu_cores",
+)
 
 
 def build_serving_request(args: argparse.Namespace) -> dict[str, Any]:
     """The request dict for ``pie_rs._core.simulate_serving``."""
     req: dict[str, Any] = {
         k: getattr(args, k)
-        for k in ("machine", "model", "requests", "gpu_budget_mib", "seed", "h2d_gbps", "d2h_gbps", "methods")
+        for k in (
+            "machine",
+            "model",
+            "requests",
+            "gpu_budget_mib",
+            "seed",
+            "h2d_gbps",
+            "d2h_gbps",
+            "methods",
+            "host_attention",
+        )
         if getattr(args, k) is not None
     }
     if args.rates is not None:
@@ -160,7 +199,7 @@ def format_serving_report(r: dict[str, Any]) -> str:
     ]
     header = (
         f"{'method':<15} {'tok/s':>9} {'TTFT p50':>9} {'p99 ms':>9} {'TPOT p50':>9} {'p99 ms':>8} "
-        f"{'peak run':>8} {'preempt':>7} {'dev MiB':>8} {'host MiB':>8} {'pooled':>6}"
+        f"{'peak run':>8} {'preempt':>7} {'dev MiB':>8} {'host MiB':>8} {'pooled':>6} {'on CPU':>6}"
     )
     for run in r["runs"]:
         lines += ["", f"rate: {_rate_text(run['rate'])}", header]
@@ -173,7 +212,7 @@ def format_serving_report(r: dict[str, Any]) -> str:
                 f"{name:<15} {m['throughput_tok_s']:>9.0f} {m['ttft_ms_p50']:>9.1f} {m['ttft_ms_p99']:>9.1f} "
                 f"{m['tpot_ms_p50']:>9.2f} {m['tpot_ms_p99']:>8.2f} {m['peak_running']:>8} "
                 f"{m['preemptions']:>7} {m['device_kv_mib']:>8.0f} {m['host_kv_mib']:>8.0f} "
-                f"{m['pooled_layers']:>6}{ratio}"
+                f"{m['pooled_layers']:>6} {m['host_attended_layers']:>6}{ratio}"
             )
     eq = r.get("equal_performance")
     if eq:
@@ -225,6 +264,11 @@ def format_report(r: dict[str, Any]) -> str:
         ("per layer", f"{r['layer_compute_ms']:.3f} ms compute, {r['layer_kv_mib']:.1f} MiB KV"),
         ("KV / budget", f"{r['total_kv_mib']:.1f} MiB / {r['gpu_budget_mib']:.1f} MiB ({r['objective']})"),
         ("pooled layers", _layers(r["pooled_layers"], r["layers"])),
+        (
+            "host attention",
+            f"{r['host_attention']} (CPU reads KV at {r['cpu_attention_gbps']:.0f} GB/s); on the CPU: "
+            f"{_layers(r['host_attended_layers'], r['layers'])}, {r['host_ms_per_step']:.3f} ms/step",
+        ),
         ("prefetch depth", str(r["prefetch_depth"])),
         ("device KV", f"{r['device_kv_mib']:.1f} MiB ({100 * r['offloaded_share']:.1f}% of the KV freed)"),
         ("step (all on GPU)", f"{r['all_gpu_step_ms']:.3f} ms"),
@@ -235,18 +279,23 @@ def format_report(r: dict[str, Any]) -> str:
             f"{r['best_static_step_ms']:.3f} ms, {len(r['best_static_pooled_layers'])} pooled, "
             f"depth {r['best_static_prefetch_depth']}",
         ),
+        (
+            "copy-only pooling",
+            f"{r['copy_only_step_ms']:.3f} ms best static plan "
+            f"({r['copy_only_step_ms'] / max(r['predicted_step_ms'], 1e-12):.2f}x the predicted step)",
+        ),
         ("transparent share", f"{100 * r['transparent_fraction']:.1f}% of the KV can be pooled with no stall"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append("")
-    lines.append(f"{'step':>5} {'pooled':>6} {'depth':>5} {'step ms':>10} {'stall ms':>10}")
+    lines.append(f"{'step':>5} {'pooled':>6} {'on CPU':>6} {'depth':>5} {'step ms':>10} {'stall ms':>10}")
     steps = r["steps"]
     for i, s in enumerate(steps):
         if s["switched"] or i == len(steps) - 1:
             mark = "  <- new plan" if s["switched"] else ""
             lines.append(
-                f"{s['step']:>5} {s['pooled_count']:>6} {s['prefetch_depth']:>5} "
+                f"{s['step']:>5} {s['pooled_count']:>6} {s['host_count']:>6} {s['prefetch_depth']:>5} "
                 f"{s['step_ms']:>10.3f} {s['stall_ms']:>10.3f}{mark}"
             )
     return "\n".join(lines)

@@ -21,6 +21,14 @@
 //! larger of the two times, with the dense bf16 datasheet peaks (GH200 and
 //! H100 SXM 989 TFLOP/s, H100 PCIe 756, H200 NVL 835, A100 312, RTX 4090 165
 //! with FP32 accumulation).
+//!
+//! **Host attention** (a pooled layer's decode attention run on the CPU where
+//! its KV lives): the CPU reads the layer's valid KV at
+//! [`MachineProfile::host_attention_gbps`], the smaller of its memory
+//! bandwidth (a STREAM triad figure) and `cores x` its per-core kernel rate.
+//! The per-core rate is what `cargo bench -p pie-host --bench host_attention`
+//! measured for bf16 KV at GQA 4 (about 9 GB/s per busy core: the kernel is
+//! compute-bound, README "Host attention kernel"); vendors publish no such figure.
 
 use crate::error::{PieError, Result};
 use crate::sim::SimConfig;
@@ -48,9 +56,27 @@ pub struct MachineProfile {
     pub gpu_memory_gib: f64,
     /// Dense bf16 tensor throughput, TFLOP/s (datasheet peak, no sparsity).
     pub bf16_tflops: f64,
+    /// The host CPU's memory bandwidth, GB/s (a STREAM triad figure).
+    pub cpu_memory_gbps: f64,
+    /// Host CPU cores the attention kernel may use.
+    pub cpu_cores: usize,
+    /// KV bytes one busy core's attention kernel reads per second, GB/s.
+    pub cpu_attention_gbps_per_core: f64,
 }
 
+/// Per-core host attention rate of the profiles, GB/s of bf16 KV at GQA 4:
+/// what the pie-host kernel measured on this project's x86 machine (README,
+/// "Host attention kernel": 9-10 GB/s per busy core), rounded down.
+pub const CPU_ATTENTION_GBPS_PER_CORE: f64 = 9.0;
+
 impl MachineProfile {
+    /// KV bytes per second host attention reads on this machine, GB/s: the
+    /// smaller of the memory bandwidth and `cores x` the per-core rate.
+    pub fn host_attention_gbps(&self) -> f64 {
+        self.cpu_memory_gbps
+            .min(self.cpu_cores as f64 * self.cpu_attention_gbps_per_core)
+    }
+
     /// The simulated link of this machine.
     pub fn sim_config(&self) -> SimConfig {
         SimConfig {
@@ -169,6 +195,11 @@ const MACHINES: &[MachineProfile] = &[
         hbm_gbps: 4000.0,
         gpu_memory_gib: 96.0,
         bf16_tflops: 989.0,
+        // Grace: 72 Neoverse V2 cores, LPDDR5X 480 GB GPU-to-CPU coherent
+        // memory at up to 512 GB/s (NVIDIA Grace CPU datasheet); ~500 GB/s.
+        cpu_memory_gbps: 500.0,
+        cpu_cores: 72,
+        cpu_attention_gbps_per_core: CPU_ATTENTION_GBPS_PER_CORE,
     },
     MachineProfile {
         name: "h100-pcie-gen5",
@@ -181,6 +212,11 @@ const MACHINES: &[MachineProfile] = &[
         hbm_gbps: 2000.0,
         gpu_memory_gib: 80.0,
         bf16_tflops: 756.0,
+        // A dual-socket Sapphire Rapids host: 8 channels DDR5-4800 per socket
+        // (307 GB/s peak each); ~300 GB/s sustained for the pair, 2 x 32 cores.
+        cpu_memory_gbps: 300.0,
+        cpu_cores: 64,
+        cpu_attention_gbps_per_core: CPU_ATTENTION_GBPS_PER_CORE,
     },
     MachineProfile {
         name: "h200-pcie-gen5",
@@ -193,6 +229,10 @@ const MACHINES: &[MachineProfile] = &[
         hbm_gbps: 4800.0,
         gpu_memory_gib: 141.0,
         bf16_tflops: 835.0,
+        // As the H100 PCIe host: dual-socket DDR5-4800, ~300 GB/s, 64 cores.
+        cpu_memory_gbps: 300.0,
+        cpu_cores: 64,
+        cpu_attention_gbps_per_core: CPU_ATTENTION_GBPS_PER_CORE,
     },
     MachineProfile {
         name: "a100-pcie-gen4",
@@ -205,6 +245,11 @@ const MACHINES: &[MachineProfile] = &[
         hbm_gbps: 1935.0,
         gpu_memory_gib: 80.0,
         bf16_tflops: 312.0,
+        // A dual-socket Ice Lake / Milan host: 8 channels DDR4-3200 per
+        // socket (205 GB/s peak each); ~200 GB/s sustained for the pair, 2 x 32 cores.
+        cpu_memory_gbps: 200.0,
+        cpu_cores: 64,
+        cpu_attention_gbps_per_core: CPU_ATTENTION_GBPS_PER_CORE,
     },
     MachineProfile {
         name: "rtx4090-pcie-gen4",
@@ -220,6 +265,11 @@ const MACHINES: &[MachineProfile] = &[
         hbm_gbps: 1008.0,
         gpu_memory_gib: 24.0,
         bf16_tflops: 165.0,
+        // A desktop: dual-channel DDR5-5600 (90 GB/s peak), ~60 GB/s
+        // sustained, 16 cores.
+        cpu_memory_gbps: 60.0,
+        cpu_cores: 16,
+        cpu_attention_gbps_per_core: CPU_ATTENTION_GBPS_PER_CORE,
     },
 ];
 

@@ -11,6 +11,24 @@
 //! is its write-back size, so a decode step writes back exactly those bytes and
 //! a prefetch moves the valid bytes. Runs are deterministic: the caller waits for
 //! the policy thread after each step, so a plan it publishes applies at the next.
+//!
+//! **Host-attended layers** are the driver's, not the engine's: the engine has
+//! no device offset for them (its `layer_ready` refuses them), so for such a
+//! layer the driver calls `layer_begin` and `layer_done` only, advances the
+//! compute stream by the layer's compute plus its host round trip
+//! ([`HostModel::layer_seconds`] over the layer's valid bytes). Its new
+//! tokens' write-back is not put on the simulated link: copies issued from
+//! the driver's thread would claim the link in an order that races the
+//! swapper's, and the run would no longer be deterministic; it is a few KiB a
+//! step (one token per sequence: 32 KiB, about 1 us over PCIe, for Llama-3-8B
+//! at batch 8), which the cost model does queue. The engine does not see those
+//! tokens (it would refuse `layer_written`), so the driver counts them itself:
+//! for the layer's valid bytes, for the policy's view of the KV (the policy is
+//! wrapped so its context counts them) and, should the layer be copied again,
+//! it hands them to the engine with the layer's next `layer_written` (written
+//! back once then). The real engine path must give the same shape:
+//! host-attended layers skip `layer_ready`, `layer_written` appends their new
+//! tokens to the host arena, and a step's time includes the round trip.
 
 use crate::backend::Stream;
 use crate::engine::{Engine, EngineOptions};
@@ -18,13 +36,16 @@ use crate::error::{PieError, Result};
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::cost_model::{device_bytes, predict_step, slot_bytes};
+use crate::policy::PolicyContext;
 use crate::policy::{
-    best_static_plan, transparent_fraction, AdaptiveConfig, AdaptivePolicy, KvShape, Objective,
-    Policy, PolicyInputs, StaticPolicy,
+    best_static_plan, exchange_bytes, transparent_fraction, AdaptiveConfig, AdaptivePolicy,
+    HostAttention, HostModel, KvShape, Objective, Placed, Policy, PolicyInputs, StaticPolicy,
 };
 use crate::profiles::{machine, model, MachineProfile, ModelShape};
 use crate::sim::{SimBackend, SimConfig};
 use crate::telemetry::StepSample;
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 /// The stream the simulated model computes on.
 const COMPUTE: Stream = Stream::Foreign(0);
@@ -119,10 +140,19 @@ fn byte_layer(
 struct SimEngine {
     engine: Engine<SimBackend>,
     backend: SimBackend,
+    /// The layers as the engine sees them.
+    specs: Vec<LayerSpec>,
     /// Tokens each decode step appends per layer (0 without write-backs).
     step_tokens: Vec<usize>,
     /// Engine steps run (the prefill included).
     steps: u64,
+    /// The host attention path, for plans with host-attended layers.
+    host: Option<HostModel>,
+    /// Per layer, tokens appended while host-attended (the engine did not see
+    /// them); shared with the [`HostTokens`] wrapper around the engine's policy.
+    host_tokens: Arc<Mutex<Vec<usize>>>,
+    /// Host round-trip seconds the last step spent, and its host-attended layers.
+    last_host: (f64, usize),
 }
 
 impl SimEngine {
@@ -136,7 +166,13 @@ impl SimEngine {
         start_below: usize,
         budget: Option<usize>,
         policy: Box<dyn Policy>,
+        host: Option<HostModel>,
     ) -> Result<Self> {
+        let host_tokens = Arc::new(Mutex::new(vec![0; inputs.num_layers()]));
+        let policy = Box::new(HostTokens {
+            inner: policy,
+            tokens: host_tokens.clone(),
+        });
         let layers: Vec<_> = (0..inputs.num_layers())
             .map(|i| {
                 byte_layer(
@@ -177,8 +213,12 @@ impl SimEngine {
         let mut sim = SimEngine {
             engine,
             backend: backend.clone(),
+            specs: layers.iter().map(|(s, _, _)| *s).collect(),
+            host_tokens,
             step_tokens,
             steps: 0,
+            host,
+            last_host: (0.0, 0),
         };
         sim.step(&inputs.compute_seconds, Some(&prefill))?;
         sim.engine.quiesce()?;
@@ -190,25 +230,54 @@ impl SimEngine {
     /// (default: one decode token where layers write back). Returns the
     /// compute stream's seconds for the step and the engine step's number.
     fn step(&mut self, compute: &[f64], tokens: Option<&[usize]>) -> Result<(f64, u64)> {
-        let tokens = tokens.unwrap_or(&self.step_tokens);
+        let tokens: Vec<usize> = tokens.map_or_else(|| self.step_tokens.clone(), <[usize]>::to_vec);
+        let pending = self.host_tokens.lock().clone();
         let need = (0..compute.len())
-            .map(|l| self.engine.seq_len(l).map(|n| n + tokens[l]))
+            .map(|l| self.engine.seq_len(l).map(|n| n + pending[l] + tokens[l]))
             .collect::<Result<Vec<_>>>()?;
         if let Some(&most) = need.iter().max() {
             self.engine.ensure_capacity(most)?;
         }
         let t0 = self.backend.stream_clock(COMPUTE);
+        self.last_host = (0.0, 0);
         for (l, &c) in compute.iter().enumerate() {
             self.engine.layer_begin(l, COMPUTE)?;
-            self.engine.layer_ready(l, COMPUTE)?;
-            self.backend.compute(COMPUTE, c)?;
-            self.engine.layer_written(l, tokens[l], COMPUTE)?;
+            if self.engine.plan().is_host_attended(l) {
+                self.host_layer(l, c, tokens[l])?;
+            } else {
+                self.engine.layer_ready(l, COMPUTE)?;
+                self.backend.compute(COMPUTE, c)?;
+                // Tokens appended while the layer was host-attended join now.
+                let caught_up = std::mem::take(&mut self.host_tokens.lock()[l]);
+                self.engine
+                    .layer_written(l, tokens[l] + caught_up, COMPUTE)?;
+            }
             self.engine.layer_done(l, COMPUTE)?;
         }
         self.engine.flush_telemetry()?;
         let step = self.steps;
         self.steps += 1;
         Ok((self.backend.stream_clock(COMPUTE) - t0, step))
+    }
+
+    /// A host-attended layer (see the module docs): compute and the host round
+    /// trip over its valid KV; its new tokens are counted, not copied.
+    fn host_layer(&mut self, layer: usize, compute: f64, tokens: usize) -> Result<()> {
+        let host = self.host.ok_or_else(|| {
+            PieError::config(format!(
+                "layer {layer} is attended on the host but the simulation has no host model; \
+                 give the CPU's memory bandwidth and cores"
+            ))
+        })?;
+        let spec = self.specs[layer];
+        let pending = self.host_tokens.lock()[layer];
+        let valid = spec.valid_bytes(self.engine.seq_len(layer)? + pending);
+        let round_trip = host.layer_seconds(&self.backend.config().link_model(), valid as u64);
+        self.backend.compute(COMPUTE, compute + round_trip)?;
+        self.last_host.0 += round_trip;
+        self.last_host.1 += 1;
+        self.host_tokens.lock()[layer] += tokens;
+        Ok(())
     }
 
     /// What the policy thread measured for engine step `step`.
@@ -222,6 +291,44 @@ impl SimEngine {
     }
 }
 
+/// The engine's policy, shown the tokens the driver appended to host-attended
+/// layers (see the module docs) as part of those layers' valid lengths.
+pub(crate) struct HostTokens {
+    pub(crate) inner: Box<dyn Policy>,
+    pub(crate) tokens: Arc<Mutex<Vec<usize>>>,
+}
+
+impl HostTokens {
+    fn counted<T>(
+        &mut self,
+        ctx: &PolicyContext<'_>,
+        f: impl FnOnce(&mut dyn Policy, &PolicyContext<'_>) -> T,
+    ) -> T {
+        let extra = self.tokens.lock().clone();
+        let seq_lens: Vec<usize> = ctx
+            .seq_lens
+            .iter()
+            .zip(extra.iter().chain(std::iter::repeat(&0)))
+            .map(|(&n, &e)| n + e)
+            .collect();
+        let ctx = PolicyContext {
+            seq_lens: &seq_lens,
+            ..*ctx
+        };
+        f(self.inner.as_mut(), &ctx)
+    }
+}
+
+impl Policy for HostTokens {
+    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan> {
+        self.counted(ctx, |p, c| p.initial_plan(c))
+    }
+
+    fn observe(&mut self, sample: &StepSample, ctx: &PolicyContext<'_>) -> Result<Option<Plan>> {
+        self.counted(ctx, |p, c| p.observe(sample, c))
+    }
+}
+
 /// The engine's swap pipeline on a simulated machine, one decode step at a
 /// time, under plans the caller chooses (applied at step boundaries).
 pub struct Pipeline {
@@ -229,6 +336,7 @@ pub struct Pipeline {
     sim: Option<SimEngine>,
     built_for: Option<PipelineSpec>,
     plan: Option<Plan>,
+    host: Option<HostModel>,
 }
 
 impl Pipeline {
@@ -242,7 +350,22 @@ impl Pipeline {
             sim: None,
             built_for: None,
             plan: None,
+            host: None,
         })
+    }
+
+    /// The pipeline with a host attention path, so plans may attend pooled
+    /// layers on the host (timed as the module docs say).
+    pub fn with_host(config: SimConfig, host: HostModel) -> Result<Self> {
+        host.validate()?;
+        let mut pipe = Self::new(config)?;
+        pipe.host = Some(host);
+        Ok(pipe)
+    }
+
+    /// Host round-trip seconds of the last step and how many layers took one.
+    pub fn last_host(&self) -> (f64, usize) {
+        self.sim.as_ref().map_or((0.0, 0), |s| s.last_host)
     }
 
     /// The simulated backend (to change its link mid-run or read its clocks).
@@ -274,6 +397,7 @@ impl Pipeline {
                 0,
                 None,
                 Box::new(StaticPolicy::pinned(plan.clone())),
+                self.host,
             )?;
             self.sim = Some(sim);
             self.built_for = Some(spec.clone());
@@ -334,6 +458,12 @@ pub struct SimulateRequest {
     pub objective: Objective,
     /// Steps to simulate (default 30).
     pub steps: Option<usize>,
+    /// Where pooled layers' attention may run (the CLI's default is `auto`).
+    pub host_attention: HostAttention,
+    /// Override: the host CPU's memory bandwidth, GB/s.
+    pub cpu_memory_gbps: Option<f64>,
+    /// Override: host CPU cores for attention.
+    pub cpu_cores: Option<usize>,
 }
 
 /// One simulated step.
@@ -343,6 +473,8 @@ pub struct SimulatedStep {
     pub step: usize,
     /// Number of pooled layers during the step.
     pub pooled_count: usize,
+    /// Number of those attended on the host.
+    pub host_count: usize,
     /// Staging slots during the step.
     pub prefetch_depth: usize,
     /// Simulated step time, ms.
@@ -380,8 +512,17 @@ pub struct SimulateReport {
     pub h2d_gbps: f64,
     /// Device-to-host bandwidth, GB/s.
     pub d2h_gbps: f64,
+    /// Where pooled layers' attention may run.
+    pub host_attention: HostAttention,
+    /// KV bytes per second host attention reads, GB/s (min of the CPU's
+    /// memory bandwidth and cores x per-core rate).
+    pub cpu_attention_gbps: f64,
     /// Pooled layers of the adaptive policy's final plan.
     pub pooled_layers: Vec<usize>,
+    /// Those of them attended on the host.
+    pub host_attended_layers: Vec<usize>,
+    /// Predicted host round trips per step of that plan, ms.
+    pub host_ms_per_step: f64,
     /// Its prefetch depth (staging slots).
     pub prefetch_depth: usize,
     /// Device bytes of the KV under that plan, MiB.
@@ -400,6 +541,11 @@ pub struct SimulateReport {
     pub transparent_fraction: f64,
     /// Pooled layers of the best static plan (exhaustive/restricted search).
     pub best_static_pooled_layers: Vec<usize>,
+    /// Those of them attended on the host.
+    pub best_static_host_attended_layers: Vec<usize>,
+    /// Predicted step time of the best copy-only static plan, ms (the baseline
+    /// host attention is judged against).
+    pub copy_only_step_ms: f64,
     /// Prefetch depth of the best static plan.
     pub best_static_prefetch_depth: usize,
     /// Predicted step time of the best static plan, ms.
@@ -443,6 +589,13 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
     let h2d = positive("h2d_gbps", req.h2d_gbps)?.unwrap_or(machine.h2d_gbps);
     let d2h = positive("d2h_gbps", req.d2h_gbps)?.unwrap_or(machine.d2h_gbps);
     let budget_mib = positive("gpu_budget_mib", req.gpu_budget_mib)?;
+    let cpu_gbps =
+        positive("cpu_memory_gbps", req.cpu_memory_gbps)?.unwrap_or(machine.cpu_memory_gbps);
+    let cpu_cores = match req.cpu_cores {
+        Some(0) => return Err(PieError::config("cpu_cores must be at least 1")),
+        Some(n) => n,
+        None => machine.cpu_cores,
+    };
     let layers = req.layers.unwrap_or(shape.layers);
     if layers == 0 || layers > 4096 {
         return Err(PieError::config(format!(
@@ -473,6 +626,8 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
         Some(ms) => ms * 1e-3,
         None => machine.layer_compute_seconds(&shape, valid_bytes),
     };
+    let (query_bytes, result_bytes) =
+        exchange_bytes(batch, shape.heads, shape.head_dim, shape.elem_size);
     let total = slot_bytes(layer_bytes) * layers as u64;
     let budget = match (budget_mib, req.objective) {
         (Some(mib), _) => (mib * MIB).round() as u64,
@@ -492,6 +647,14 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
         link: sim.link_model(),
         budget_bytes: Some(budget),
         objective: req.objective,
+        host: Some(HostModel::from_cpu(
+            cpu_gbps * 1e9,
+            cpu_cores,
+            machine.cpu_attention_gbps_per_core * 1e9,
+            query_bytes,
+            result_bytes,
+            req.host_attention,
+        )),
     };
     inputs.validate()?;
     let custom = req.layers.is_some() || layer_kv_mib.is_some() || layer_compute_ms.is_some();
@@ -519,17 +682,27 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
     let r = resolve(req)?;
     let inputs = &r.inputs;
     let spec = PipelineSpec::from_inputs(inputs);
-    let policy = Box::new(AdaptivePolicy::new(AdaptiveConfig {
+    let adaptive = AdaptivePolicy::new(AdaptiveConfig {
         objective: req.objective,
         link_prior: inputs.link,
         compute_prior_seconds: inputs.compute_seconds[0],
+        host: inputs.host,
         ..AdaptiveConfig::default()
-    }));
+    });
+    let policy = Box::new(Placed::new(Box::new(adaptive), req.host_attention));
     let backend = SimBackend::new(r.sim)?;
     let budget = inputs.budget_bytes.map(|b| b as usize);
     // Start `steps` tokens short so the run ends at the requested context
     // within the slots the profile sizes.
-    let mut sim = SimEngine::new(&backend, &spec, r.steps, r.steps, budget, policy)?;
+    let mut sim = SimEngine::new(
+        &backend,
+        &spec,
+        r.steps,
+        r.steps,
+        budget,
+        policy,
+        inputs.host,
+    )?;
     let mut steps = Vec::with_capacity(r.steps);
     let mut previous = sim.engine.plan();
     for step in 0..r.steps {
@@ -539,6 +712,7 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
         steps.push(SimulatedStep {
             step,
             pooled_count: plan.pooled.len(),
+            host_count: plan.host_attended.len(),
             prefetch_depth: plan.staging_slots(),
             step_ms: seconds * 1e3,
             stall_ms: stall * 1e3,
@@ -551,6 +725,10 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
     drop(sim);
     let pred = predict_step(inputs, &plan)?;
     let best = best_static_plan(inputs)?;
+    let copy_only = best_static_plan(&PolicyInputs {
+        host: None,
+        ..inputs.clone()
+    })?;
     let total = inputs.total_kv_bytes();
     debug_assert!(device_kv as u64 >= device_bytes(&inputs.layer_bytes, &plan) / 2);
     Ok(SimulateReport {
@@ -568,6 +746,10 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
         d2h_gbps: r.sim.d2h_bandwidth / 1e9,
         prefetch_depth: plan.staging_slots(),
         device_kv_mib: device_kv as f64 / MIB,
+        host_attention: req.host_attention,
+        cpu_attention_gbps: inputs.host.map_or(0.0, |h| h.attention_bandwidth / 1e9),
+        host_ms_per_step: pred.host_seconds * 1e3,
+        host_attended_layers: plan.host_attended,
         pooled_layers: plan.pooled,
         predicted_step_ms: pred.step_seconds * 1e3,
         simulated_step_ms: steps.last().map(|s| s.step_ms).unwrap_or(0.0),
@@ -576,7 +758,9 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
         offloaded_share: pred.offloaded_share,
         transparent_fraction: transparent_fraction(inputs)?,
         best_static_prefetch_depth: best.plan.staging_slots(),
+        best_static_host_attended_layers: best.plan.host_attended,
         best_static_pooled_layers: best.plan.pooled,
+        copy_only_step_ms: copy_only.prediction.step_seconds * 1e3,
         best_static_step_ms: best.prediction.step_seconds * 1e3,
         steps,
     })

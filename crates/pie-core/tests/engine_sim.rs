@@ -72,6 +72,7 @@ fn predicted(plan: &Plan, compute: f64, bandwidth: f64) -> (f64, f64) {
         link: LinkModel::symmetric(bandwidth, 0.0),
         budget_bytes: None,
         objective: Objective::Speed,
+        host: None,
     };
     let p = predict_step(&inputs, plan).unwrap();
     (p.step_seconds, p.stall_seconds)

@@ -3,8 +3,8 @@
 use pie_core::policy::cost_model::{device_bytes, LinkModel, PolicyInputs};
 use pie_core::policy::search::max_depth;
 use pie_core::policy::{
-    best_static_plan, best_static_plan_in, predict_step, transparent_fraction, Objective,
-    SearchSpace,
+    best_static_plan, best_static_plan_in, predict_step, transparent_fraction, HostAttention,
+    HostModel, Objective, SearchSpace,
 };
 use pie_core::{ErrorKind, Plan};
 use proptest::prelude::*;
@@ -141,6 +141,7 @@ fn arb_inputs() -> impl Strategy<Value = (PolicyInputs, Vec<bool>, usize)> {
                         } else {
                             Objective::Speed
                         },
+                        host: None,
                     };
                     (inputs, mask, w)
                 })
@@ -182,4 +183,73 @@ proptest! {
             }
         }
     }
+}
+
+fn with_host(inputs: &PolicyInputs, host_bw: f64, choice: HostAttention) -> PolicyInputs {
+    PolicyInputs {
+        objective: Objective::Speed,
+        host: Some(HostModel {
+            attention_bandwidth: host_bw,
+            query_bytes: 4096,
+            result_bytes: 8192,
+            choice,
+        }),
+        ..inputs.clone()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Under `Auto` the search never predicts a slower step than copy-only
+    /// pooling (copying everything is always a candidate), its plans fit the
+    /// budget, and `Always` attends every pooled layer on the host.
+    #[test]
+    fn auto_is_never_slower_than_copy_only(
+        (inputs, _mask, _w) in arb_inputs(),
+        host_bw in 1e8f64..1e12,
+    ) {
+        let copy = with_host(&inputs, host_bw, HostAttention::Never);
+        let auto = with_host(&inputs, host_bw, HostAttention::Auto);
+        let budget = inputs.budget_bytes.unwrap();
+        if let Ok(c) = best_static_plan(&copy) {
+            prop_assert!(c.plan.host_attended.is_empty());
+            let a = best_static_plan(&auto).unwrap();
+            prop_assert!(a.prediction.step_seconds <= c.prediction.step_seconds,
+                "auto {:?} slower than copy-only {:?}", a, c);
+            prop_assert!(a.prediction.device_bytes <= budget);
+            a.plan.validate(inputs.num_layers()).unwrap();
+        }
+        if let Ok(a) = best_static_plan(&with_host(&inputs, host_bw, HostAttention::Always)) {
+            prop_assert_eq!(&a.plan.host_attended, &a.plan.pooled);
+            prop_assert!(a.prediction.device_bytes <= budget);
+        }
+    }
+}
+
+/// On an 80-layer model over a PCIe link with a CPU six times faster than the
+/// link, at a budget of half the KV, the restricted search attends layers on
+/// the host and predicts a step well below copy-only pooling.
+#[test]
+fn deep_model_on_pcie_prefers_host_attention() {
+    let layers = 80;
+    let layer: u64 = 256 << 20;
+    let base = PolicyInputs::uniform(
+        layers,
+        0.4e-3,
+        layer,
+        32 << 10,
+        LinkModel::symmetric(50e9, 10e-6),
+        Some(layer * layers as u64 / 2),
+        Objective::Speed,
+    );
+    let copy = best_static_plan(&with_host(&base, 300e9, HostAttention::Never)).unwrap();
+    let auto = best_static_plan(&with_host(&base, 300e9, HostAttention::Auto)).unwrap();
+    assert!(!auto.plan.host_attended.is_empty(), "{:?}", auto.plan);
+    assert!(
+        auto.prediction.step_seconds * 1.3 < copy.prediction.step_seconds,
+        "auto {:?} copy {:?}",
+        auto.prediction,
+        copy.prediction
+    );
 }

@@ -309,3 +309,38 @@ fn the_device_pool_is_what_the_budget_holds_in_blocks() {
     assert_eq!((one.steps, one.output_tokens), (1, 1));
     assert!(one.ttft_ms_p50 > 0.0 && one.tpot_ms_p50 == 0.0);
 }
+
+/// With host attention, `pie` on PCIe machines may grow its pool past what
+/// the link hides, attending pooled layers on the CPU: every request still
+/// finishes, the budget holds, and its throughput is never below copy-only
+/// `pie`'s on the same workload.
+#[test]
+fn host_attention_serves_everything_and_is_never_slower() {
+    use pie_core::policy::HostAttention;
+    for machine in ["a100-pcie-gen4", "h100-pcie-gen5"] {
+        let run = |host_attention| {
+            simulate_serving(&ServingRequest {
+                methods: Some(vec![Method::Pie]),
+                host_attention,
+                ..pressured(machine, f64::INFINITY)
+            })
+            .unwrap()
+        };
+        let copy = run(HostAttention::Never);
+        let auto = run(HostAttention::Auto);
+        let (c, a) = (method(&copy, Method::Pie), method(&auto, Method::Pie));
+        eprintln!(
+            "{machine}: copy-only pie {:.0} tok/s (pool {}, {} pooled), host auto {:.0} tok/s (pool {}, {} pooled, {} on the host, {:.0} ms of round trips)",
+            c.throughput_tok_s, c.pool_tokens, c.pooled_layers,
+            a.throughput_tok_s, a.pool_tokens, a.pooled_layers, a.host_attended_layers, a.host_ms
+        );
+        assert_eq!(a.finished, 120);
+        assert!(a.device_kv_mib <= auto.gpu_budget_mib + 1e-9);
+        assert_eq!(c.host_attended_layers, 0);
+        assert_eq!(c.host_ms, 0.0);
+        assert!(
+            a.throughput_tok_s >= c.throughput_tok_s * 0.99,
+            "{a:?} vs {c:?}"
+        );
+    }
+}

@@ -11,9 +11,9 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 use pie_core::policy::cost_model::{timeline, LinkModel, PolicyInputs};
-use pie_core::policy::{predict_step, Objective};
+use pie_core::policy::{predict_step, HostAttention, HostModel, Objective};
 use pie_core::sim::SimConfig;
-use pie_core::simulate::{run_pipeline, PipelineSpec};
+use pie_core::simulate::{run_pipeline, Pipeline, PipelineSpec};
 use pie_core::Plan;
 use proptest::prelude::*;
 
@@ -141,6 +141,7 @@ fn arb_case() -> impl Strategy<Value = (PolicyInputs, Plan, usize)> {
                         link,
                         budget_bytes: None,
                         objective: Objective::Speed,
+                        host: None,
                     };
                     let pooled: Vec<usize> = (0..l).filter(|&i| mask[i]).collect();
                     (inputs, Plan::copying(pooled, w), steps)
@@ -182,6 +183,50 @@ proptest! {
             let p = predict_step(&inputs, &Plan { prefetch_depth: w, ..plan.clone() }).unwrap();
             prop_assert!(p.stall_seconds <= last + 1e-9, "depth {}: {} > {}", w, p.stall_seconds, last);
             last = p.stall_seconds;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// With some pooled layers attended on the host, the predictor and the
+    /// simulated pipeline (whose driver charges the round trip) still agree
+    /// step by step. Host-attended layers write back nothing here: the
+    /// simulator leaves their few bytes off the link (see `simulate`'s docs).
+    #[test]
+    fn predictor_agrees_with_host_attention(
+        (mut inputs, plan, steps) in arb_case(),
+        host_mask in any::<u16>(),
+        host_bw in 1e9f64..1e12,
+        query in 0u64..100_000,
+    ) {
+        let host = HostModel {
+            attention_bandwidth: host_bw,
+            query_bytes: query,
+            result_bytes: 2 * query,
+            choice: HostAttention::Auto,
+        };
+        inputs.host = Some(host);
+        let host_attended: Vec<usize> = plan
+            .pooled
+            .iter()
+            .copied()
+            .filter(|&l| host_mask & (1 << l) != 0)
+            .collect();
+        for &l in &host_attended {
+            inputs.writeback_bytes[l] = 0;
+        }
+        let plan = Plan { host_attended, ..plan };
+        let spec = PipelineSpec::from_inputs(&inputs);
+        let mut pipe = Pipeline::with_host(SimConfig::from_link(inputs.link), host).unwrap();
+        let predicted = timeline(&inputs, &plan, steps).unwrap();
+        for p in &predicted {
+            let s = pipe.run_step(&spec, &plan).unwrap();
+            prop_assert!(close(s.step_seconds, p.step_seconds), "{:?} vs {:?}", s, p);
+            let (host_seconds, layers) = pipe.last_host();
+            prop_assert_eq!(layers, plan.host_attended.len());
+            prop_assert!((host_seconds - p.host_seconds).abs() <= 1e-9 + REL * p.step_seconds);
         }
     }
 }

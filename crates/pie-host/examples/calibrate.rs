@@ -8,10 +8,14 @@
 //!
 //! With `--profile-json PATH` it also writes the host backend's measured link
 //! as a machine profile override (`h2d_gbps`, `d2h_gbps`, `copy_latency_us`)
-//! for the serving simulation (`benches/serving_calibration.py`).
+//! for the serving simulation (`benches/serving_calibration.py`), and this
+//! machine's CPU as host attention sees it: `cpu_memory_gbps` (a STREAM triad
+//! on the attention kernel's thread pool) and `cpu_cores` (its threads), the
+//! figures `pie-rs simulate --cpu-memory-gbps/--cpu-cores` take.
 
 use pie_core::policy::{predict_step, LinkModel, Objective, PolicyInputs};
 use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticPolicy, Stream};
+use pie_host::attention::HostAttention as HostKernel;
 use pie_host::HostBackend;
 use std::time::{Duration, Instant};
 
@@ -97,16 +101,27 @@ fn main() -> pie_core::Result<()> {
         spec.bytes(TOKENS) as f64 / (1 << 20) as f64,
         compute
     );
+    // The CPU as host attention sees it: the triad over 3 x 32M f64 (768 MiB,
+    // far beyond any cache) on the kernel's own threads, best of 3 passes.
+    let kernel = HostKernel::new(0)?;
+    let triad = kernel.stream_triad(32 << 20, 3)?;
+    println!(
+        "host CPU: {} attention threads, STREAM triad {:.1} GB/s",
+        kernel.threads(),
+        triad.bytes_per_second / 1e9
+    );
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--profile-json") {
         let path = args
             .get(i + 1)
             .ok_or_else(|| pie_core::PieError::config("--profile-json needs a file name"))?;
         let json = format!(
-            "{{\"h2d_gbps\": {:.4}, \"d2h_gbps\": {:.4}, \"copy_latency_us\": {:.1}, \"source\": \"pie-host calibrate\"}}\n",
+            "{{\"h2d_gbps\": {:.4}, \"d2h_gbps\": {:.4}, \"copy_latency_us\": {:.1}, \"cpu_memory_gbps\": {:.4}, \"cpu_cores\": {}, \"source\": \"pie-host calibrate\"}}\n",
             link.h2d_bandwidth / 1e9,
             link.d2h_bandwidth / 1e9,
-            link.h2d_latency * 1e6
+            link.h2d_latency * 1e6,
+            triad.bytes_per_second / 1e9,
+            kernel.threads()
         );
         std::fs::write(path, json)
             .map_err(|e| pie_core::PieError::backend("write the profile", e))?;
@@ -125,6 +140,7 @@ fn main() -> pie_core::Result<()> {
             link,
             budget_bytes: None,
             objective: Objective::Speed,
+            host: None,
         };
         let predicted = predict_step(&inputs, &plan)?.step_seconds;
         println!(

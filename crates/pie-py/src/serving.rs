@@ -31,6 +31,7 @@ const KEYS: &[&str] = &[
     "compute",
     "max_running",
     "max_batched_tokens",
+    "host_attention",
 ];
 
 /// Keys of a `model_shape` dict.
@@ -202,6 +203,7 @@ fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<ServingRequest> {
             None => None,
         },
         workload,
+        host_attention: crate::simulate::host_attention(request, "simulate_serving")?,
     })
 }
 
@@ -233,6 +235,8 @@ fn method_dict<'py>(py: Python<'py>, r: &MethodReport) -> PyResult<Bound<'py, Py
     d.set_item("pool_tokens", r.pool_tokens)?;
     d.set_item("pooled_layers", r.pooled_layers)?;
     d.set_item("prefetch_depth", r.prefetch_depth)?;
+    d.set_item("host_attended_layers", r.host_attended_layers)?;
+    d.set_item("host_ms", r.host_ms)?;
     d.set_item("steps", r.steps)?;
     d.set_item("finished", r.finished)?;
     d.set_item("output_tokens", r.output_tokens)?;

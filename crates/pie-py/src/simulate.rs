@@ -4,7 +4,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use pie_core::policy::Objective;
+use pie_core::policy::{HostAttention, Objective};
 use pie_core::profiles::{machines, models};
 use pie_core::simulate::{SimulateReport, SimulateRequest};
 use pie_core::PieError;
@@ -26,6 +26,9 @@ const KEYS: &[&str] = &[
     "gpu_budget_mib",
     "objective",
     "steps",
+    "host_attention",
+    "cpu_memory_gbps",
+    "cpu_cores",
 ];
 
 /// The value under `key`, `None` when absent or Python `None`.
@@ -34,6 +37,16 @@ where
     T: for<'a> FromPyObject<'a, 'py>,
 {
     crate::request::optional("simulate", request, key)
+}
+
+/// The request's `host_attention` ("auto", "never" or "always"; default
+/// "auto", as `pie-rs simulate` and `attach` default to); any other value is a
+/// `ConfigError` naming the three.
+pub(crate) fn host_attention(request: &Bound<'_, PyDict>, what: &str) -> PyResult<HostAttention> {
+    match crate::request::optional::<String>(what, request, "host_attention")? {
+        Some(s) => s.parse::<HostAttention>().map_err(to_py),
+        None => Ok(HostAttention::Auto),
+    }
 }
 
 fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<SimulateRequest> {
@@ -63,6 +76,9 @@ fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<SimulateRequest> {
         gpu_budget_mib: opt(request, "gpu_budget_mib")?,
         objective,
         steps: opt(request, "steps")?,
+        host_attention: host_attention(request, "simulate")?,
+        cpu_memory_gbps: opt(request, "cpu_memory_gbps")?,
+        cpu_cores: opt(request, "cpu_cores")?,
     })
 }
 
@@ -80,7 +96,11 @@ fn report_to_dict<'py>(py: Python<'py>, r: &SimulateReport) -> PyResult<Bound<'p
     d.set_item("gpu_budget_mib", r.gpu_budget_mib)?;
     d.set_item("h2d_gbps", r.h2d_gbps)?;
     d.set_item("d2h_gbps", r.d2h_gbps)?;
+    d.set_item("host_attention", r.host_attention.name())?;
+    d.set_item("cpu_attention_gbps", r.cpu_attention_gbps)?;
     d.set_item("pooled_layers", r.pooled_layers.clone())?;
+    d.set_item("host_attended_layers", r.host_attended_layers.clone())?;
+    d.set_item("host_ms_per_step", r.host_ms_per_step)?;
     d.set_item("prefetch_depth", r.prefetch_depth)?;
     d.set_item("device_kv_mib", r.device_kv_mib)?;
     d.set_item("predicted_step_ms", r.predicted_step_ms)?;
@@ -93,6 +113,11 @@ fn report_to_dict<'py>(py: Python<'py>, r: &SimulateReport) -> PyResult<Bound<'p
         "best_static_pooled_layers",
         r.best_static_pooled_layers.clone(),
     )?;
+    d.set_item(
+        "best_static_host_attended_layers",
+        r.best_static_host_attended_layers.clone(),
+    )?;
+    d.set_item("copy_only_step_ms", r.copy_only_step_ms)?;
     d.set_item("best_static_prefetch_depth", r.best_static_prefetch_depth)?;
     d.set_item("best_static_step_ms", r.best_static_step_ms)?;
     let steps = PyList::empty(py);
@@ -100,6 +125,7 @@ fn report_to_dict<'py>(py: Python<'py>, r: &SimulateReport) -> PyResult<Bound<'p
         let sd = PyDict::new(py);
         sd.set_item("step", s.step)?;
         sd.set_item("pooled_count", s.pooled_count)?;
+        sd.set_item("host_count", s.host_count)?;
         sd.set_item("prefetch_depth", s.prefetch_depth)?;
         sd.set_item("step_ms", s.step_ms)?;
         sd.set_item("stall_ms", s.stall_ms)?;
@@ -126,7 +152,16 @@ fn simulate(py: Python<'_>, request: &Bound<'_, PyDict>) -> PyResult<Py<PyDict>>
 fn list_profiles(py: Python<'_>) -> PyResult<Py<PyDict>> {
     let ms = PyDict::new(py);
     for m in machines() {
-        ms.set_item(m.name, m.description)?;
+        ms.set_item(
+            m.name,
+            format!(
+                "{}; host CPU {:.0} GB/s, {} cores (host attention {:.0} GB/s)",
+                m.description,
+                m.cpu_memory_gbps,
+                m.cpu_cores,
+                m.host_attention_gbps()
+            ),
+        )?;
     }
     let mods = PyDict::new(py);
     for m in models() {

@@ -28,8 +28,16 @@
 //! (spread across the depth) that fit the budget with that many staging slots
 //! (the search's, if not even every layer pooled fits with them); from there
 //! the policy changes pooled layers and depth as its measurements warrant.
+//!
+//! **Host attention.** With [`AdaptiveConfig::host`] set, the search also
+//! places each pooled layer (copied or attended on the host) under the model's
+//! [`HostAttention`](super::HostAttention) choice. A host-attended layer's
+//! measured time includes its host round trip; the policy subtracts the round
+//! trip it predicts before smoothing, so its compute estimate stays the
+//! device's and does not change with the placement.
 
 use super::cost_model::{device_bytes, predict_unchecked, LinkModel, PolicyInputs, Prediction};
+use super::host_cost::HostModel;
 use super::search::{best_static_plan, Choice, TIE_TOLERANCE};
 use super::{KvShape, Objective, Policy, PolicyContext};
 use crate::error::{PieError, Result};
@@ -56,6 +64,8 @@ pub struct AdaptiveConfig {
     pub switch_gain: f64,
     /// Consecutive decisions that must see that gain before switching.
     pub confirmations: usize,
+    /// The host attention path and placement choice; `None`: pooled layers are copied.
+    pub host: Option<HostModel>,
 }
 
 impl Default for AdaptiveConfig {
@@ -71,6 +81,7 @@ impl Default for AdaptiveConfig {
             jump_threshold: 0.2,
             switch_gain: 0.03,
             confirmations: 2,
+            host: None,
         }
     }
 }
@@ -178,12 +189,7 @@ impl AdaptivePolicy {
         } else {
             vec![self.config.compute_prior_seconds; l]
         };
-        let prior = self.config.link_prior;
-        let link = LinkModel {
-            h2d_bandwidth: self.h2d_bandwidth.value.unwrap_or(prior.h2d_bandwidth),
-            d2h_bandwidth: self.d2h_bandwidth.value.unwrap_or(prior.d2h_bandwidth),
-            ..prior
-        };
+        let link = self.link_estimate();
         let inputs = PolicyInputs {
             compute_seconds: compute,
             layer_bytes: kv.layer_bytes.clone(),
@@ -192,9 +198,20 @@ impl AdaptivePolicy {
             link,
             budget_bytes: self.budget_bytes,
             objective: self.config.objective,
+            host: self.config.host,
         };
         inputs.validate()?;
         Ok(inputs)
+    }
+
+    /// The link as currently estimated (the prior until copies were measured).
+    fn link_estimate(&self) -> LinkModel {
+        let prior = self.config.link_prior;
+        LinkModel {
+            h2d_bandwidth: self.h2d_bandwidth.value.unwrap_or(prior.h2d_bandwidth),
+            d2h_bandwidth: self.d2h_bandwidth.value.unwrap_or(prior.d2h_bandwidth),
+            ..prior
+        }
     }
 
     /// The predicted steady state of the current plan under the current estimates.
@@ -290,6 +307,7 @@ fn similar(a: &PolicyInputs, b: &PolicyInputs) -> bool {
         && a.objective == b.objective
         && a.writeback_bytes == b.writeback_bytes
         && a.link.shared == b.link.shared
+        && a.host == b.host
         && close(a.link.h2d_bandwidth, b.link.h2d_bandwidth)
         && close(a.link.d2h_bandwidth, b.link.d2h_bandwidth)
         && close(a.link.h2d_latency, b.link.h2d_latency)
@@ -310,7 +328,16 @@ fn similar(a: &PolicyInputs, b: &PolicyInputs) -> bool {
 impl AdaptivePolicy {
     /// Feeds one step's measurements into the estimates.
     pub(crate) fn measure(&mut self, sample: &StepSample) {
-        let compute = sample.compute_seconds();
+        let mut compute = sample.compute_seconds();
+        if let (Some(host), Some(kv)) = (self.config.host, self.kv.as_ref()) {
+            // A host-attended layer's time includes its round trip (module docs).
+            let link = self.link_estimate();
+            for &l in &sample.plan.host_attended {
+                if let (Some(c), Some(&valid)) = (compute.get_mut(l), kv.valid_bytes.get(l)) {
+                    *c = (*c - host.layer_seconds(&link, valid)).max(0.0);
+                }
+            }
+        }
         let expected = self.kv.as_ref().map(KvShape::num_layers);
         if expected.is_none_or(|l| l == compute.len()) && !compute.is_empty() {
             self.update_compute(&compute);

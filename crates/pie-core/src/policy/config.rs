@@ -5,7 +5,9 @@
 
 use std::str::FromStr;
 
-use super::{AdaptiveConfig, AdaptivePolicy, HostAttention, Placed, Policy, StaticPolicy};
+use super::{
+    AdaptiveConfig, AdaptivePolicy, HostAttention, HostModel, Placed, Policy, StaticPolicy,
+};
 use crate::error::{PieError, Result};
 use crate::plan::Plan;
 
@@ -164,22 +166,38 @@ impl PolicyConfig {
     }
 
     /// The policy this config describes, for [`crate::Engine::new`], its plans
-    /// held to [`PolicyConfig::host_attention`].
+    /// held to [`PolicyConfig::host_attention`]. Without the host's figures
+    /// (see [`PolicyConfig::build_with_host`]) `Auto` keeps pooled layers copied.
     pub fn build(&self) -> Box<dyn Policy> {
-        Box::new(Placed::new(self.build_inner(), self.host_attention))
+        self.build_with_host(None)
     }
 
-    fn build_inner(&self) -> Box<dyn Policy> {
+    /// [`PolicyConfig::build`] with the host attention path's figures (the
+    /// CPU's measured memory bandwidth and cores, the model's query and result
+    /// sizes): under `Auto` the adaptive policy then chooses per pooled layer
+    /// between copying it and attending it on the host. `host.choice` is
+    /// replaced by [`PolicyConfig::host_attention`].
+    pub fn build_with_host(&self, host: Option<HostModel>) -> Box<dyn Policy> {
+        let host = host.map(|h| HostModel {
+            choice: self.host_attention,
+            ..h
+        });
+        Box::new(Placed::new(self.build_inner(host), self.host_attention))
+    }
+
+    fn build_inner(&self, host: Option<HostModel>) -> Box<dyn Policy> {
         if let Some(plan) = &self.pinned {
             return Box::new(StaticPolicy::pinned(plan.clone()));
         }
         match self.kind {
-            PolicyKind::Static => Box::new(StaticPolicy::budget_fit(
+            PolicyKind::Static => Box::new(StaticPolicy::budget_fit_placed(
                 self.prefetch_depth.unwrap_or(DEFAULT_PREFETCH_DEPTH),
+                self.host_attention,
             )),
             PolicyKind::Adaptive => Box::new(AdaptivePolicy::new(AdaptiveConfig {
                 objective: self.objective,
                 initial_prefetch_depth: self.prefetch_depth,
+                host: host.filter(|h| h.choice != HostAttention::Never),
                 ..AdaptiveConfig::default()
             })),
         }
@@ -299,5 +317,68 @@ mod tests {
             let mut p = c.build();
             assert_eq!(p.initial_plan(&ctx).unwrap(), Plan::all_resident(), "{c:?}");
         }
+    }
+
+    #[test]
+    fn auto_places_layers_on_the_host_only_with_the_host_figures() {
+        use super::super::PolicyContext;
+        use crate::layout::LayerSpec;
+        use crate::slots::ArenaLayout;
+        // 4 layers of 64 MiB (all valid) under a budget of 3: a copy takes
+        // 2.7 ms at the 25 GB/s link prior against 1 ms of compute a layer,
+        // host attention at 1 TB/s 67 us.
+        let spec = LayerSpec {
+            batch: 1,
+            kv_heads: 1,
+            k_dim: 256,
+            v_dim: 256,
+            elem_size: 2,
+        };
+        let specs = vec![spec; 4];
+        let capacity = 1 << 16;
+        let layer = ArenaLayout::device_bytes_for(&specs[..1], capacity, &Plan::all_resident());
+        let ctx = PolicyContext {
+            specs: &specs,
+            capacity,
+            seq_lens: &[capacity; 4],
+            device_budget: Some(3 * layer),
+        };
+        let host = HostModel {
+            attention_bandwidth: 1e12,
+            query_bytes: 1024,
+            result_bytes: 2048,
+            choice: HostAttention::Never,
+        };
+        let auto = PolicyConfig::default().with_host_attention("auto").unwrap();
+        let plan = auto.build_with_host(Some(host)).initial_plan(&ctx).unwrap();
+        assert_eq!(
+            (plan.pooled.len(), plan.host_attended.len()),
+            (1, 1),
+            "{plan:?}"
+        );
+        // Without the CPU's figures, auto copies.
+        let plan = auto.build().initial_plan(&ctx).unwrap();
+        assert!(
+            plan.host_attended.is_empty() && !plan.pooled.is_empty(),
+            "{plan:?}"
+        );
+        // never copies even with them; always attends every pooled layer.
+        let never = PolicyConfig::default()
+            .with_host_attention("never")
+            .unwrap();
+        let plan = never
+            .build_with_host(Some(host))
+            .initial_plan(&ctx)
+            .unwrap();
+        assert!(plan.host_attended.is_empty(), "{plan:?}");
+        let always = PolicyConfig::default()
+            .with_host_attention("always")
+            .unwrap();
+        let plan = always
+            .build_with_host(Some(host))
+            .initial_plan(&ctx)
+            .unwrap();
+        assert_eq!(plan.host_attended, plan.pooled);
+        assert!(!plan.pooled.is_empty());
     }
 }

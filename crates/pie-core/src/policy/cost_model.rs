@@ -18,9 +18,16 @@
 //! * when `P <= W` every pooled layer keeps its slot, so after the first load
 //!   no prefetch is needed; write-backs still happen.
 //!
+//! * a *host-attended* pooled layer (see [`super::host_cost`]) is not in that
+//!   cycle: it takes no slot and is never prefetched; its compute is followed on
+//!   the compute stream by its host round trip ([`HostModel::layer_seconds`]),
+//!   and its new tokens' write-back is queued on the D2H queue like a copied
+//!   layer's. Only the *copied* pooled layers `p_k` above cycle through slots.
+//!
 //! Step time is the compute stream's progress over one step: the sum of the
-//! layers' compute plus the stalls.
+//! layers' compute plus the stalls plus the host round trips.
 
+use super::host_cost::HostModel;
 use crate::error::{PieError, Result};
 use crate::layout::{align_up, SLOT_ALIGN};
 use crate::plan::Plan;
@@ -133,6 +140,8 @@ pub struct PolicyInputs {
     pub budget_bytes: Option<u64>,
     /// What to optimise.
     pub objective: Objective,
+    /// The host attention path; `None` when pooled layers can only be copied.
+    pub host: Option<HostModel>,
 }
 
 impl PolicyInputs {
@@ -154,6 +163,7 @@ impl PolicyInputs {
             link,
             budget_bytes,
             objective,
+            host: None,
         }
     }
 
@@ -194,6 +204,9 @@ impl PolicyInputs {
                 "layer {i} has {} valid bytes but only {} bytes of capacity",
                 self.valid_bytes[i], self.layer_bytes[i]
             )));
+        }
+        if let Some(h) = &self.host {
+            h.validate()?;
         }
         self.link.validate()
     }
@@ -244,6 +257,8 @@ pub struct StepTiming {
     pub h2d_bytes: u64,
     /// Bytes of write-backs issued during the step.
     pub d2h_bytes: u64,
+    /// Seconds the compute stream spent on host-attended layers' round trips.
+    pub host_seconds: f64,
 }
 
 /// The predicted steady state of a plan.
@@ -255,6 +270,8 @@ pub struct Prediction {
     pub stall_seconds: f64,
     /// Seconds per step of compute (the all-GPU step time).
     pub compute_seconds: f64,
+    /// Seconds per step the compute stream waits for host attention.
+    pub host_seconds: f64,
     /// Bytes moved host-to-device per step.
     pub h2d_bytes: u64,
     /// Bytes moved device-to-host per step.
@@ -268,9 +285,10 @@ pub struct Prediction {
 }
 
 impl Prediction {
-    /// Whether the stall is below [`STALL_TOLERANCE`] of the compute time.
+    /// Whether the time beyond compute (stall and host attention) is below
+    /// [`STALL_TOLERANCE`] of the compute time.
     pub fn is_transparent(&self) -> bool {
-        self.stall_seconds <= STALL_TOLERANCE * self.compute_seconds
+        self.stall_seconds + self.host_seconds <= STALL_TOLERANCE * self.compute_seconds
     }
 }
 
@@ -284,7 +302,10 @@ enum Dir {
 /// The replayed pipeline state.
 struct Replay<'a> {
     inputs: &'a PolicyInputs,
-    pooled: &'a [usize],
+    /// The copied pooled layers (the `p_k` of the module docs).
+    pooled: Vec<usize>,
+    /// Per layer, its host round trip when it is host-attended.
+    host: Vec<Option<f64>>,
     slots: usize,
     swapping: bool,
     step: usize,
@@ -302,11 +323,19 @@ struct Replay<'a> {
 impl<'a> Replay<'a> {
     fn new(inputs: &'a PolicyInputs, plan: &'a Plan) -> Self {
         let slots = plan.staging_slots();
+        let pooled = plan.copied();
+        let host = (0..inputs.num_layers())
+            .map(|i| {
+                let model = inputs.host.filter(|_| plan.is_host_attended(i))?;
+                Some(model.layer_seconds(&inputs.link, inputs.valid_bytes[i]))
+            })
+            .collect();
         let mut r = Replay {
             inputs,
-            pooled: &plan.pooled,
+            swapping: pooled.len() > slots,
+            pooled,
+            host,
             slots,
-            swapping: plan.pooled.len() > slots,
             step: 0,
             compute_clock: 0.0,
             h2d_clock: 0.0,
@@ -353,9 +382,19 @@ impl<'a> Replay<'a> {
         let mut stall = 0.0;
         let mut h2d_bytes = std::mem::take(&mut self.startup_h2d);
         let mut d2h_bytes = 0;
+        let mut host_seconds = 0.0;
         let mut k = 0;
         for (i, &c) in inputs.compute_seconds.iter().enumerate() {
-            if k < p && self.pooled[k] == i {
+            if let Some(h) = self.host[i] {
+                self.compute_clock += c + h;
+                host_seconds += h;
+                let wb = inputs.writeback_bytes[i];
+                if wb > 0 {
+                    self.d2h_clock = self.d2h_clock.max(self.compute_clock);
+                    self.copy(Dir::D2h, wb);
+                    d2h_bytes += wb;
+                }
+            } else if k < p && self.pooled[k] == i {
                 let g = self.step * p + k;
                 let slot = g % self.slots;
                 let before = self.compute_clock;
@@ -389,13 +428,22 @@ impl<'a> Replay<'a> {
             stall_seconds: stall,
             h2d_bytes,
             d2h_bytes,
+            host_seconds,
         }
     }
 }
 
 fn check_plan(inputs: &PolicyInputs, plan: &Plan) -> Result<()> {
     inputs.validate()?;
-    plan.validate(inputs.num_layers())
+    plan.validate(inputs.num_layers())?;
+    if inputs.host.is_none() && !plan.host_attended.is_empty() {
+        return Err(PieError::config(format!(
+            "the plan attends layers {:?} on the host but the inputs have no host model; \
+             give the CPU's memory bandwidth and cores, or copy those layers",
+            plan.host_attended
+        )));
+    }
+    Ok(())
 }
 
 /// Replays `steps` steps of `plan` from a cold start (the first `W` prefetches
@@ -442,6 +490,7 @@ pub(crate) fn predict_unchecked(inputs: &PolicyInputs, plan: &Plan) -> Predictio
                 stall_seconds: tail.iter().map(|s| s.stall_seconds).sum::<f64>() / m,
                 h2d_bytes: t.h2d_bytes,
                 d2h_bytes: t.d2h_bytes,
+                host_seconds: t.host_seconds,
             };
         }
     };
@@ -451,6 +500,7 @@ pub(crate) fn predict_unchecked(inputs: &PolicyInputs, plan: &Plan) -> Predictio
         step_seconds: steady.step_seconds,
         stall_seconds: steady.stall_seconds,
         compute_seconds: inputs.compute_total(),
+        host_seconds: steady.host_seconds,
         h2d_bytes: steady.h2d_bytes,
         d2h_bytes: steady.d2h_bytes,
         device_bytes: device,
@@ -515,5 +565,75 @@ mod tests {
         assert!(t[0].stall_seconds > 0.0);
         assert_eq!(t[2].h2d_bytes, 0);
         assert_eq!(t[2].stall_seconds, 0.0);
+    }
+
+    fn with_host(mut i: PolicyInputs, attention_bandwidth: f64) -> PolicyInputs {
+        i.host = Some(HostModel {
+            attention_bandwidth,
+            query_bytes: 0,
+            result_bytes: 0,
+            choice: crate::policy::HostAttention::Auto,
+        });
+        i
+    }
+
+    #[test]
+    fn host_attended_layer_adds_its_round_trip_and_takes_no_slot() {
+        // 4 layers of 1 ms; layers 1 and 3 pooled, 3 attended on the host:
+        // 5 MB at 5 GB/s is 1 ms on the host. Layer 1 alone keeps its one slot,
+        // so nothing is prefetched in steady state: 4 ms + 1 ms.
+        let i = with_host(inputs(4, 1e-3, 5_000_000, 1e9), 5e9);
+        let mut plan = Plan::copying(vec![1, 3], 1);
+        plan.host_attended = vec![3];
+        let p = predict_step(&i, &plan).unwrap();
+        assert!((p.step_seconds - 5e-3).abs() < 1e-12, "{p:?}");
+        assert!((p.host_seconds - 1e-3).abs() < 1e-12);
+        assert_eq!((p.h2d_bytes, p.stall_seconds), (0, 0.0));
+        // Two resident slots and one staging slot (layer 3 needs none).
+        assert_eq!(p.device_bytes, 3 * slot_bytes(5_000_000));
+        // Everything on the host: no staging slot at all.
+        let all = Plan {
+            pooled: vec![0, 1, 2, 3],
+            host_attended: vec![0, 1, 2, 3],
+            prefetch_depth: 1,
+        };
+        let p = predict_step(&i, &all).unwrap();
+        assert!((p.step_seconds - 8e-3).abs() < 1e-12, "{p:?}");
+        assert_eq!(p.device_bytes, 0);
+        assert!(!p.is_transparent());
+    }
+
+    #[test]
+    fn host_round_trip_hides_copies_like_compute() {
+        // Layers 1, 2, 3 pooled, 2 on the host (1 ms), 1 and 3 copied (5 ms
+        // each) through one slot. The copy of 3 starts when 1 is done and
+        // hides under layer 2's compute and round trip (2 ms): 3 ms stall; the
+        // copy of 1 hides under layer 0 (1 ms): 4 ms stall. 4 + 1 + 3 + 4 = 12 ms.
+        let i = with_host(inputs(4, 1e-3, 5_000_000, 1e9), 5e9);
+        let plan = Plan {
+            pooled: vec![1, 2, 3],
+            host_attended: vec![2],
+            prefetch_depth: 1,
+        };
+        let p = predict_step(&i, &plan).unwrap();
+        assert!((p.step_seconds - 12e-3).abs() < 1e-12, "{p:?}");
+        assert!((p.stall_seconds - 7e-3).abs() < 1e-12, "{p:?}");
+        assert_eq!(p.h2d_bytes, 10_000_000);
+        // Without a host model, a host-attended plan is refused.
+        let e = predict_step(&inputs(4, 1e-3, 5_000_000, 1e9), &plan).unwrap_err();
+        assert!(e.to_string().contains("no host model"), "{e}");
+    }
+
+    #[test]
+    fn host_attended_layers_write_back_their_new_tokens() {
+        let mut i = with_host(inputs(2, 1e-3, 1_000_000, 1e9), 1e12);
+        i.writeback_bytes = vec![1000; 2];
+        let plan = Plan {
+            pooled: vec![0, 1],
+            host_attended: vec![0, 1],
+            prefetch_depth: 1,
+        };
+        let t = timeline(&i, &plan, 2).unwrap();
+        assert_eq!((t[1].d2h_bytes, t[1].h2d_bytes), (2000, 0));
     }
 }

@@ -8,6 +8,7 @@
 //! * [`static_policy`]: a plan that never changes ([`StaticPolicy`]: pinned, or
 //!   the fewest pooled layers that fit the budget);
 //! * [`cost_model`]: an event-driven predictor of a plan's steady-state step;
+//! * [`host_cost`]: [`HostModel`], what attending a pooled layer on the host costs;
 //! * [`placement`]: [`HostAttention`], where pooled layers' attention runs
 //!   (copied to the device or attended on the host), enforced by [`Placed`];
 //! * [`search`]: the best static plan for given inputs (exhaustive over layer
@@ -38,6 +39,7 @@
 pub mod adaptive;
 pub mod config;
 pub mod cost_model;
+pub mod host_cost;
 pub mod placement;
 pub mod search;
 pub mod static_policy;
@@ -45,6 +47,7 @@ pub mod static_policy;
 pub use adaptive::{AdaptiveConfig, AdaptivePolicy};
 pub use config::{Objective, PolicyConfig, PolicyKind, DEFAULT_PREFETCH_DEPTH};
 pub use cost_model::{predict_step, LinkModel, PolicyInputs, Prediction};
+pub use host_cost::{exchange_bytes, HostModel};
 pub use placement::{HostAttention, Placed};
 pub use search::{
     best_static_plan, best_static_plan_in, transparent_fraction, Choice, SearchSpace,

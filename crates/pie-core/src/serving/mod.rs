@@ -52,6 +52,17 @@
 //!   the engine's adaptive policy then places the pooled layers and chooses
 //!   the prefetch depth from what it measures. Preemption recomputes.
 //!
+//! **Host attention** ([`ServingRequest::host_attention`], `pie` only): the
+//! adaptive policy may attend pooled layers on the host (the machine's CPU
+//! figures, [`crate::policy::HostModel`]); the driver charges a host-attended
+//! layer its round trip over the KV the running requests hold, as the batch
+//! simulator does ([`crate::simulate`]). Since a host round trip lengthens
+//! the step, the "within 2% of all-resident" rule would never grow the pool
+//! with it; with host attention allowed, `pie` also grows the pool (by 1/8
+//! to 1/4) when the cost model predicts at least 10% more decode throughput
+//! (sequences a full pool holds per second) than the current pool's, so a
+//! slower step that serves more requests counts.
+//!
 //! Everything is deterministic for a seed: the driver waits for the policy
 //! thread after every step.
 
@@ -60,6 +71,7 @@ pub mod workload;
 
 use crate::error::{PieError, Result};
 use crate::layout::LayerSpec;
+use crate::policy::{exchange_bytes, HostAttention, HostModel};
 use crate::profiles::{machine, model, MachineProfile, ModelShape};
 use crate::sim::SimConfig;
 
@@ -177,6 +189,8 @@ pub struct ServingRequest {
     /// Explicit requests instead of generated ones (tests, replays of a
     /// measured run); `rates` and `requests` are then ignored.
     pub workload: Option<Vec<Request>>,
+    /// Where `pie`'s pooled layers' attention may run (the CLI's default is `auto`).
+    pub host_attention: HostAttention,
 }
 
 /// What a run of one method gave.
@@ -210,6 +224,10 @@ pub struct MethodReport {
     pub pooled_layers: usize,
     /// Staging slots at the end of the run.
     pub prefetch_depth: usize,
+    /// Pooled layers attended on the host at the end of the run.
+    pub host_attended_layers: usize,
+    /// Virtual time host-attended layers spent on their round trips, ms in all.
+    pub host_ms: f64,
     /// Engine steps (scheduler iterations).
     pub steps: u64,
     /// Requests finished.
@@ -341,6 +359,9 @@ pub struct ServingSetup {
     pub limits: SchedulerLimits,
     /// A measured compute model replacing the roofline, if given.
     pub compute: Option<ComputeModel>,
+    /// The host attention path for one sequence's query row set (scale the
+    /// query and result bytes by the sequences), its choice the request's.
+    pub host: HostModel,
 }
 
 impl ServingSetup {
@@ -363,6 +384,15 @@ impl ServingSetup {
     /// Bytes of one token's KV in one layer.
     pub fn token_bytes(&self) -> u64 {
         self.model.kv_bytes_per_token()
+    }
+
+    /// The host attention path for `seqs` sequences decoding one token each.
+    pub fn host_for(&self, seqs: usize) -> HostModel {
+        HostModel {
+            query_bytes: self.host.query_bytes * seqs as u64,
+            result_bytes: self.host.result_bytes * seqs as u64,
+            ..self.host
+        }
     }
 
     /// The same setup with another budget.
@@ -527,6 +557,17 @@ pub fn resolve(req: &ServingRequest) -> Result<Resolved> {
         budget_bytes: budget,
         limits,
         compute: req.compute,
+        host: {
+            let (query, result) = exchange_bytes(1, shape.heads, shape.head_dim, shape.elem_size);
+            HostModel::from_cpu(
+                machine.cpu_memory_gbps * 1e9,
+                machine.cpu_cores,
+                machine.cpu_attention_gbps_per_core * 1e9,
+                query,
+                result,
+                req.host_attention,
+            )
+        },
     };
     setup.sim.validate()?;
     for (_, w) in &workloads {
