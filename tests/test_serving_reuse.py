@@ -154,3 +154,27 @@ def test_sliding_window_models_serve_without_a_store():
             pool.prefix_store(remember_prompts=True)
         assert tokens(model, prompts) == expected
         assert pool.stats()["serving"]["prefix_lookups"] == 0
+
+
+def test_forking_requests_keep_two_prompt_tokens_to_compute(llama):
+    # 33 tokens: the store could cover 32 and leave one, but a request that forks computes all but its
+    # last prompt token before the fork; it is left two (the match stops a block earlier).
+    prompts = [[*SYSTEM[:32], 3], [*SYSTEM[:32], 4]]
+    # Sampling from the top token only: forks need do_sample, the tokens must not depend on the draws.
+    gen = GenerationConfig(
+        max_new_tokens=4, do_sample=True, top_k=1, eos_token_id=-1, pad_token_id=0, num_return_sequences=2
+    )
+
+    def run() -> dict[str, object]:
+        out = llama.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb(), progress_bar=False)
+        return {k: (list(v.generated_tokens), v.error) for k, v in out.items()}
+
+    expected = run()
+    with pie_rs.attach(llama) as pool:
+        pool.cache_prefix(SYSTEM[:32])
+        got = run()
+        serve = pool.stats()["serving"]
+    assert len(got) == 4 and all(error is None for _, error in got.values())
+    assert got == expected
+    assert serve["prefix_hits"] >= 1 and serve["prefix_tokens_reused"] % BLOCK == 0
+    assert serve["prefix_tokens_reused"] <= len(prompts) * BLOCK

@@ -491,7 +491,9 @@ def _cache_class() -> type:
             store = self._prefix_store()
             if store is None or self._closed:
                 return shared
-            limit = len(prompt_ids) - 1
+            # A request that forks (num_return_sequences) computes all but its last prompt token before
+            # the fork, so it must be left two of them (one would schedule an empty forward).
+            limit = len(prompt_ids) - (2 if self._will_fork(request_id) else 1)
             kv = store.match(self._store_key(), [list(prompt_ids[:limit])], limit, count=False)
             end = self._usable(kv)
             if end <= shared or not self._allocate(request_id, shared, end):
@@ -510,6 +512,12 @@ def _cache_class() -> type:
             self.prefix_hits += 1
             self.prefix_tokens_reused += end - shared
             return end
+
+        def _will_fork(self, request_id: str) -> bool:
+            ref = getattr(self, "scheduler_ref", None)
+            scheduler = ref() if ref is not None else None
+            state = None if scheduler is None else scheduler.waiting_requests.get(request_id)
+            return state is None or int(getattr(state, "num_children", 0) or 0) > 0  # unknown: the safe side
 
         def _usable(self, kv: Any) -> int:
             """Tokens of a store match this cache can take (0 for none, or KV of another layout)."""
@@ -880,6 +888,7 @@ def _patch_manager(pool: Pool, manager: Any) -> None:
         with _paged_factory(make):
             bp = original_create()
         cache = bp.cache
+        cache.scheduler_ref = weakref.ref(bp.scheduler)  # the store's match asks whether a request forks
         instrument_processor(bp, cache, after_forward=cache.finish_step)
         return bp
 
