@@ -7,6 +7,8 @@ the serving cache's own) that the prefix was taken from the store, not computed.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -178,3 +180,42 @@ def test_forking_requests_keep_two_prompt_tokens_to_compute(llama):
     assert got == expected
     assert serve["prefix_hits"] >= 1 and serve["prefix_tokens_reused"] % BLOCK == 0
     assert serve["prefix_tokens_reused"] <= len(prompts) * BLOCK
+
+
+def test_preempted_requests_with_stored_prefixes_stay_exact(llama, reference):
+    # 10 blocks of 8 tokens: one 45-token request needs 6, so three at once preempt (soft reset
+    # and re-prefill, which consults the store again).
+    small = cb(num_blocks=10, allow_block_sharing=False)
+    row = 2 * llama.config.num_key_value_heads * (llama.config.hidden_size // llama.config.num_attention_heads) * 4
+    with pie_rs.attach(llama, gpu_budget=600 * row, objective="memory") as pool:
+        pool.prefix_store(remember_prompts=True)
+        assert tokens(llama, PROMPTS, small) == reference
+        assert tokens(llama, PROMPTS, small) == reference
+        serve = pool.stats()["serving"]
+    assert serve["preemptions"] > 0 and serve["prefix_hits"] >= len(PROMPTS)
+
+
+def test_a_running_manager_reuses_a_prompt_it_computed(llama, reference):
+    with pie_rs.attach(llama) as pool:
+        pool.prefix_store(remember_prompts=True)
+        manager = llama.init_continuous_batching(
+            generation_config=greedy(), continuous_batching_config=cb(allow_block_sharing=False)
+        )
+        manager.start()
+        results = {}
+        try:
+            deadline = time.time() + 60
+            for i, prompt in enumerate(PROMPTS):  # one after the other: each starts once the last is done
+                manager.add_request(prompt, request_id=f"req_{i}")
+                while f"req_{i}" not in results:
+                    out = manager.get_result(request_id=f"req_{i}", timeout=1)
+                    if out is not None and out.is_finished():
+                        results[out.request_id] = list(out.generated_tokens)
+                    assert time.time() < deadline
+        finally:
+            manager.stop(block=True)
+        stats = pool.stats()
+    assert [results[f"req_{i}"] for i in range(len(PROMPTS))] == reference
+    # The first request computed the system prompt and stored it; the later ones took it.
+    assert stats["prefix_hits"] == len(PROMPTS) - 1 and stats["prefix_tokens_reused"] == (len(PROMPTS) - 1) * 2 * BLOCK
+    assert stats["serving"]["prefix_tokens_stored"] == 2 * BLOCK
