@@ -14,6 +14,10 @@ rows ``[b * page_size, (b + 1) * page_size)`` of that layer's area. Rows written
 recorded when the batch is prepared; a pooled layer writes back exactly those rows; a prefetch
 moves the layer's rows up to the highest ever written (sectors are handed out lowest first).
 
+With a prefix store on the pool, admission (``search_prefix_match``) extends transformers' own
+prefix match with whole store blocks copied into the request's blocks, and with
+``remember_prompts`` a prefilled request's prompt goes to the store (``mark_complete_blocks``).
+
 The budget given to ``attach`` sizes the cache: pie-core (``_core.paged_fit``) answers how many
 rows per layer fit when the resident layers' areas plus the staging slots must fit the budget, so
 pooling buys blocks. One budget covers ``generate`` and continuous batching: a paged cache gets the
