@@ -1,9 +1,11 @@
 """KV reuse: the prefix store against recomputing, and N copies of a pooled cache against DynamicCache.
 
-Time to first token with a stored prefix and recomputed, and the device memory of N copies of a
-pooled cache against N DynamicCache copies, all measured in the same run.
+Time to first token with a stored prefix and recomputed, the device memory of N copies of a
+pooled cache against N DynamicCache copies, and continuous batching (``generate_batch``) of N
+requests sharing a system prompt with the store and without, all measured in the same run.
 
     python benches/reuse.py [--prefix 2000] [--suffix 16] [--copies 8] [--repeats 3] [--json out.json]
+                            [--serving-requests 4] [--serving-new 8] [--only generate|serving]
 
 A Llama built from a config (fixed-seed random weights, no downloads), on CUDA when there is one,
 else on the CPU (host backend). Prints a table.
@@ -17,12 +19,13 @@ import json
 import os
 import statistics
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig
 
 import pie_rs
 from pie_rs import _core
@@ -78,6 +81,81 @@ def kv_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
+def serving_run(model: torch.nn.Module, prompts: list[list[int]], new: int) -> dict[str, object]:
+    """One ``generate_batch`` of ``prompts``: wall time, each request's time to first token, the tokens."""
+    gen = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    out = model.generate_batch(prompts, generation_config=gen, record_timestamps=True, progress_bar=False)
+    ordered = [out[k] for k in sorted(out, key=lambda k: int(k.split("_")[-1]))]
+    ttft = [o.timestamps[0] - o.created_time for o in ordered]
+    # From the first request added to the last token: the serving itself, without generate_batch's
+    # set-up (building the manager and its warm-up, seconds on a CPU and the same both ways).
+    wall = max(o.timestamps[-1] for o in ordered) - min(o.created_time for o in ordered)
+    return {"wall": wall, "ttft": statistics.median(ttft), "tokens": [list(o.generated_tokens) for o in ordered]}
+
+
+def serving_bench(model: torch.nn.Module, prefix: list[int], suffixes: list[list[int]], args: Any) -> dict[str, Any]:
+    """N requests sharing a system prompt through continuous batching: no store, then the store.
+
+    Both with transformers' own prefix sharing on (its default): it lends a request's computed
+    blocks to requests admitted after it in the same session, the store covers what it does not
+    (the first request, and every request of a later session).
+    """
+    prompts = [prefix + s for s in suffixes[: args.serving_requests]]
+    new = args.serving_new
+    with torch.no_grad(), pie_rs.attach(model) as pool:
+        serving_run(model, prompts[:1], 1)  # warm-up: the paged cache and its engine built once
+        base = [serving_run(model, prompts, new) for _ in range(args.repeats)]
+        t0 = time.perf_counter()
+        pool.cache_prefix(prefix)
+        register = time.perf_counter() - t0
+        before = pool.stats()
+        store = [serving_run(model, prompts, new) for _ in range(args.repeats)]
+        stats = pool.stats()
+    b_wall = statistics.median(r["wall"] for r in base)
+    s_wall = statistics.median(r["wall"] for r in store)
+    b_ttft = statistics.median(r["ttft"] for r in base)
+    s_ttft = statistics.median(r["ttft"] for r in store)
+    runs = len(store)
+    return {
+        "serving_requests": len(prompts),
+        "serving_new_tokens": new,
+        "serving_wall_no_store_s": b_wall,
+        "serving_wall_store_s": s_wall,
+        "serving_ttft_no_store_s": b_ttft,
+        "serving_ttft_store_s": s_ttft,
+        "serving_ttft_speedup": b_ttft / s_ttft,
+        "serving_throughput_no_store_tok_s": len(prompts) * new / b_wall,
+        "serving_throughput_store_tok_s": len(prompts) * new / s_wall,
+        "serving_register_s": register,
+        "serving_hits_last_run": stats["serving"]["prefix_hits"],
+        "serving_tokens_reused_per_run": (stats["prefix_tokens_reused"] - before["prefix_tokens_reused"]) / runs,
+        "serving_tokens_equal": all(r["tokens"] == base[0]["tokens"] for r in base + store),
+    }
+
+
+def print_serving(r: dict[str, Any]) -> None:
+    n, new = r["serving_requests"], r["serving_new_tokens"]
+    print(
+        f"| generate_batch, {n} requests x {new} new tokens: median time to first token, no store | "
+        f"{r['serving_ttft_no_store_s'] * 1e3:.1f} ms |"
+    )
+    print(f"| same, system prompt from the store | {r['serving_ttft_store_s'] * 1e3:.1f} ms |")
+    print(f"| speed-up (time to first token) | {r['serving_ttft_speedup']:.1f}x |")
+    print(
+        f"| from the first request to the last token, no store / store | "
+        f"{r['serving_wall_no_store_s'] * 1e3:.0f} / {r['serving_wall_store_s'] * 1e3:.0f} ms |"
+    )
+    print(
+        f"| throughput, no store / store | {r['serving_throughput_no_store_tok_s']:.1f} / "
+        f"{r['serving_throughput_store_tok_s']:.1f} tokens/s |"
+    )
+    print(
+        f"| store tokens reused per batch (requests hit in the last) | {r['serving_tokens_reused_per_run']:.0f} "
+        f"({r['serving_hits_last_run']}) |"
+    )
+    print(f"| tokens equal with and without the store | {r['serving_tokens_equal']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prefix", type=int, default=2000)
@@ -86,6 +164,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--serving-requests", type=int, default=4, help="requests of the generate_batch part (0: skip)")
+    parser.add_argument("--serving-new", type=int, default=8, help="new tokens per request in the generate_batch part")
+    parser.add_argument("--only", choices=["generate", "serving"], default=None, help="run one part")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads is not None:
@@ -94,7 +175,8 @@ def main() -> None:
     kw = cache_keyword(model)
     gen = torch.Generator().manual_seed(1)
     prefix = torch.randint(3, 32000, (1, args.prefix), generator=gen).to(device)
-    suffixes = [torch.randint(3, 32000, (1, args.suffix), generator=gen).to(device) for _ in range(args.repeats + 1)]
+    count = max(args.repeats + 1, args.serving_requests)
+    suffixes = [torch.randint(3, 32000, (1, args.suffix), generator=gen).to(device) for _ in range(count)]
     prompts = [torch.cat([prefix, s], dim=1) for s in suffixes]
     results: dict[str, object] = {
         "device": device,
@@ -102,6 +184,20 @@ def main() -> None:
         "suffix": args.suffix,
         "threads": torch.get_num_threads(),
     }
+    if args.only == "serving":
+        results |= serving_bench(model, prefix[0].tolist(), [x[0].tolist() for x in suffixes], args)
+        print(
+            f"KV reuse in continuous batching on {device}: {args.prefix}-token system prompt + {args.suffix}-token "
+            f"suffixes, {torch.get_num_threads()} torch threads"
+        )
+        print()
+        print("| what | figure |")
+        print("|---|---|")
+        print_serving(results)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
 
     # ---- time to first token: the store against recomputing, same pool, same prompts
     with torch.no_grad(), pie_rs.attach(model) as pool:
@@ -214,6 +310,9 @@ def main() -> None:
             f"{dyn_allocated / mib:.1f} / {parked_allocated / mib:.1f} MiB (engine arenas are allocated by "
             "pie-rs, not torch, and counted in the rows above) |"
         )
+    if args.only is None and args.serving_requests > 0:
+        results |= serving_bench(model, prefix[0].tolist(), [x[0].tolist() for x in suffixes], args)
+        print_serving(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

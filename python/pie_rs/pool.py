@@ -153,7 +153,9 @@ class Pool:
         """Configures (or returns) the prompt-prefix store in host memory.
 
         Once it holds a prefix, every ``generate`` whose prompt rows start with stored whole blocks
-        (and carry no padding there) starts from that KV and computes only the rest.
+        (and carry no padding there) starts from that KV and computes only the rest; so does every
+        request continuous batching admits (``generate_batch``, the manager), beyond what
+        transformers' own prefix sharing already lends it.
 
         Args:
             max_bytes: host bytes the store may hold (an int or ``"2GiB"``); least recently used
@@ -162,7 +164,8 @@ class Pool:
             block_tokens: tokens per block (default 16); prefixes match in whole blocks. Changing
                 it empties the store.
             remember_prompts: also store the prompt of every ``generate`` served (its unpadded
-                rows), so repeated prompts are computed once without :meth:`cache_prefix`.
+                rows) and of every continuous-batching request once prefilled, so repeated
+                prompts are computed once without :meth:`cache_prefix`.
                 ``None``: keep the current setting (off for a new store).
 
         Raises:
@@ -306,7 +309,9 @@ class Pool:
         ``prefix_evictions`` (all 0 while no store is configured). After continuous batching,
         ``serving`` holds its cache's figures: ``num_blocks``, ``device_blocks`` / ``pool_blocks``
         (blocks' worth held by resident / pooled layers), ``blocks_in_use``, ``requests_running``,
-        ``peak_running``, ``preemptions``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, ...
+        ``peak_running``, ``preemptions``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, and
+        its prefix store figures ``prefix_lookups``, ``prefix_hits``, ``prefix_tokens_reused``
+        (tokens copied from the store) and ``prefix_tokens_stored``, ...
         """
         self._check()
         if self._last is not None:

@@ -199,6 +199,18 @@ class PrefixStore:
             torch.cat([b.kv[e][which] for b in path[:blocks]], dim=2, out=out[r : r + 1])
         return out
 
+    def count(self, tokens_reused: int) -> None:
+        """Counts a lookup made with ``count=False`` and, when ``tokens_reused`` > 0, a hit reusing them.
+
+        For callers that reuse only part of a match (continuous batching, where transformers' own
+        prefix sharing may already cover the first blocks).
+        """
+        with self._lock:
+            self.lookups += 1
+            if tokens_reused > 0:
+                self.hits += 1
+                self.tokens_reused += tokens_reused
+
     def matched_tokens(self, key: Any, tokens: Sequence[int]) -> int:
         """How many leading tokens of ``tokens`` are stored (a multiple of the block size); no counting."""
         with self._lock:

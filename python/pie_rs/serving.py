@@ -14,6 +14,10 @@ rows ``[b * page_size, (b + 1) * page_size)`` of that layer's area. Rows written
 recorded when the batch is prepared; a pooled layer writes back exactly those rows; a prefetch
 moves the layer's rows up to the highest ever written (sectors are handed out lowest first).
 
+With a prefix store on the pool, admission (``search_prefix_match``) extends transformers' own
+prefix match with whole store blocks copied into the request's blocks, and with
+``remember_prompts`` a prefilled request's prompt goes to the store (``mark_complete_blocks``).
+
 The budget given to ``attach`` sizes the cache: pie-core (``_core.paged_fit``) answers how many
 rows per layer fit when the resident layers' areas plus the staging slots must fit the budget, so
 pooling buys blocks. One budget covers ``generate`` and continuous batching: a paged cache gets the
@@ -36,6 +40,7 @@ import torch
 
 from . import _core, distributed
 from ._errors import BudgetError, ConfigError, PieError, StateError
+from .prefix import HostKV
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -314,6 +319,12 @@ def _cache_class() -> type:
             self.steps = 0
             self._runs = 0
             self._new_run()
+            # The pool's prefix store, seen from continuous batching (see search_prefix_match).
+            self.prefix_lookups = 0
+            self.prefix_hits = 0
+            self.prefix_tokens_reused = 0
+            self.prefix_tokens_stored = 0
+            self._remembered: set[str] = set()  # requests whose prompt went to the store (or needs not)
             self._zero()
 
         # ----------------------------------------------------------------- sizing
@@ -359,20 +370,28 @@ def _cache_class() -> type:
                 views = self._views[key] = (k, v, k.view(*pages), v.view(*pages))
             return views[0], views[1]
 
-        def data_pages(self, e: int) -> list[torch.Tensor]:
-            """Layer ``e``'s authoritative K and V as ``[blocks, page bytes]`` (quiesced)."""
+        def authoritative(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Layer ``e``'s authoritative K and V ``[rows, heads, head_dim]`` (quiesced).
+
+            A resident layer's area in the device arena; a pooled layer's copy in host memory (what
+            its next prefetch moves up, up to the extent set by ``paged_set_extent``).
+            """
             offset = self.engine.device_offset(e)
             if offset is not None:
-                k, v = self._area(e, offset)
-            else:
-                if self._host is None:
-                    self._host = torch.from_dlpack(self.engine.host_region())
-                elem = self.dtype_t.itemsize
-                n = self.rows * self.heads * self.head_dim * elem
-                at = self.engine.host_offset(e)
-                k = self._host[at : at + n]
-                v = self._host[at + n : at + 2 * n]
-            return [x.reshape(-1).view(torch.uint8).view(-1, self.page_bytes) for x in (k, v)]
+                return self._area(e, offset)
+            if self._host is None:
+                self._host = torch.from_dlpack(self.engine.host_region())
+            elem = self.dtype_t.itemsize
+            n = self.rows * self.heads * self.head_dim * elem
+            at = self.engine.host_offset(e)
+            shape = (self.rows, self.heads, self.head_dim)
+            k = self._host[at : at + n].view(self.dtype_t).view(shape)
+            v = self._host[at + n : at + 2 * n].view(self.dtype_t).view(shape)
+            return k, v
+
+        def data_pages(self, e: int) -> list[torch.Tensor]:
+            """Layer ``e``'s authoritative K and V as ``[blocks, page bytes]`` (quiesced)."""
+            return [x.reshape(-1).view(torch.uint8).view(-1, self.page_bytes) for x in self.authoritative(e)]
 
         def _zero(self) -> None:
             """Zeroes every area, as transformers' ``torch.zeros`` cache is (the read trash must read zeros)."""
@@ -451,6 +470,141 @@ def _cache_class() -> type:
         def _record(self, rows: list[int]) -> None:
             trash_end = 2 * self.quantum  # rows of the two trash sectors are never read back
             self._writes.extend(r for r in rows if r >= trash_end)
+
+        # ------------------------------------------------------------ prefix store
+        # transformers' prefix sharing hashes a request's full pages once computed and lends them to
+        # later requests of the same session (``search_prefix_match`` at admission, then the scheduler
+        # computes only the rest). The pool's prefix store extends that match: the scheduler asks the
+        # cache, transformers' own sharing answers first (its blocks cost no copy), and whole store
+        # blocks beyond it are copied into fresh blocks of the request. The scheduler only asks while
+        # ``use_prefix_sharing`` is true, so a configured store turns it on; transformers' own sharing
+        # (hashing, de-duplication, sharing forks) still follows ``allow_block_sharing``.
+        @property
+        def use_prefix_sharing(self) -> bool:
+            return self._tf_sharing or self._prefix_store() is not None
+
+        @use_prefix_sharing.setter
+        def use_prefix_sharing(self, value: bool) -> None:
+            self._tf_sharing = bool(value)
+
+        def _prefix_store(self) -> Any:
+            ref = getattr(self, "pool_ref", None)
+            pool = ref() if ref is not None else None
+            return None if pool is None or pool.closed else pool._store
+
+        def _store_key(self) -> str:
+            return str(self.dtype_t)  # the key generate uses (the model's dtype): one trie per dtype
+
+        def search_prefix_match(self, request_id: str, prompt_ids: list[int]) -> int:
+            """Tokens of the prompt whose KV the request gets without computing them.
+
+            transformers' shared blocks first, then whole blocks of the pool's prefix store copied
+            into blocks allocated to the request. The last prompt token is always computed (its
+            logits); a store match that the cache has no room for is not used (the request then
+            computes those tokens, it never fails for it).
+            """
+            shared = super().search_prefix_match(request_id, prompt_ids) if self._tf_sharing else 0
+            store = self._prefix_store()
+            if store is None or self._closed:
+                return shared
+            # A request that forks (num_return_sequences) computes all but its last prompt token before
+            # the fork, so it must be left two of them (one would schedule an empty forward).
+            limit = len(prompt_ids) - (2 if self._will_fork(request_id) else 1)
+            kv = store.match(self._store_key(), [list(prompt_ids[:limit])], limit, count=False)
+            end = self._usable(kv)
+            if end <= shared or not self._allocate(request_id, shared, end):
+                store.count(0)
+                self.prefix_lookups += 1
+                return shared
+            alloc = self.allocator
+            rows = alloc.get_write_indices(request_id, shared, end - shared)
+            self._write_rows(rows, kv, shared, end)
+            if self.allow_block_sharing:
+                # The copied full pages become transformers' shareable blocks, as if computed here.
+                new_pages = end // self.page_size - shared // self.page_size
+                alloc.mark_complete_blocks(request_id, list(prompt_ids[:end]), new_pages)
+            store.count(end - shared)
+            self.prefix_lookups += 1
+            self.prefix_hits += 1
+            self.prefix_tokens_reused += end - shared
+            return end
+
+        def _will_fork(self, request_id: str) -> bool:
+            ref = getattr(self, "scheduler_ref", None)
+            scheduler = ref() if ref is not None else None
+            state = None if scheduler is None else scheduler.waiting_requests.get(request_id)
+            return state is None or int(getattr(state, "num_children", 0) or 0) > 0  # unknown: the safe side
+
+        def _usable(self, kv: Any) -> int:
+            """Tokens of a store match this cache can take (0 for none, or KV of another layout)."""
+            if kv is None or len(kv.layers) != self.layers or kv.dtype != self.dtype_t:
+                return 0
+            shape = tuple(kv.layers[0][0].shape)
+            if shape[1] != self.heads or shape[3] != self.head_dim:
+                return 0
+            return int(shape[2])
+
+        def _allocate(self, request_id: str, start: int, end: int) -> bool:
+            """Gives the request blocks for tokens ``[start, end)``, if the cache has room for them."""
+            alloc = self.allocator
+            need = alloc.needs_new_blocks(request_id, start, end - start)
+            missing = need - self.pool.count_free_blocks(alloc.index)
+            sectors = max(0, ceil(missing / alloc.blocks_per_sector))
+            if sectors > self.pool.num_free_sectors:
+                return False
+            for _ in range(sectors):
+                self.pool.allocate_sector(alloc.index)
+            alloc.allocate_cache_to_request(request_id, start, end - start)
+            return True
+
+        def _write_rows(self, rows: list[int], kv: Any, start: int, end: int) -> None:
+            """Writes tokens ``[start, end)`` of ``kv`` (batch 1) to ``rows`` of every layer."""
+            index = torch.tensor(rows, dtype=torch.long)
+            with self.quiesced():
+                for e in range(self.layers):
+                    k_area, v_area = self.authoritative(e)
+                    at = index.to(k_area.device)
+                    for area, src in zip((k_area, v_area), kv.layers[e], strict=True):
+                        area.index_copy_(0, at, src[0, :, start:end].transpose(0, 1).to(area.device, area.dtype))
+                top = max(rows) + 1
+                for e in range(self.layers):
+                    if self.engine.seq_len(e) < top:
+                        _core.paged_set_extent(self.engine, e, top)  # the engine's view: rows up to top are valid
+
+        def mark_complete_blocks(self, state: Any, complete_blocks: dict[str, int]) -> None:
+            """Runs transformers' hashing after a forward; then, once a prompt is computed, stores its KV.
+
+            Only with ``remember_prompts`` on the pool's store, once per request; the prompt's whole
+            store blocks are read from the request's blocks before it can free them.
+            """
+            super().mark_complete_blocks(state, complete_blocks)
+            rid = state.request_id
+            if rid in self._remembered or state.remaining_prefill_tokens:
+                return
+            self._remembered.add(rid)
+            pool = self.pool_ref()
+            store = self._prefix_store()
+            if store is None or not pool._remember_prompts or self._closed:
+                return
+            tokens = [int(t) for t in state.initial_tokens]
+            whole = len(tokens) // store.block_tokens * store.block_tokens
+            key = self._store_key()
+            if whole == 0 or store.matched_tokens(key, tokens) >= whole:
+                return
+            table = self.allocator.block_table.get(rid)
+            if table is None or len(table) * self.page_size < whole:
+                return
+            index = torch.tensor(self.allocator.get_read_indices(rid, 0, whole), dtype=torch.long)
+            layers = []
+            with self.quiesced():
+                for e in range(self.layers):
+                    pair = []
+                    for area in self.authoritative(e):
+                        # [whole, heads, dim] -> [1, heads, whole, dim], the store's layout
+                        pair.append(area.index_select(0, index.to(area.device)).transpose(0, 1).unsqueeze(0).cpu())
+                    layers.append((pair[0], pair[1]))
+            added = store.insert(key, tokens[:whole], HostKV(tuple(layers), 1, self.dtype_t))
+            self.prefix_tokens_stored += added * store.block_tokens
 
         # ---------------------------------------------------------------- forward
         def update(
@@ -537,6 +691,7 @@ def _cache_class() -> type:
         def reset(self) -> None:
             super().reset()
             self._new_run()
+            self._remembered.clear()
             if self.engine is not None and not self._closed:
                 self.finish_step()
                 self.engine.reset()  # nothing is held: prefetches move nothing until rows are written again
@@ -582,6 +737,10 @@ def _cache_class() -> type:
                 "d2h_bytes": stats.get("d2h_bytes", 0),
                 "stall_seconds": stats.get("stall_seconds", 0.0),
                 "engine_steps": stats.get("steps", 0),
+                "prefix_lookups": self.prefix_lookups,
+                "prefix_hits": self.prefix_hits,
+                "prefix_tokens_reused": self.prefix_tokens_reused,
+                "prefix_tokens_stored": self.prefix_tokens_stored,
             }
 
     _PagedPieCache.__name__ = _PagedPieCache.__qualname__ = "PagedPieCache"
@@ -788,6 +947,7 @@ def _patch_manager(pool: Pool, manager: Any) -> None:
         with _paged_factory(make):
             bp = original_create()
         cache = bp.cache
+        cache.scheduler_ref = weakref.ref(bp.scheduler)  # the store's match asks whether a request forks
         instrument_processor(bp, cache, after_forward=cache.end_step)
         return bp
 
