@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _core, distributed, serving
+from . import _core, _split, distributed, serving
 from ._budget import _parse_size, parse_budget, total_host_memory
 from ._engine import EngineSettings, config_kv_shapes, engine_layers
 from ._errors import BackendError, ConfigError, StateError
@@ -75,6 +75,8 @@ class Pool:
         self._undo_serving: Callable[[], None] = lambda: None
         self._store: PrefixStore | None = None
         self._remember_prompts = False
+        # The splitting attention installed for host attention (None with host_attention="never").
+        self._split: _split.Installed | None = None
 
     # ------------------------------------------------------------------------- public
     @property
@@ -346,6 +348,9 @@ class Pool:
             if model.__dict__.get(_ATTR) is self:
                 del model.__dict__[_ATTR]
         self._undo_serving()
+        if self._split is not None:
+            self._split.restore()
+            self._split = None
         self._close_serving()
         for cache in list(self._caches):
             cache.close()
@@ -681,6 +686,24 @@ def _check_plan(info: ModelInfo, pooled_layers: object, prefetch_depth: object) 
     return out
 
 
+def _check_host_attention(model: nn.Module, info: ModelInfo, choice: object) -> str:
+    """The placement the engines get: ``choice``, or ``"never"`` under ``"auto"`` where no split is possible.
+
+    Raises ConfigError for a value other than the three, and for ``"always"`` on a model whose
+    full-attention layers the split path cannot serve (saying why).
+    """
+    if not isinstance(choice, str) or choice not in _split.HOST_ATTENTION_CHOICES:
+        raise ConfigError(f"unknown host_attention {choice!r}; use \"auto\", \"never\" or \"always\"")
+    if choice == "never" or not info.managed:
+        return choice
+    reason = _split.unsupported_reason(model, info.decoder_layers, info.managed)
+    if reason is None:
+        return choice
+    if choice == "always":
+        raise ConfigError(f"host_attention='always' cannot serve this model: {reason}")
+    return "never"
+
+
 def attach(
     model: nn.Module,
     gpu_budget: int | float | str | None = None,
@@ -690,6 +713,7 @@ def attach(
     pooled_layers: Sequence[int] | None = None,
     prefetch_depth: int | None = None,
     process_group: Any = None,
+    host_attention: str = "auto",
 ) -> Pool:
     """Makes the model's KV cache pooled by pie-rs; ``model.generate(...)`` uses it unchanged.
 
@@ -710,6 +734,12 @@ def attach(
             run over; ``None`` finds the group of a model loaded with ``tp_plan``. Each rank gets
             its own pool sized from its shard, every rank must attach with the same arguments,
             and all ranks plan alike (see :mod:`pie_rs.distributed`).
+        host_attention: where a pooled layer's decode attention runs. ``"never"``: its KV is
+            copied to a device staging slot first. ``"always"``: it stays in host memory and the
+            layer's attention is split, the host kernel over the past tokens and the device over
+            the new ones, merged exactly. ``"auto"`` (default): the policy chooses per layer;
+            a model whose attention cannot be split gets ``"never"``. Not used by continuous
+            batching (``"always"`` there raises ConfigError).
 
     Returns:
         The :class:`Pool` handle: ``new_cache``, ``stats``, ``detach``; also a context manager.
@@ -734,6 +764,7 @@ def attach(
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
     pinned = _check_plan(info, pooled_layers, prefetch_depth)
+    placement = _check_host_attention(model, info, host_attention)
     # pie-core parses the options once, as every engine of this pool will.
     config = _core.policy_config(
         policy,
@@ -741,6 +772,7 @@ def attach(
         None if pinned is None else [info.managed.index(i) for i in pinned],
         prefetch_depth,
         max(1, len(info.managed)),
+        placement,
     )
     available = None
     if isinstance(gpu_budget, float):
@@ -756,6 +788,7 @@ def attach(
             objective=objective,
             pooled_layers=pinned,
             prefetch_depth=prefetch_depth,
+            host_attention=placement,
         )
         budget_bytes, budget_rank, budgets = distributed.agree(
             rank_group, distributed.fingerprint(info, model, arguments), budget_bytes
@@ -771,6 +804,7 @@ def attach(
         objective=config["objective"],
         pooled_layers=None if config["pooled_layers"] is None else tuple(config["pooled_layers"]),
         prefetch_depth=config["prefetch_depth"],
+        host_attention=config["host_attention"],
     )
     if rank_group is not None:
         settings = distributed.settings_for(rank_group, settings, budget_rank, budgets)  # type: ignore[assignment]
@@ -803,6 +837,9 @@ def attach(
             # backend availability) now rather than at the first generate.
             settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
     pool._install(model)
+    if placement != "never" and info.managed:
+        # Host-attended layers need the splitting attention; every other layer passes through it.
+        pool._split = _split.install(model)
     if rank_group is not None:
         distributed.install(pool, model, rank_group)
     return pool
