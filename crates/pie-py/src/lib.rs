@@ -346,9 +346,22 @@ impl PyEngine {
         with_engine!(self, e => Ok(host_region_of(e)))
     }
 
-    fn set_plan(&mut self, pooled_layers: Vec<usize>, prefetch_depth: usize) -> PyResult<()> {
+    /// Pins a plan from the next step on; `host_attended` (a subset of
+    /// `pooled_layers`, any order) are attended on the host, the rest copied.
+    #[pyo3(signature = (pooled_layers, prefetch_depth, host_attended=None))]
+    fn set_plan(
+        &mut self,
+        pooled_layers: Vec<usize>,
+        prefetch_depth: usize,
+        host_attended: Option<Vec<usize>>,
+    ) -> PyResult<()> {
         with_engine!(self, e => {
-            let plan = Plan::from_layers(pooled_layers, prefetch_depth, e.num_layers()).map_err(to_py)?;
+            let mut plan = Plan::from_layers(pooled_layers, prefetch_depth, e.num_layers()).map_err(to_py)?;
+            if let Some(mut host) = host_attended {
+                host.sort_unstable();
+                plan.host_attended = host;
+                plan.validate(e.num_layers()).map_err(to_py)?;
+            }
             e.set_plan(plan).map_err(to_py)
         })
     }
