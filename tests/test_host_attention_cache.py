@@ -100,7 +100,11 @@ def _chunks(batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("family", "dtype", "tol"),
-    [("llama", torch.float32, FP32_LOGITS_TOL), ("gemma2", torch.float32, FP32_LOGITS_TOL), ("llama", torch.bfloat16, BF16_LOGITS_TOL)],
+    [
+        ("llama", torch.float32, FP32_LOGITS_TOL),
+        ("gemma2", torch.float32, FP32_LOGITS_TOL),
+        ("llama", torch.bfloat16, BF16_LOGITS_TOL),
+    ],
 )
 def test_logits_within_tolerance_with_prefill_on_a_past(family: str, dtype: torch.dtype, tol: float) -> None:
     model = make_model(family).to(dtype)
@@ -158,7 +162,7 @@ def test_unknown_host_attention_is_refused_at_attach() -> None:
 def test_always_on_attention_it_cannot_split_is_refused_at_attach() -> None:
     model = make_model("llama")
     model.set_attn_implementation("flex_attention")
-    with pytest.raises(pie_rs.ConfigError, match="host_attention='always' cannot serve this model.*flex_attention"):
+    with pytest.raises(pie_rs.ConfigError, match=r"host_attention='always' cannot serve this model.*flex_attention"):
         pie_rs.attach(model, host_attention="always")
     # "auto" serves it with copies only, and the model is unchanged.
     with pie_rs.attach(model, host_attention="auto") as pool:
@@ -190,8 +194,10 @@ def test_continuous_batching_refuses_always_and_serves_under_auto() -> None:
         return {k: list(v.generated_tokens) for k, v in out.items()}
 
     expected = run()
-    with pie_rs.attach(model, host_attention="always"):
-        with pytest.raises(pie_rs.ConfigError, match="continuous batching does not attend on the host"):
-            model.init_continuous_batching(generation_config=config)
+    with (
+        pie_rs.attach(model, host_attention="always"),
+        pytest.raises(pie_rs.ConfigError, match="continuous batching does not attend on the host"),
+    ):
+        model.init_continuous_batching(generation_config=config)
     with pie_rs.attach(model, host_attention="auto"):
         assert run() == expected

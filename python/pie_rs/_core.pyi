@@ -112,8 +112,11 @@ class Engine:
     def layer_ready(self, layer: int, stream: int) -> int:
         """Makes ``stream`` wait for the layer's KV and returns its device-arena byte offset."""
     def layer_ready_at(self, layer: int, stream: int) -> tuple[int, bool]:
-        """``(offset, on_host)``: the layer's KV for this step, in the device arena or, for a
-        host-attended layer, in the host arena (the caller appends and attends there)."""
+        """Where the layer's KV is for this step: ``(offset, on_host)``.
+
+        An offset in the device arena, or for a host-attended layer in the host arena (the caller
+        appends and attends there).
+        """
     def layer_written(self, layer: int, n_new: int, stream: int) -> int:
         """Records that ``n_new`` tokens were written after the valid ones; returns the new length."""
     def layer_done(self, layer: int, stream: int) -> None:

@@ -194,7 +194,10 @@ def unsupported_reason(model: nn.Module, decoder_layers: list[nn.Module], manage
         if impl == "eager" and _eager_of(attn) is None:
             return f"{kind} (layer {idx}) has no eager attention function to delegate to; pass host_attention='never'"
         if any(hasattr(attn, a) for a in ("sinks", "s_aux")):
-            return f"{kind} (layer {idx}) uses attention sinks, which the host split does not compute; pass host_attention='never'"
+            return (
+                f"{kind} (layer {idx}) uses attention sinks, which the host split does not compute; "
+                "pass host_attention='never'"
+            )
         try:
             source = inspect.getsource(type(attn).forward)
         except (OSError, TypeError):

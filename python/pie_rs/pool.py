@@ -693,7 +693,7 @@ def _check_host_attention(model: nn.Module, info: ModelInfo, choice: object) -> 
     full-attention layers the split path cannot serve (saying why).
     """
     if not isinstance(choice, str) or choice not in _split.HOST_ATTENTION_CHOICES:
-        raise ConfigError(f"unknown host_attention {choice!r}; use \"auto\", \"never\" or \"always\"")
+        raise ConfigError(f'unknown host_attention {choice!r}; use "auto", "never" or "always"')
     if choice == "never" or not info.managed:
         return choice
     reason = _split.unsupported_reason(model, info.decoder_layers, info.managed)
