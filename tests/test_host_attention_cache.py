@@ -78,9 +78,14 @@ def test_budget_pooled_layers_are_host_attended(family: str) -> None:
     assert stats["peak_device_kv_bytes"] <= budget
 
 
-def _logits(model: torch.nn.Module, cache: Any, chunks: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
-    """Logits of a hand-written forward loop feeding ``chunks`` in turn (prefill, prefill with past, decode)."""
-    out, seen = [], 0
+def _logits(
+    model: torch.nn.Module, cache: Any, chunks: list[torch.Tensor], mask: torch.Tensor, seen: int = 0
+) -> list[torch.Tensor]:
+    """Logits of a hand-written forward loop feeding ``chunks`` in turn (prefill, prefill with past, decode).
+
+    ``seen``: tokens the cache already holds (``mask`` covers the prompt, later tokens attend).
+    """
+    out = []
     with torch.no_grad():
         for ids in chunks:
             seen += ids.shape[1]
@@ -201,3 +206,27 @@ def test_continuous_batching_refuses_always_and_serves_under_auto() -> None:
         model.init_continuous_batching(generation_config=config)
     with pie_rs.attach(model, host_attention="auto"):
         assert run() == expected
+
+
+def test_parked_and_copied_caches_come_back_into_host_buffers() -> None:
+    """A parked cache (or a copy) is loaded back through the engine: host-attended layers into host memory."""
+    model = make_model("qwen2")
+    chunks, mask = _chunks(2)
+    expected = _logits(model, DynamicCache(config=model.config), chunks, mask)
+    managed = inspect_model(model).managed
+    with pie_rs.attach(model, pooled_layers=managed[::2], prefetch_depth=1, host_attention="always") as pool:
+        cache = pool.new_cache()
+        first = _logits(model, cache, chunks[:3], mask)
+        twin = cache.copy()
+        cache.park()
+        assert cache.parked
+        seen = sum(c.shape[1] for c in chunks[:3])
+        tail = _logits(model, cache, chunks[3:], mask, seen)
+        assert not cache.parked
+        twin_tail = _logits(model, twin, chunks[3:], mask, seen)
+        stats = cache.stats()
+    for g, e in zip(first + tail, expected, strict=True):
+        assert (g - e).abs().max().item() <= FP32_LOGITS_TOL
+    for g, e in zip(twin_tail, expected[3:], strict=True):
+        assert (g - e).abs().max().item() <= FP32_LOGITS_TOL
+    assert stats["host_attended_layers"] == managed[::2]

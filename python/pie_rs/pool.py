@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -819,6 +820,14 @@ def attach(
                 "a tensor-parallel model whose layers are also split across devices is not supported; "
                 "give each rank one device"
             )
+        if placement == "always":
+            raise ConfigError(
+                "host_attention='always' is not supported for a model split across devices by layers yet; "
+                "pass host_attention='auto' or 'never'"
+            )
+        # Each device group's engines copy their pooled layers (no split is installed for them).
+        placement = "never"
+        settings = dataclasses.replace(settings, host_attention="never")
         # gpu_budget is per device: a fraction resolves against each device's own free memory.
         budgets = [
             parse_budget(
