@@ -306,7 +306,10 @@ class Pool:
         calls served), ``budget_bytes`` and the prefix store's ``prefix_lookups``,
         ``prefix_hits``, ``prefix_tokens_reused`` (summed over rows), ``prefix_bytes`` (host bytes
         held), ``prefix_max_bytes``, ``prefix_blocks``, ``prefix_block_tokens`` and
-        ``prefix_evictions`` (all 0 while no store is configured). After continuous batching,
+        ``prefix_evictions`` (all 0 while no store is configured), and for host attention
+        ``host_attended_layers`` (model layer indices attended on the host under the current plan),
+        ``host_attended_layer_steps`` (layer-steps that ran there) and ``host_attention_seconds``
+        (time in the host kernel). After continuous batching,
         ``serving`` holds its cache's figures: ``num_blocks``, ``device_blocks`` / ``pool_blocks``
         (blocks' worth held by resident / pooled layers), ``blocks_in_use``, ``requests_running``,
         ``peak_running``, ``preemptions``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, ...
