@@ -69,6 +69,12 @@ def test_budget_pooled_layers_are_host_attended(family: str) -> None:
     with pie_rs.attach(model, gpu_budget=budget, host_attention="always") as pool:
         got = generate(model, inputs, "greedy")
         stats = pool.stats()
+        # The policy thread's per-step samples carry the placement too.
+        engine = pool.kept_engine
+        assert engine is not None
+        engine.flush_telemetry()
+        sample = engine.last_sample()
+        assert sample is not None and sample["host_attended"] == sample["pooled_layers"] != []
     assert torch.equal(got, expected)
     managed = inspect_model(model).managed
     assert stats["pooled_layers"] >= len(managed) / 2

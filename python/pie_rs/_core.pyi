@@ -103,7 +103,11 @@ class Engine:
     def flush_telemetry(self) -> None:
         """Waits until the policy thread measured every finished step."""
     def last_sample(self) -> dict[str, Any] | None:
-        """The latest per-step measurement (per-layer compute and stall, copy times)."""
+        """The latest per-step measurement.
+
+        Per-layer compute and stall, copy times, and the plan's ``pooled_layers`` and
+        ``host_attended`` layers.
+        """
     @property
     def generation(self) -> int:
         """Bumped whenever arenas are reallocated: views taken before must be dropped."""

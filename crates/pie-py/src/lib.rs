@@ -407,6 +407,7 @@ impl PyEngine {
             d.set_item("d2h_seconds", s.d2h_seconds)?;
             d.set_item("d2h_bytes", s.d2h_bytes)?;
             d.set_item("step_seconds", s.step_seconds)?;
+            d.set_item("host_attended", s.plan.host_attended.clone())?;
             d.set_item("pooled_layers", s.plan.pooled)?;
             d.set_item("layer_start", s.layer_start)?;
             d.set_item("h2d_spans", s.h2d_spans)?;
