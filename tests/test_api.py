@@ -322,7 +322,11 @@ def test_policy_options_are_parsed_once_by_pie_core():
         "objective": "memory",
         "pooled_layers": None,
         "prefetch_depth": 3,
+        "host_attention": "never",
     }
+    assert _core.policy_config("adaptive", "speed", None, None, 4, "always")["host_attention"] == "always"
+    with pytest.raises(pie_rs.ConfigError, match='"auto", "never" or "always"'):
+        _core.policy_config("adaptive", "speed", None, None, 4, "sometimes")
     pinned = _core.policy_config("adaptive", "speed", [3, 1], None, 4)
     assert pinned["policy"] == "static" and pinned["pooled_layers"] == [1, 3]
     for bad in (("random", "speed", None, None), ("adaptive", "beauty", None, None), ("static", "speed", [1, 1], 2)):

@@ -122,3 +122,17 @@ def test_one_device_is_the_ordinary_pool() -> None:
     model = make_model("llama")
     with pie_rs.attach(model) as pool:
         assert type(pool) is pie_rs.Pool
+
+
+def test_host_attention_always_is_refused_for_a_split_model(split) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = llama6()
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with pytest.raises(pie_rs.ConfigError, match="split across devices"):
+        pie_rs.attach(model, host_attention="always")
+    # Nothing was installed; "auto" copies on every device.
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+    with pie_rs.attach(model, host_attention="auto") as pool:
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+        assert all(g.settings.host_attention == "never" for g in pool.device_pools)

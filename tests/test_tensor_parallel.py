@@ -114,6 +114,14 @@ def test_tokens_identical_to_tensor_parallel_without_pie_rs(identity_run, mode) 
     assert identity_run[0]["modes"][mode]["tokens"] == identity_run[1]["modes"][mode]["tokens"]
 
 
+def test_host_attention_on_every_rank(identity_run) -> None:
+    for report in identity_run:
+        host = report["host"]
+        assert host["equal"], report["rank"]
+        assert host["layers"] == [0, 1, 2, 3] and host["layer_steps"] == 4 * 10  # MAX_NEW of tp_worker
+        assert host["h2d_bytes"] == 0
+
+
 def test_detach_gives_the_model_back_on_every_rank(identity_run) -> None:
     assert all(all(report["restored"]) for report in identity_run)
 

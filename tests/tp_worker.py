@@ -103,6 +103,17 @@ def identity(model: Any, rank: int, out: dict[str, Any]) -> None:
             "stats": {k: v for k, v in stats.items() if isinstance(v, int | float | str | list | type(None))},
             "gathered": gathered,
         }
+    # Host attention on every rank: each rank's shard of heads attended on the host, split exactly.
+    expected = generate(model, inputs, "greedy", max_new_tokens=MAX_NEW)
+    with pie_rs.attach(model, pooled_layers=[0, 1, 2, 3], prefetch_depth=1, host_attention="always") as pool:
+        got = generate(model, inputs, "greedy", max_new_tokens=MAX_NEW)
+        stats = pool.stats()
+    out["host"] = {
+        "equal": bool(torch.equal(got, expected)),
+        "layers": stats["host_attended_layers"],
+        "layer_steps": stats["host_attended_layer_steps"],
+        "h2d_bytes": stats["h2d_bytes"],
+    }
 
 
 def fault(model: Any, rank: int, out: dict[str, Any]) -> None:

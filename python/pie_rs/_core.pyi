@@ -28,12 +28,14 @@ def policy_config(
     pooled_layers: list[int] | None,
     prefetch_depth: int | None,
     num_layers: int,
+    host_attention: str = "never",
 ) -> dict[str, Any]:
     """A pool's policy options parsed once by pie-core, as every engine of the pool will parse them.
 
-    Returns ``{"policy", "objective", "pooled_layers", "prefetch_depth"}``: pinned layers make the
-    policy ``"static"`` and come back sorted; unknown names, duplicate or out-of-range layers and a
-    zero depth raise ``ConfigError``.
+    Returns ``{"policy", "objective", "pooled_layers", "prefetch_depth", "host_attention"}``:
+    pinned layers make the policy ``"static"`` and come back sorted; unknown names (including a
+    ``host_attention`` other than ``"auto"``, ``"never"``, ``"always"``), duplicate or out-of-range
+    layers and a zero depth raise ``ConfigError``.
     """
 
 def cuda_available() -> bool:
@@ -79,11 +81,14 @@ class Engine:
         prefetch_depth: int | None = None,
         faults: dict[str, int] | None = None,
         wait_timeout: float | None = None,
+        host_attention: str = "never",
     ) -> None:
         """Creates the engine and its threads.
 
         ``faults`` (host backend only) injects ``fail_copy_at``/``hang_copy_at`` (n-th copy)
         or ``alloc_limit`` (bytes) for reliability tests; ``wait_timeout`` bounds every wait.
+        ``host_attention`` (``"auto"``, ``"never"``, ``"always"``) places pooled layers: copied to
+        the device, or attended on the host where their KV lives.
         """
     @property
     def backend(self) -> str: ...
@@ -98,7 +103,11 @@ class Engine:
     def flush_telemetry(self) -> None:
         """Waits until the policy thread measured every finished step."""
     def last_sample(self) -> dict[str, Any] | None:
-        """The latest per-step measurement (per-layer compute and stall, copy times)."""
+        """The latest per-step measurement.
+
+        Per-layer compute and stall, copy times, and the plan's ``pooled_layers`` and
+        ``host_attended`` layers.
+        """
     @property
     def generation(self) -> int:
         """Bumped whenever arenas are reallocated: views taken before must be dropped."""
@@ -106,6 +115,12 @@ class Engine:
         """Forward pre-hook of a decoder layer; layer 0 of a step begins the step."""
     def layer_ready(self, layer: int, stream: int) -> int:
         """Makes ``stream`` wait for the layer's KV and returns its device-arena byte offset."""
+    def layer_ready_at(self, layer: int, stream: int) -> tuple[int, bool]:
+        """Where the layer's KV is for this step: ``(offset, on_host)``.
+
+        An offset in the device arena, or for a host-attended layer in the host arena (the caller
+        appends and attends there).
+        """
     def layer_written(self, layer: int, n_new: int, stream: int) -> int:
         """Records that ``n_new`` tokens were written after the valid ones; returns the new length."""
     def layer_done(self, layer: int, stream: int) -> None:
@@ -146,8 +161,11 @@ class Engine:
         """Empties every layer for a new sequence, keeping arenas and what the policy learned."""
     def device_region(self) -> Region: ...
     def host_region(self) -> Region: ...
-    def set_plan(self, pooled_layers: list[int], prefetch_depth: int) -> None:
-        """Pins a plan; it takes effect at the next step boundary."""
+    def set_plan(self, pooled_layers: list[int], prefetch_depth: int, host_attended: list[int] | None = None) -> None:
+        """Pins a plan; it takes effect at the next step boundary.
+
+        ``host_attended`` (a subset of ``pooled_layers``) are attended on the host, the rest copied.
+        """
     def plan(self) -> dict[str, Any]: ...
     def predicted_h2d_bytes_per_step(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...

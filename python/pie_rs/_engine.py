@@ -34,6 +34,9 @@ class EngineSettings:
     objective: str = "speed"
     pooled_layers: tuple[int, ...] | None = None
     prefetch_depth: int | None = None
+    #: Where pooled layers' attention runs: ``"auto"``, ``"never"`` or ``"always"`` (the engine's
+    #: placement; ``"never"`` where the model's attention cannot be split, see ``_split``).
+    host_attention: str = "never"
 
     def build(self, layers: list[LayerShape], capacity: int, budget_bytes: int | None) -> _core.Engine:
         """A new engine for ``layers`` at ``capacity`` tokens under ``budget_bytes`` of device memory.
@@ -51,6 +54,7 @@ class EngineSettings:
             objective=self.objective,
             pooled_layers=None if self.pooled_layers is None else list(self.pooled_layers),
             prefetch_depth=self.prefetch_depth,
+            host_attention=self.host_attention,
         )
 
 

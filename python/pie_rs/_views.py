@@ -90,6 +90,9 @@ class ArenaViews:
         self._typed: torch.Tensor | None = None
         self._host: torch.Tensor | None = None
         self._host_generation = -1
+        # The host arena as bytes, for host-attended layers (the host kernel reads it in place).
+        self._host_raw: torch.Tensor | None = None
+        self._host_raw_generation = -1
         # Per layer: (offset, K base, V base, batch, heads, k_dim, v_dim, K strides, V strides) of
         # its slot now, in elements of the typed device arena.
         self._layout: list[Any] = [None] * len(shapes)
@@ -126,7 +129,7 @@ class ArenaViews:
     def clear(self) -> None:
         """Forgets every view and the arenas themselves."""
         self.drop()
-        self._typed = self._host = None
+        self._typed = self._host = self._host_raw = None
         self._generation = -1
 
     def unbind(self) -> None:
@@ -269,6 +272,23 @@ class ArenaViews:
         if views is None:
             assert self._typed is not None
             views = self._views[(e, offset)] = _kv(self._typed, offset, self._geom[e], f"layer {e}")
+        return views
+
+    def host_bytes(self) -> torch.Tensor:
+        """The engine's host arena as a 1-D byte tensor, cached per generation."""
+        self._refresh()
+        if self._host_raw is None or self._host_raw_generation != self._generation:
+            self._host_raw = torch.from_dlpack(self._engine.host_region())
+            self._host_raw_generation = self._generation
+        return self._host_raw
+
+    def host(self, e: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-capacity K and V of layer ``e``'s host buffer at ``offset`` (a host-attended layer)."""
+        raw = self.host_bytes()
+        views = self._views.get((e, -1 - offset))
+        if views is None:
+            typed = _typed(raw, self._dtype)  # type: ignore[arg-type]
+            views = self._views[(e, -1 - offset)] = _kv(typed, offset, self._geom[e], f"layer {e} (host)")
         return views
 
     def data(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:

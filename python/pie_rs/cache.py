@@ -26,6 +26,7 @@ from . import _core
 from ._engine import LayerKV, engine_layers, rescale_shapes, sliding_kv_bytes
 from ._errors import BudgetError, ConfigError, StateError
 from ._model import MANAGED, SLIDING, ModelInfo, reference_layers
+from ._split import SplitTarget, mark
 from ._views import ArenaViews
 from .prefix import HostKV, host_copy
 
@@ -47,12 +48,17 @@ _STAT_KEYS = (
     "d2h_bytes",
     "stall_seconds",
     "steps",
+    "host_attended_layer_steps",
 )
 
 
 def empty_stats() -> dict[str, Any]:
     """The engine statistics of a cache whose engine has done nothing (all zero)."""
-    return {key: 0 for key in _STAT_KEYS} | {"stall_seconds": 0.0}
+    return {key: 0 for key in _STAT_KEYS} | {
+        "stall_seconds": 0.0,
+        "host_attention_seconds": 0.0,
+        "host_attended_layers": [],
+    }
 
 
 class _Shared:
@@ -99,6 +105,10 @@ class _Shared:
         # snapshot taken at the same lengths and count is still the cache's content.
         self.mutations = 0
         self._snapshot: tuple[Any, HostKV] | None = None
+        # Host attention: seconds the host kernel ran for this cache, and per engine layer the id
+        # of the key tensor its last host-attended update marked for a split (see ``_split``).
+        self.host_seconds = 0.0
+        self._marks: dict[int, int] = {}
 
     # ----------------------------------------------------------------------------- engine
     def check_usable(self) -> None:
@@ -247,10 +257,14 @@ class _Shared:
 
     def engine_stats(self) -> dict[str, Any]:
         if self.engine is not None:
-            return dict(self.engine.stats())
-        if self.last_stats is not None:
-            return dict(self.last_stats)
-        return empty_stats()
+            stats = dict(self.engine.stats())
+            stats["host_attended_layers"] = [self.info.managed[e] for e in stats.pop("host_attended", [])]
+        elif self.last_stats is not None:
+            stats = dict(self.last_stats)
+        else:
+            stats = empty_stats()
+        stats["host_attention_seconds"] = self.host_seconds
+        return stats
 
     # ------------------------------------------------------------------------------- step
     def begin(self, e: int) -> None:
@@ -339,9 +353,53 @@ class _Shared:
         if self.open != e:
             self.begin(e)
         stream = self._stream
-        out = self.views.write(e, engine.layer_ready(e, stream), n, key_states, value_states)
+        offset, on_host = engine.layer_ready_at(e, stream)
+        if on_host:
+            return self.update_host(e, offset, n, key_states, value_states)
+        out = self.views.write(e, offset, n, key_states, value_states)
         self.lens[e] = engine.layer_written(e, new, stream)
         return out
+
+    def update_host(
+        self, e: int, offset: int, n: int, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A host-attended layer's update: the new tokens go to its host buffer, attention gets only them.
+
+        The copy into the host arena is synchronous (on CUDA a device-to-host copy the compute
+        stream has finished before it returns), so the host kernel of this and later steps reads
+        complete tokens. The returned key tensor is marked, so the attention function installed at
+        attach splits this layer's attention (``_split``); with no past there is nothing to split.
+        """
+        engine = self.engine
+        assert engine is not None and self.dtype is not None and self.batch is not None
+        split = getattr(self.pool, "_split", None)
+        if split is None or not split.active:
+            raise StateError(
+                f"layer {self.info.managed[e]} is attended on the host under the engine's plan, but this model's "
+                "attention is not split (continuous batching restored it, or host_attention='never'); attach "
+                "again with host_attention='always' or 'never'"
+            )
+        new = int(key_states.shape[2])
+        k, v = self.views.host(e, offset)
+        k[:, :, n : n + new].copy_(key_states)
+        v[:, :, n : n + new].copy_(value_states)
+        self.lens[e] = engine.layer_written(e, new, self._stream)
+        if n:
+            heads, k_dim, v_dim = self.shapes[e]
+            target = SplitTarget(
+                region=self.views.host_bytes(),
+                offset=offset,
+                layer=(self.batch, heads, k_dim, v_dim),
+                capacity=self.capacity,
+                kv_dtype=self.dtype,
+                past=n,
+                add_seconds=self._add_host_seconds,
+            )
+            self._marks[e] = mark(key_states, target, self._marks.get(e))
+        return key_states, value_states
+
+    def _add_host_seconds(self, seconds: float) -> None:
+        self.host_seconds += seconds
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:
@@ -452,11 +510,12 @@ class _Shared:
         for e, (k_new, v_new) in enumerate(data):
             n = int(k_new.shape[2])
             self.begin(e)
-            offset = engine.layer_ready(e, self._stream)
-            k, v = self.views.device(e, offset)
+            offset, on_host = engine.layer_ready_at(e, self._stream)
+            k, v = self.views.host(e, offset) if on_host else self.views.device(e, offset)
             if n:
-                k[:, :, :n].copy_(k_new, non_blocking=True)
-                v[:, :, :n].copy_(v_new, non_blocking=True)
+                # A host buffer is read by the host kernel right after: that copy completes here.
+                k[:, :, :n].copy_(k_new, non_blocking=not on_host)
+                v[:, :, :n].copy_(v_new, non_blocking=not on_host)
             self.lens[e] = engine.layer_written(e, n, self._stream)
             self.done(e)
 

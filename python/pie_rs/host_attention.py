@@ -4,8 +4,8 @@ A pooled layer's KV can stay in host memory: the layer's query goes to the host,
 :func:`host_attention` computes attention over the tokens held there and returns,
 per query row, the output and the log-sum-exp (natural log) of its logits; the
 device computes attention over the tokens it holds; :func:`merge` combines the
-two exactly. Wiring this into the cache, the plan and the policy is the next step
-(issue 17); this module is the kernel's Python face.
+two exactly. ``attach(..., host_attention=...)`` wires this into the cache and the
+plan (:mod:`pie_rs._split`); this module is the kernel's Python face.
 """
 
 from __future__ import annotations
@@ -186,18 +186,23 @@ def partial_attention(
     *,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with its log-sum-exp in plain torch (any device): the device side of a split.
 
     Shapes as :func:`host_attention` (GQA by repeating KV heads); ``mask`` bool
-    (True attends) or additive, broadcastable to ``[batch, q_heads, q_len, keys]``.
-    Returns float32 ``(out, lse)``; rows that see no key give 0 and ``-inf``.
+    (True attends) or additive, broadcastable to ``[batch, q_heads, q_len, keys]``;
+    ``softcap`` caps the scaled logits as ``softcap * tanh(logit / softcap)``
+    before the mask, as Gemma-2 does. Returns float32 ``(out, lse)``; rows that
+    see no key give 0 and ``-inf``.
     """
     q = query.to(torch.float32)
     group = q.shape[1] // key.shape[1]
     k = key.to(torch.float32).repeat_interleave(group, dim=1)
     v = value.to(torch.float32).repeat_interleave(group, dim=1)
     s = (scale if scale is not None else q.shape[-1] ** -0.5) * (q @ k.transpose(-1, -2))
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(torch.float32)
     lse = torch.logsumexp(s, dim=-1)

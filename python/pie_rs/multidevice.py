@@ -168,8 +168,11 @@ class MultiDeviceCache(PieCache):
             stats["budget_bytes"] = group.budget_bytes
             per_device.append(stats)
         total = empty_stats()
-        for key in total:
-            total[key] = sum(s.get(key, 0) for s in per_device)
+        for key, zero in total.items():
+            if isinstance(zero, list):  # layer lists (model indices): every device's
+                total[key] = sorted(i for s in per_device for i in s.get(key, []))
+            else:
+                total[key] = sum(s.get(key, 0) for s in per_device)
         sliding = self.sliding_kv_bytes()
         total["sliding_layers"] = len(self._sliding)
         total["sliding_kv_bytes"] = sliding

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _core, distributed, serving
+from . import _core, _split, distributed, serving
 from ._budget import _parse_size, parse_budget, total_host_memory
 from ._engine import EngineSettings, config_kv_shapes, engine_layers
 from ._errors import BackendError, ConfigError, StateError
@@ -75,6 +76,8 @@ class Pool:
         self._undo_serving: Callable[[], None] = lambda: None
         self._store: PrefixStore | None = None
         self._remember_prompts = False
+        # The splitting attention installed for host attention (None with host_attention="never").
+        self._split: _split.Installed | None = None
 
     # ------------------------------------------------------------------------- public
     @property
@@ -306,7 +309,10 @@ class Pool:
         calls served), ``budget_bytes`` and the prefix store's ``prefix_lookups``,
         ``prefix_hits``, ``prefix_tokens_reused`` (summed over rows), ``prefix_bytes`` (host bytes
         held), ``prefix_max_bytes``, ``prefix_blocks``, ``prefix_block_tokens`` and
-        ``prefix_evictions`` (all 0 while no store is configured). After continuous batching,
+        ``prefix_evictions`` (all 0 while no store is configured), and for host attention
+        ``host_attended_layers`` (model layer indices attended on the host under the current plan),
+        ``host_attended_layer_steps`` (layer-steps that ran there) and ``host_attention_seconds``
+        (time in the host kernel). After continuous batching,
         ``serving`` holds its cache's figures: ``num_blocks``, ``device_blocks`` / ``pool_blocks``
         (blocks' worth held by resident / pooled layers), ``blocks_in_use``, ``requests_running``,
         ``peak_running``, ``preemptions``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, and
@@ -351,6 +357,9 @@ class Pool:
             if model.__dict__.get(_ATTR) is self:
                 del model.__dict__[_ATTR]
         self._undo_serving()
+        if self._split is not None:
+            self._split.restore()
+            self._split = None
         self._close_serving()
         for cache in list(self._caches):
             cache.close()
@@ -686,6 +695,24 @@ def _check_plan(info: ModelInfo, pooled_layers: object, prefetch_depth: object) 
     return out
 
 
+def _check_host_attention(model: nn.Module, info: ModelInfo, choice: object) -> str:
+    """The placement the engines get: ``choice``, or ``"never"`` under ``"auto"`` where no split is possible.
+
+    Raises ConfigError for a value other than the three, and for ``"always"`` on a model whose
+    full-attention layers the split path cannot serve (saying why).
+    """
+    if not isinstance(choice, str) or choice not in _split.HOST_ATTENTION_CHOICES:
+        raise ConfigError(f'unknown host_attention {choice!r}; use "auto", "never" or "always"')
+    if choice == "never" or not info.managed:
+        return choice
+    reason = _split.unsupported_reason(model, info.decoder_layers, info.managed)
+    if reason is None:
+        return choice
+    if choice == "always":
+        raise ConfigError(f"host_attention='always' cannot serve this model: {reason}")
+    return "never"
+
+
 def attach(
     model: nn.Module,
     gpu_budget: int | float | str | None = None,
@@ -695,6 +722,7 @@ def attach(
     pooled_layers: Sequence[int] | None = None,
     prefetch_depth: int | None = None,
     process_group: Any = None,
+    host_attention: str = "auto",
 ) -> Pool:
     """Makes the model's KV cache pooled by pie-rs; ``model.generate(...)`` uses it unchanged.
 
@@ -715,6 +743,12 @@ def attach(
             run over; ``None`` finds the group of a model loaded with ``tp_plan``. Each rank gets
             its own pool sized from its shard, every rank must attach with the same arguments,
             and all ranks plan alike (see :mod:`pie_rs.distributed`).
+        host_attention: where a pooled layer's decode attention runs. ``"never"``: its KV is
+            copied to a device staging slot first. ``"always"``: it stays in host memory and the
+            layer's attention is split, the host kernel over the past tokens and the device over
+            the new ones, merged exactly. ``"auto"`` (default): the policy chooses per layer;
+            a model whose attention cannot be split gets ``"never"``. Not used by continuous
+            batching (``"always"`` there raises ConfigError).
 
     Returns:
         The :class:`Pool` handle: ``new_cache``, ``stats``, ``detach``; also a context manager.
@@ -739,6 +773,7 @@ def attach(
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
     pinned = _check_plan(info, pooled_layers, prefetch_depth)
+    placement = _check_host_attention(model, info, host_attention)
     # pie-core parses the options once, as every engine of this pool will.
     config = _core.policy_config(
         policy,
@@ -746,6 +781,7 @@ def attach(
         None if pinned is None else [info.managed.index(i) for i in pinned],
         prefetch_depth,
         max(1, len(info.managed)),
+        placement,
     )
     available = None
     if isinstance(gpu_budget, float):
@@ -761,6 +797,7 @@ def attach(
             objective=objective,
             pooled_layers=pinned,
             prefetch_depth=prefetch_depth,
+            host_attention=placement,
         )
         budget_bytes, budget_rank, budgets = distributed.agree(
             rank_group, distributed.fingerprint(info, model, arguments), budget_bytes
@@ -776,6 +813,7 @@ def attach(
         objective=config["objective"],
         pooled_layers=None if config["pooled_layers"] is None else tuple(config["pooled_layers"]),
         prefetch_depth=config["prefetch_depth"],
+        host_attention=config["host_attention"],
     )
     if rank_group is not None:
         settings = distributed.settings_for(rank_group, settings, budget_rank, budgets)  # type: ignore[assignment]
@@ -790,6 +828,14 @@ def attach(
                 "a tensor-parallel model whose layers are also split across devices is not supported; "
                 "give each rank one device"
             )
+        if placement == "always":
+            raise ConfigError(
+                "host_attention='always' is not supported for a model split across devices by layers yet; "
+                "pass host_attention='auto' or 'never'"
+            )
+        # Each device group's engines copy their pooled layers (no split is installed for them).
+        placement = "never"
+        settings = dataclasses.replace(settings, host_attention="never")
         # gpu_budget is per device: a fraction resolves against each device's own free memory.
         budgets = [
             parse_budget(
@@ -808,6 +854,9 @@ def attach(
             # backend availability) now rather than at the first generate.
             settings.build(engine_layers(info, 1, 1), 1, budget_bytes).close()
     pool._install(model)
+    if placement != "never" and info.managed:
+        # Host-attended layers need the splitting attention; every other layer passes through it.
+        pool._split = _split.install(model)
     if rank_group is not None:
         distributed.install(pool, model, rank_group)
     return pool

@@ -868,6 +868,14 @@ def install(pool: Pool, model: Any) -> Callable[[], None]:
         reason = serving_supported()
         if reason is not None:
             raise ConfigError(reason)
+        if pool.settings.host_attention == "always":
+            raise ConfigError(
+                "continuous batching does not attend on the host yet: its paged cache copies pooled layers; "
+                "attach with host_attention='auto' or 'never' to serve"
+            )
+        if pool._split is not None:
+            # Continuous batching picks its paged implementation by the model's own name (eager).
+            pool._split.restore_configs()
         try:
             manager = original(*args, **kwargs)
         except ValueError as e:

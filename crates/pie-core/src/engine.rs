@@ -36,6 +36,17 @@ use crate::wake::{self, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Where a layer's KV is for this step's attention ([`Engine::layer_ready_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKv {
+    /// At this byte offset in the device arena (a resident slot or a staging
+    /// slot the layer's prefetch landed in).
+    Device(usize),
+    /// At this byte offset in the host arena: the layer is host-attended
+    /// under the plan in force, and its KV never moves to the device.
+    Host(usize),
+}
+
 /// Options of an engine.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -397,27 +408,51 @@ impl<B: Backend> Engine<B> {
     /// Called right before `layer`'s attention writes and reads its KV: makes
     /// `stream` wait (device-side) for a pooled layer's prefetch. Returns the
     /// byte offset of the layer's KV in the device arena, valid for this step.
+    /// A host-attended layer has none: use [`Engine::layer_ready_at`].
     pub fn layer_ready(&mut self, layer: usize, stream: Stream) -> Result<usize> {
+        match self.layer_ready_at(layer, stream)? {
+            LayerKv::Device(offset) => Ok(offset),
+            LayerKv::Host(_) => Err(PieError::state(format!(
+                "layer {layer} is attended on the host under this plan: its KV stays in host memory and has no device offset (use layer_ready_at)"
+            ))),
+        }
+    }
+
+    /// [`Engine::layer_ready`] for any layer: where `layer`'s KV is for this
+    /// step's attention. A host-attended layer ([`Plan::host_attended`]) is
+    /// never copied: its answer is its offset in the host arena, where the
+    /// caller appends the step's new tokens itself (on the host backend a
+    /// memcpy; on a device, a device-to-host copy that completes before the
+    /// caller calls [`Engine::layer_written`]) and attends over the valid ones
+    /// in place. Nothing is queued for it, so nothing else writes there during
+    /// the step: transitions quiesce, and only copied layers have swap ops.
+    pub fn layer_ready_at(&mut self, layer: usize, stream: Stream) -> Result<LayerKv> {
         self.check()?;
         self.check_layer(layer)?;
         let (slot, target) = match self.schedule.ready(layer) {
             Ready::Resident => {
                 return match self.arenas().layout.residence(layer) {
-                    Residence::Resident { device_offset } => Ok(device_offset),
+                    Residence::Resident { device_offset } => Ok(LayerKv::Device(device_offset)),
                     Residence::Pooled { .. } => Err(PieError::internal(format!(
                         "layer {layer} is pooled in the arena layout but resident in the plan"
                     ))),
                 };
             }
-            Ready::HostAttended => {
-                return Err(PieError::state(format!(
-                    "layer {layer} is attended on the host under this plan: its KV stays in host memory and has no device offset"
-                )));
-            }
             _ if !self.in_step => {
                 return Err(PieError::state(format!(
                     "layer_ready({layer}) outside a step; call layer_begin first"
                 )));
+            }
+            Ready::HostAttended => {
+                return match self.arenas().layout.residence(layer) {
+                    Residence::Pooled { host_offset } => {
+                        Counters::add(&self.shared.counters.host_attended_layer_steps, 1);
+                        Ok(LayerKv::Host(host_offset))
+                    }
+                    Residence::Resident { .. } => Err(PieError::internal(format!(
+                        "layer {layer} is host-attended in the plan but resident in the arena layout"
+                    ))),
+                };
             }
             Ready::Staged { slot, prefetch } => (slot, prefetch),
             Ready::OutOfOrder => {
@@ -469,7 +504,7 @@ impl<B: Backend> Engine<B> {
                 .backend
                 .wait(stream, &self.shared.events.ready[layer])?;
         }
-        Ok(self.arenas().layout.staging[slot])
+        Ok(LayerKv::Device(self.arenas().layout.staging[slot]))
     }
 
     /// Records that `n_new` tokens were written right after the valid ones of

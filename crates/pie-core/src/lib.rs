@@ -57,7 +57,7 @@ pub mod sim;
 pub mod error;
 
 pub use backend::{Backend, Buffer, CopyShape, Mem, Stream};
-pub use engine::{Engine, EngineOptions};
+pub use engine::{Engine, EngineOptions, LayerKv};
 pub use error::{ErrorKind, PieError, Result};
 pub use layout::LayerSpec;
 pub use plan::Plan;

@@ -167,6 +167,9 @@ pub struct Counters {
     pub plan_changes: AtomicU64,
     /// Largest device arena held, in bytes.
     pub peak_device_bytes: AtomicU64,
+    /// Layer-steps attended on the host (one per host-attended layer per step
+    /// that reached its attention), over the engine's life.
+    pub host_attended_layer_steps: AtomicU64,
 }
 
 impl Counters {

@@ -5,7 +5,7 @@
 
 use crate::HostBackend;
 use pie_core::backend::{Buffer, Stream};
-use pie_core::engine::Engine;
+use pie_core::engine::{Engine, LayerKv};
 use pie_core::error::Result;
 use pie_core::layout::LayerSpec;
 use pie_core::plan::Plan;
@@ -119,11 +119,16 @@ pub fn run_step(
         engine.layer_begin(l, stream)?;
         let need = reference.len(l) + new_tokens;
         engine.ensure_capacity(need)?;
-        let off = engine.layer_ready(l, stream)?;
+        // A host-attended layer is read and appended where it lives, in the
+        // host arena, as the host attention path does.
+        let base = match engine.layer_ready_at(l, stream)? {
+            LayerKv::Device(off) => engine.arenas().device.addr() as usize + off,
+            LayerKv::Host(off) => engine.arenas().host.addr() as usize + off,
+        };
         let spec = engine.specs()[l];
         let arenas = engine.arenas();
         let slot = SlotAccess {
-            base: (arenas.device.addr() as usize + off) as *mut u8,
+            base: base as *mut u8,
             spec,
             capacity: arenas.layout.capacity,
         };
@@ -215,6 +220,20 @@ pub fn reorder(
         }
     }
     Ok(())
+}
+
+/// The plan pooling the layers whose `mask` entry is true, with `depth`
+/// staging slots, of which those whose `host` entry is also true are attended
+/// on the host (a `host` shorter than `mask` leaves the rest copied).
+pub fn placed_plan_of(mask: &[bool], host: &[bool], depth: usize) -> Plan {
+    let mut plan = plan_of(mask, depth);
+    plan.host_attended = plan
+        .pooled
+        .iter()
+        .copied()
+        .filter(|&l| host.get(l).copied().unwrap_or(false))
+        .collect();
+    plan
 }
 
 /// The plan pooling the layers whose `mask` entry is true, with `depth` staging slots.

@@ -5,14 +5,15 @@
 //! write-back all show up as mismatches.
 
 use pie_core::{Engine, EngineOptions, LayerSpec, Plan, StaticPolicy};
-use pie_host::check::{crop, plan_of, reorder, run_step, Reference};
+use pie_host::check::{crop, placed_plan_of, reorder, run_step, Reference};
 use pie_host::HostBackend;
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
 enum Op {
     Step(usize),
-    Plan(Vec<bool>, usize),
+    /// Pooled layers, host-attended ones among them, prefetch depth.
+    Plan(Vec<bool>, Vec<bool>, usize),
     Grow(usize),
     Reorder(Vec<usize>),
     Crop(usize),
@@ -22,7 +23,8 @@ enum Op {
 fn op(layers: usize, batch: usize) -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (1usize..4).prop_map(Op::Step),
-        2 => (proptest::collection::vec(any::<bool>(), layers), 1usize..4).prop_map(|(m, d)| Op::Plan(m, d)),
+        2 => (proptest::collection::vec(any::<bool>(), layers), proptest::collection::vec(any::<bool>(), layers), 1usize..4)
+            .prop_map(|(m, h, d)| Op::Plan(m, h, d)),
         1 => (1usize..24).prop_map(Op::Grow),
         1 => proptest::collection::vec(0..batch, batch).prop_map(Op::Reorder),
         1 => (0usize..12).prop_map(Op::Crop),
@@ -55,7 +57,9 @@ fn run(specs: Vec<LayerSpec>, initial: Plan, ops: Vec<Op>) -> Result<(), TestCas
                     engine.plan()
                 );
             }
-            Op::Plan(mask, depth) => engine.set_plan(plan_of(&mask, depth)).unwrap(),
+            Op::Plan(mask, host, depth) => engine
+                .set_plan(placed_plan_of(&mask, &host, depth))
+                .unwrap(),
             Op::Grow(extra) => {
                 let cap = engine.capacity();
                 engine.resize(cap + extra).unwrap();
@@ -89,6 +93,7 @@ proptest! {
         k_dim in 1usize..5,
         v_dim in 1usize..5,
         seed_mask in proptest::collection::vec(any::<bool>(), 7),
+        seed_host in proptest::collection::vec(any::<bool>(), 7),
         depth in 1usize..4,
         ops in proptest::collection::vec(op(6, 3), 1..24),
     ) {
@@ -98,12 +103,12 @@ proptest! {
         let ops: Vec<Op> = ops
             .into_iter()
             .map(|o| match o {
-                Op::Plan(m, d) => Op::Plan(m[..layers].to_vec(), d),
+                Op::Plan(m, h, d) => Op::Plan(m[..layers].to_vec(), h[..layers].to_vec(), d),
                 Op::Reorder(idx) => Op::Reorder(idx.into_iter().map(|i| i % batch).chain(std::iter::repeat(0)).take(batch).collect()),
                 other => other,
             })
             .collect();
-        run(specs, plan_of(&seed_mask[..layers], depth), ops)?;
+        run(specs, placed_plan_of(&seed_mask[..layers], &seed_host[..layers], depth), ops)?;
     }
 }
 
@@ -242,4 +247,68 @@ fn prefetch_bytes_match_the_plan() {
     // decode step moved exactly the prediction (5 tokens per pooled layer),
     // plus the W = 1 prefetch already issued for the next step (6 tokens).
     assert_eq!(moved, predicted + specs[0].bytes(6) as u64);
+}
+
+#[test]
+fn host_attended_layers_are_never_copied_and_are_counted() {
+    let specs = vec![
+        LayerSpec {
+            batch: 1,
+            kv_heads: 1,
+            k_dim: 4,
+            v_dim: 4,
+            elem_size: 4
+        };
+        4
+    ];
+    // Every pooled layer attended on the host: no staging slot, no copy.
+    let plan = placed_plan_of(&[false, true, false, true], &[false, true, false, true], 1);
+    assert_eq!(plan.staging_slots(), 0);
+    let mut engine = Engine::new(
+        HostBackend::new().unwrap(),
+        specs.clone(),
+        EngineOptions {
+            capacity: 16,
+            ..Default::default()
+        },
+        Box::new(StaticPolicy::pinned(plan)),
+    )
+    .unwrap();
+    let mut reference = Reference::new(&specs);
+    for salt in 0..5 {
+        assert!(run_step(&mut engine, &mut reference, 2, salt)
+            .unwrap()
+            .is_none());
+    }
+    engine.quiesce().unwrap();
+    let c = engine.counters();
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(get(&c.h2d_bytes), 0, "a host-attended layer was prefetched");
+    assert_eq!(
+        get(&c.d2h_bytes),
+        0,
+        "a host-attended layer was written back"
+    );
+    assert_eq!(get(&c.host_attended_layer_steps), 2 * 5);
+    assert_eq!(engine.predicted_h2d_bytes_per_step(), 0);
+    // The plain layer_ready refuses a host-attended layer: it has no device offset.
+    let s = pie_core::Stream::Foreign(0);
+    engine.layer_begin(0, s).unwrap();
+    engine.layer_ready(0, s).unwrap();
+    engine.layer_written(0, 0, s).unwrap();
+    engine.layer_done(0, s).unwrap();
+    engine.layer_begin(1, s).unwrap();
+    let err = engine.layer_ready(1, s).unwrap_err();
+    assert!(err.to_string().contains("attended on the host"), "{err}");
+    // Switching the same pooled layers to copied keeps every token.
+    let mut engine = engine;
+    engine
+        .set_plan(placed_plan_of(&[false, true, false, true], &[], 1))
+        .unwrap();
+    assert!(run_step(&mut engine, &mut reference, 1, 9)
+        .unwrap()
+        .is_none());
+    assert!(run_step(&mut engine, &mut reference, 1, 10)
+        .unwrap()
+        .is_none());
 }

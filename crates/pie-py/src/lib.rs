@@ -14,7 +14,9 @@ use dlpack::{Region, StreamSync};
 use errors::{config_error, state_error, to_py};
 use pie_core::slots::Residence;
 use pie_core::telemetry::Counters;
-use pie_core::{Backend, Buffer, Engine, EngineOptions, LayerSpec, Plan, PolicyConfig, Stream};
+use pie_core::{
+    Backend, Buffer, Engine, EngineOptions, LayerKv, LayerSpec, Plan, PolicyConfig, Stream,
+};
 use pie_cuda::CudaBackend;
 use pie_host::{FaultConfig, HostBackend};
 use pyo3::prelude::*;
@@ -73,6 +75,11 @@ fn stats_dict<'py, B: Backend>(py: Python<'py>, e: &Engine<B>) -> PyResult<Bound
     d.set_item("pooled_layers", plan.pooled.len())?;
     d.set_item("resident_layers", e.num_layers() - plan.pooled.len())?;
     d.set_item("pooled", plan.pooled.clone())?;
+    d.set_item("host_attended", plan.host_attended.clone())?;
+    d.set_item(
+        "host_attended_layer_steps",
+        Counters::get(&c.host_attended_layer_steps),
+    )?;
     d.set_item("prefetch_depth", plan.staging_slots())?;
     d.set_item("capacity", e.capacity())?;
     d.set_item("device_kv_bytes", e.device_bytes())?;
@@ -95,7 +102,7 @@ fn stats_dict<'py, B: Backend>(py: Python<'py>, e: &Engine<B>) -> PyResult<Bound
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None, faults=None, wait_timeout=None))]
+    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None, faults=None, wait_timeout=None, host_attention="never"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -110,6 +117,7 @@ impl PyEngine {
         prefetch_depth: Option<usize>,
         faults: Option<&Bound<'_, PyDict>>,
         wait_timeout: Option<f64>,
+        host_attention: &str,
     ) -> PyResult<Self> {
         let specs: Vec<LayerSpec> = layers
             .into_iter()
@@ -133,6 +141,7 @@ impl PyEngine {
             prefetch_depth,
             specs.len(),
         )
+        .and_then(|c| c.with_host_attention(host_attention))
         .map_err(to_py)?;
         let mut options = EngineOptions {
             capacity,
@@ -223,6 +232,20 @@ impl PyEngine {
 
     fn layer_ready(&mut self, py: Python<'_>, layer: usize, stream: u64) -> PyResult<usize> {
         with_engine!(self, e => py.detach(|| e.layer_ready(layer, self::stream(stream))).map_err(to_py))
+    }
+
+    /// `(offset, on_host)`: where the layer's KV is for this step's attention
+    /// (the device arena, or the host arena for a host-attended layer).
+    fn layer_ready_at(
+        &mut self,
+        py: Python<'_>,
+        layer: usize,
+        stream: u64,
+    ) -> PyResult<(usize, bool)> {
+        with_engine!(self, e => match py.detach(|| e.layer_ready_at(layer, self::stream(stream))).map_err(to_py)? {
+            LayerKv::Device(offset) => Ok((offset, false)),
+            LayerKv::Host(offset) => Ok((offset, true)),
+        })
     }
 
     fn layer_written(&mut self, layer: usize, n_new: usize, stream: u64) -> PyResult<usize> {
@@ -323,9 +346,22 @@ impl PyEngine {
         with_engine!(self, e => Ok(host_region_of(e)))
     }
 
-    fn set_plan(&mut self, pooled_layers: Vec<usize>, prefetch_depth: usize) -> PyResult<()> {
+    /// Pins a plan from the next step on; `host_attended` (a subset of
+    /// `pooled_layers`, any order) are attended on the host, the rest copied.
+    #[pyo3(signature = (pooled_layers, prefetch_depth, host_attended=None))]
+    fn set_plan(
+        &mut self,
+        pooled_layers: Vec<usize>,
+        prefetch_depth: usize,
+        host_attended: Option<Vec<usize>>,
+    ) -> PyResult<()> {
         with_engine!(self, e => {
-            let plan = Plan::from_layers(pooled_layers, prefetch_depth, e.num_layers()).map_err(to_py)?;
+            let mut plan = Plan::from_layers(pooled_layers, prefetch_depth, e.num_layers()).map_err(to_py)?;
+            if let Some(mut host) = host_attended {
+                host.sort_unstable();
+                plan.host_attended = host;
+                plan.validate(e.num_layers()).map_err(to_py)?;
+            }
             e.set_plan(plan).map_err(to_py)
         })
     }
@@ -333,12 +369,15 @@ impl PyEngine {
     fn plan<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let policy = self.policy.kind.name();
         let objective = self.policy.objective.name();
+        let host_attention = self.policy.host_attention.name();
         with_engine!(self, e => {
             let d = PyDict::new(py);
             let plan = e.plan();
             d.set_item("pooled_layers", plan.pooled.clone())?;
+            d.set_item("host_attended", plan.host_attended.clone())?;
             d.set_item("prefetch_depth", plan.staging_slots())?;
             d.set_item("policy", policy)?;
+            d.set_item("host_attention", host_attention)?;
             d.set_item("objective", objective)?;
             Ok(d)
         })
@@ -368,6 +407,7 @@ impl PyEngine {
             d.set_item("d2h_seconds", s.d2h_seconds)?;
             d.set_item("d2h_bytes", s.d2h_bytes)?;
             d.set_item("step_seconds", s.step_seconds)?;
+            d.set_item("host_attended", s.plan.host_attended.clone())?;
             d.set_item("pooled_layers", s.plan.pooled)?;
             d.set_item("layer_start", s.layer_start)?;
             d.set_item("h2d_spans", s.h2d_spans)?;
@@ -428,10 +468,10 @@ fn host_region_of<B: Backend>(e: &Engine<B>) -> Region {
 }
 
 /// Parses a pool's policy options once, as every engine of the pool will:
-/// `{"policy", "objective", "pooled_layers", "prefetch_depth"}` after pie-core's
+/// `{"policy", "objective", "pooled_layers", "prefetch_depth", "host_attention"}` after pie-core's
 /// rules (pinned layers make the policy static and are sorted), or a ConfigError.
 #[pyfunction]
-#[pyo3(signature = (policy, objective, pooled_layers, prefetch_depth, num_layers))]
+#[pyo3(signature = (policy, objective, pooled_layers, prefetch_depth, num_layers, host_attention="never"))]
 fn policy_config<'py>(
     py: Python<'py>,
     policy: &str,
@@ -439,8 +479,10 @@ fn policy_config<'py>(
     pooled_layers: Option<Vec<usize>>,
     prefetch_depth: Option<usize>,
     num_layers: usize,
+    host_attention: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = PolicyConfig::parse(policy, objective, pooled_layers, prefetch_depth, num_layers)
+        .and_then(|c| c.with_host_attention(host_attention))
         .map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("policy", config.kind.name())?;
@@ -450,6 +492,7 @@ fn policy_config<'py>(
         config.pinned.as_ref().map(|p| p.pooled.clone()),
     )?;
     d.set_item("prefetch_depth", config.prefetch_depth)?;
+    d.set_item("host_attention", config.host_attention.name())?;
     Ok(d)
 }
 
