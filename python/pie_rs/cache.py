@@ -373,8 +373,9 @@ class _Shared:
 
         The new tokens' copy into the host arena is staged (``_host_io.HostWrites``: on CUDA a
         ``non_blocking`` copy into pinned memory with an event) and placed before anything reads the
-        buffer: by the split after it has waited for the query, else when the layer is done. The returned key tensor is marked, so the attention function installed at
-        attach splits this layer's attention (``_split``); with no past there is nothing to split.
+        buffer: by the split after it has waited for the query, else when the layer is done. The
+        returned key tensor is marked, so the attention function installed at attach splits this
+        layer's attention (``_split``); with no past there is nothing to split.
         """
         engine = self.engine
         assert engine is not None and self.dtype is not None and self.batch is not None
