@@ -194,7 +194,8 @@ def test_detach_restores_attention() -> None:
 
 
 @pytest.mark.skipif(serving.serving_supported() is not None, reason="pie-rs serving needs transformers >= 5.24")
-def test_continuous_batching_refuses_always_and_serves_under_auto() -> None:
+def test_continuous_batching_refuses_always_on_eager_and_serves_under_auto() -> None:
+    """Host attention in continuous batching splits 'sdpa' (tests/test_serving_host_attention.py)."""
     model = make_model("llama")
     model.set_attn_implementation("eager")  # the split switches an eager config; serving needs it back
     config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
@@ -207,9 +208,9 @@ def test_continuous_batching_refuses_always_and_serves_under_auto() -> None:
     expected = run()
     with (
         pie_rs.attach(model, host_attention="always"),
-        pytest.raises(pie_rs.ConfigError, match="continuous batching does not attend on the host"),
+        pytest.raises(pie_rs.ConfigError, match="attends on the host through 'sdpa'"),
     ):
-        model.init_continuous_batching(generation_config=config)
+        model.init_continuous_batching(generation_config=config)._create_batch_processor()
     with pie_rs.attach(model, host_attention="auto"):
         assert run() == expected
 
