@@ -144,7 +144,7 @@ def main() -> int:
         f"batch {batch}, prompt {prompt}, {new} new tokens, KV {kv_bytes / 2**30:.2f} GiB, {args.repeats} "
         f"interleaved runs; {where}; {torch.get_num_threads()} CPU threads"
     )
-    print("| method | ms/step (median) | p99 | vs resident | H2D MiB | D2H MiB | host kernel s | tokens = DynamicCache |")
+    print("| method | ms/step (median) | p99 | vs resident | H2D MiB | D2H MiB | host kernel s | tokens = Dynamic |")
     print("|---|---|---|---|---|---|---|---|")
     base = by["resident"]["step_median_ms"]
     for m in merged:
