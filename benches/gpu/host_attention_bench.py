@@ -156,10 +156,7 @@ def main() -> int:
     ratio = by["never"]["step_median_ms"] / by["always"]["step_median_ms"]
     print(f"host-attended vs copied (ms/step ratio, >1: host attention faster): {ratio:.2f}x")
     layer_steps = by["always"]["host_layer_steps"]
-    print(
-        f"host-attended layer-steps: {layer_steps} (expected {shape.layers * new}); "
-        f"{time.perf_counter() - t0:.0f} s"
-    )
+    print(f"host-attended layer-steps: {layer_steps} (expected {shape.layers * new}); {time.perf_counter() - t0:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rows": merged, "copied_over_host": ratio}, f, indent=1)
