@@ -294,3 +294,20 @@ def test_no_host_write_outlives_its_layer_call() -> None:
     # rows in flight until the layer is done.
     assert any(in_flight)
     assert all(pending <= {layer} for pending, layer in zip(in_flight, opened, strict=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_cuda_host_attention_matches_dynamic_cache(family: str, mode: str) -> None:
+    """On CUDA: the staged non-blocking K/V copies, the query's round trip and the merge on the device."""
+    model = make_model(family, device="cuda")
+    inputs = make_inputs(4, PROMPT, device="cuda")
+    expected = generate(model, inputs, mode)
+    managed = inspect_model(model).managed
+    with pie_rs.attach(model, pooled_layers=managed, prefetch_depth=1, host_attention="always") as pool:
+        assert pool.backend == "cuda"
+        got = generate(model, inputs, mode)
+        stats = pool.stats()
+    assert torch.equal(got, expected)
+    assert stats["host_attended_layer_steps"] == len(managed) * MAX_NEW and stats["h2d_bytes"] == 0

@@ -146,3 +146,17 @@ def test_always_is_refused_where_continuous_batching_cannot_split():
     with pie_rs.attach(sliding, gpu_budget=300 * row_bytes(sliding), objective="memory", host_attention="auto") as p:
         assert tokens(sliding) == expected
         assert p.stats()["serving"]["host_attended_layer_steps"] == 0
+
+
+@needs_524
+@pytest.mark.cuda
+def test_cuda_continuous_batching_host_attention():
+    """On CUDA: host-attended layers of the paged cache, mixed prefills and decodes."""
+    model = make_model("llama", device="cuda")
+    model.set_attn_implementation("sdpa")
+    expected = plain(model, config=cb(num_blocks=64))
+    with pie_rs.attach(model, gpu_budget=300 * row_bytes(model), objective="memory", host_attention="always") as pool:
+        got = tokens(model)
+        stats = pool.stats()["serving"]
+    assert got == expected
+    _check_host_attended(stats, model.config.num_hidden_layers)
