@@ -16,6 +16,7 @@ mismatch is reported with the first differing position, not hidden). Ratios are 
 
     python benches/gpu/host_attention_bench.py [out.json]            # CUDA
     python benches/gpu/host_attention_bench.py --device cpu          # a tiny CPU check of the script
+    python benches/gpu/host_attention_bench.py --serving [--device cpu]  # continuous batching instead
 """
 
 from __future__ import annotations
@@ -90,6 +91,76 @@ NAMES = {
 }
 
 
+def serving(model: torch.nn.Module, prompts: list[list[int]], new: int, repeats: int) -> list[dict]:
+    """Continuous batching (``generate_batch``), every layer pooled: host-attended vs copied vs plain."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    total = sum(len(p) + new for p in prompts)
+    page = 64
+    # Every layer pooled, the budget leaving room for the staging slots and one page per layer.
+    row = 2 * model.config.num_key_value_heads * model.config.head_dim * model.dtype.itemsize
+    budget = 4 * page * model.config.num_hidden_layers * row + 2 * total * row
+
+    def run_batch(kind: str) -> tuple[dict, dict]:
+        # Continuous batching alone gets room for every request (its own sizing would take most
+        # free memory, which on the CPU costs seconds of zeroing).
+        blocks = None if kind != "plain" else sum(-(-(len(p) + new) // page) for p in prompts) + 8
+        config = ContinuousBatchingConfig(page_size=page, max_batch_tokens=512, num_blocks=blocks)
+        start = time.perf_counter()
+        if kind == "plain":
+            out = model.generate_batch(
+                prompts, generation_config=gen, continuous_batching_config=config, progress_bar=False
+            )
+            stats: dict = {}
+        else:
+            with pie_rs.attach(model, gpu_budget=budget, objective="memory", host_attention=kind) as pool:
+                out = model.generate_batch(
+                    prompts, generation_config=gen, continuous_batching_config=config, progress_bar=False
+                )
+                stats = pool.stats()["serving"]
+        seconds = time.perf_counter() - start
+        got = {k: list(v.generated_tokens) for k, v in out.items()}
+        return {"method": kind, "seconds": seconds, **{k: stats.get(k) for k in SERVING_STATS}}, got
+
+    rows: dict[str, list[dict]] = {k: [] for k in ("plain", "never", "always")}
+    results: dict[str, dict] = {}
+    for _ in range(repeats):
+        for kind in rows:
+            row, got = run_batch(kind)
+            rows[kind].append(row)
+            results[kind] = got
+    merged = []
+    for kind, runs in rows.items():
+        m = dict(runs[-1])
+        m["seconds"] = statistics.median(r["seconds"] for r in runs)
+        m["tokens_equal"] = results[kind] == results["plain"]
+        merged.append(m)
+    return merged
+
+
+SERVING_STATS = ("pooled_layers", "h2d_bytes", "host_attended_layer_steps", "host_attention_seconds", "forward_steps")
+
+
+def print_serving(rows: list[dict], prompts: list[list[int]], new: int) -> None:
+    print(
+        f"continuous batching, every layer pooled: {len(prompts)} requests, prompts "
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new} new tokens each"
+    )
+    print(
+        "| method | s (median) | pooled | H2D MiB | host layer-steps | forward steps | host kernel s | tokens = plain |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    names = {"plain": "continuous batching alone", "never": "pie-rs, copied", "always": "pie-rs, host-attended"}
+    for m in rows:
+        h2d = (m["h2d_bytes"] or 0) / 2**20
+        print(
+            f"| {names[m['method']]} | {m['seconds']:.2f} | {m['pooled_layers'] or '-'} | {h2d:.0f} | "
+            f"{m['host_attended_layer_steps'] or 0} | {m['forward_steps'] or '-'} | "
+            f"{m['host_attention_seconds'] or 0:.3f} | {'yes' if m['tokens_equal'] else 'NO'} |"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", help="also write the rows as JSON here")
@@ -98,6 +169,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int)
     ap.add_argument("--new", type=int)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--serving", action="store_true", help="continuous batching instead (transformers >= 5.24)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     device = torch.device(args.device)
@@ -110,6 +182,18 @@ def main() -> int:
         dtype = torch.float32
         batch, prompt, new = args.batch or 2, args.prompt or 48, args.new or 6
     model = build_model(shape, device, dtype, seed=0)
+    if args.serving:
+        model.set_attn_implementation("sdpa")
+        gen = torch.Generator().manual_seed(1)
+        lengths = [prompt // 4 + (prompt * i) // max(1, batch - 1) for i in range(batch)]  # mixed lengths
+        prompts = [torch.randint(3, shape.vocab, (n,), generator=gen).tolist() for n in lengths]
+        rows_s = serving(model, prompts, new, args.repeats)
+        print_serving(rows_s, prompts, new)
+        print(f"{time.perf_counter() - t0:.0f} s")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"serving": rows_s}, f, indent=1)
+        return 0
     ids = make_inputs(shape.vocab, batch, prompt, device, seed=1)
     head_dim = shape.head_dim or shape.hidden // shape.heads
     kv_bytes = 2 * shape.layers * shape.kv_heads * head_dim * dtype.itemsize * batch * (prompt + new)
