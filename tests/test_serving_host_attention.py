@@ -142,7 +142,14 @@ def test_always_is_refused_where_continuous_batching_cannot_split():
     sliding = make_model("mistral_sliding")  # every layer slides: nothing engine-managed in generate
     sliding.set_attn_implementation("sdpa")
     expected = plain(sliding, config=cb(num_blocks=64))
-    # "auto" serves both with copies, the tokens unchanged.
+    with (
+        pie_rs.attach(sliding, gpu_budget="1MiB", host_attention="always"),
+        pytest.raises(pie_rs.ConfigError, match="'sliding_attention'"),
+    ):
+        sliding.init_continuous_batching(
+            generation_config=greedy(), continuous_batching_config=cb()
+        )._create_batch_processor()
+    # "auto" serves it with copies, the tokens unchanged.
     with pie_rs.attach(sliding, gpu_budget=300 * row_bytes(sliding), objective="memory", host_attention="auto") as p:
         assert tokens(sliding) == expected
         assert p.stats()["serving"]["host_attended_layer_steps"] == 0

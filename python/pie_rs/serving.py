@@ -1065,16 +1065,22 @@ def _serving_host_attention(pool: Pool, impl: str) -> str:
     paged eager and flash paths (block tables) are served by copies.
     """
     choice = str(getattr(pool.settings, "host_attention", "never"))
+    if choice == "never":
+        return choice
+    if impl.removeprefix("paged|") != "sdpa":
+        if choice == "always":
+            raise ConfigError(
+                f"continuous batching attends on the host through 'sdpa' attention, and this model runs {impl!r}; "
+                "load it with attn_implementation='sdpa' (or 'paged|sdpa'), or attach with host_attention='auto' "
+                "or 'never'"
+            )
+        return "never"
     split = pool._split
-    if choice == "never" or (split is not None and split.sdpa and impl.removeprefix("paged|") == "sdpa"):
-        return choice if split is not None else "never"
-    if choice == "always":
-        raise ConfigError(
-            f"continuous batching attends on the host through 'sdpa' attention, and this model runs {impl!r}; "
-            "load it with attn_implementation='sdpa' (or 'paged|sdpa'), or attach with host_attention='auto' "
-            "or 'never'"
-        )
-    return "never"
+    if split is None or not split.sdpa:
+        # Nothing split at attach (no full-attention layer pie-rs manages): "always" goes on to the
+        # paged cache, which says why its layer group cannot be host-attended.
+        return choice if choice == "always" else "never"
+    return choice
 
 
 def _patch_manager(pool: Pool, manager: Any) -> None:
