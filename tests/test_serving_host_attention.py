@@ -48,6 +48,20 @@ def plain(model, prompts=PROMPTS, gen=None, config=None) -> dict[str, list[int]]
             model.__dict__["init_continuous_batching"] = saved
 
 
+def record_steps(monkeypatch) -> list:
+    """Keeps every step's batch as host-attended layers read it (``serving._PagedStep``)."""
+    steps = []
+    build = serving._PagedStep.build
+
+    def record(requests, device):
+        step = build(requests, device)
+        steps.append(step)
+        return step
+
+    monkeypatch.setattr(serving._PagedStep, "build", staticmethod(record))
+    return steps
+
+
 def _check_host_attended(stats: dict, pooled: int) -> None:
     assert stats["host_attention"] == "always"
     assert stats["pooled_layers"] == pooled and len(stats["host_attended_layers"]) == pooled
@@ -59,30 +73,39 @@ def _check_host_attended(stats: dict, pooled: int) -> None:
 
 @needs_524
 @pytest.mark.parametrize("pooling", ["some", "all"])
-def test_greedy_tokens_equal_continuous_batching_alone(llama, reference, pooling):
+def test_greedy_tokens_equal_continuous_batching_alone(llama, reference, pooling, monkeypatch):
     budget = 600 * row_bytes(llama)
     kwargs = {"some": {}, "all": {"objective": "memory"}}[pooling]
+    steps = record_steps(monkeypatch)
     with pie_rs.attach(llama, gpu_budget=budget, host_attention="always", **kwargs) as pool:
         got = tokens(llama)
         stats = pool.stats()["serving"]
     assert got == reference
+    # Some request's past lay in blocks apart (several runs, merged on the host).
+    assert max(len(runs) for s in steps for *_, runs in s.requests) > 1
     layers = llama.config.num_hidden_layers
     _check_host_attended(stats, 2 if pooling == "some" else layers)
     assert stats["peak_running"] == len(PROMPTS) and stats["device_kv_bytes"] <= budget
 
 
 @needs_524
-def test_chunked_prefills_mix_with_decodes(llama):
+def test_chunked_prefills_mix_with_decodes(llama, monkeypatch):
     # A small token budget per batch: long prompts prefill in chunks on top of their own past,
     # in the same batches as other requests' decodes.
     prompts = [[5 + (3 * i + j) % 90 for j in range(n)] for i, n in enumerate([30, 2, 19, 5])]
     config = cb(max_batch_tokens=12)
     expected = plain(llama, prompts, config=cb(num_blocks=64, max_batch_tokens=12))
+    steps = record_steps(monkeypatch)
     with pie_rs.attach(llama, gpu_budget=600 * row_bytes(llama), objective="memory", host_attention="always") as pool:
         got = tokens(llama, prompts, config=config)
         stats = pool.stats()["serving"]
     assert got == expected
     _check_host_attended(stats, llama.config.num_hidden_layers)
+    # One batch held a prefill chunk on a past (several query rows, past rows) beside decodes.
+    assert any(
+        any(rows > 1 and runs for _, rows, runs in s.requests) and any(rows == 1 for _, rows, _ in s.requests)
+        for s in steps
+    )
 
 
 @needs_524
@@ -102,12 +125,15 @@ def test_forks_and_sampling(llama):
 
 
 @needs_524
-def test_manager_requests_added_while_others_decode(llama, reference):
+def test_manager_requests_added_while_others_decode(llama, reference, monkeypatch):
+    steps = record_steps(monkeypatch)
     with pie_rs.attach(llama, gpu_budget=300 * row_bytes(llama), objective="memory", host_attention="always") as pool:
         manager = llama.init_continuous_batching(generation_config=greedy(new=10), continuous_batching_config=cb())
         manager.start()
         try:
-            first = manager.add_request(PROMPTS[0], request_id="req_0", streaming=True)
+            # req_0 decodes far longer than the others, so they surely join while it decodes; greedy,
+            # its first 10 tokens are the reference's.
+            first = manager.add_request(PROMPTS[0], request_id="req_0", streaming=True, max_new_tokens=40)
             deadline = time.time() + 60
             while True:
                 out = manager.get_result(request_id=first, timeout=1)
@@ -124,8 +150,15 @@ def test_manager_requests_added_while_others_decode(llama, reference):
         finally:
             manager.stop(block=True)
         stats = pool.stats()["serving"]
+    assert len(results["req_0"]) == 40
+    results["req_0"] = results["req_0"][:10]
     assert results == {k: reference[k] for k in ("req_0", "req_1", "req_2", "req_3")}
     _check_host_attended(stats, llama.config.num_hidden_layers)
+    # A joining request's prefill (no past: device only) ran in one batch with a decode on a past.
+    assert any(
+        any(not runs for *_, runs in s.requests) and any(rows == 1 and runs for _, rows, runs in s.requests)
+        for s in steps
+    )
 
 
 @needs_524
