@@ -125,6 +125,19 @@ def test_forks_and_sampling(llama):
 
 
 @needs_524
+def test_preemption_in_a_full_cache(llama, reference):
+    # A budget of 60 rows of one layer cannot hold every request at once (all layers pooled):
+    # transformers preempts (soft reset) and recomputes; the host areas are rewritten through the
+    # same path, the tokens unchanged.
+    with pie_rs.attach(llama, gpu_budget=60 * row_bytes(llama), objective="memory", host_attention="always") as pool:
+        got = tokens(llama)
+        stats = pool.stats()["serving"]
+    assert got == reference
+    assert stats["preemptions"] > 0
+    _check_host_attended(stats, llama.config.num_hidden_layers)
+
+
+@needs_524
 def test_manager_requests_added_while_others_decode(llama, reference, monkeypatch):
     steps = record_steps(monkeypatch)
     with pie_rs.attach(llama, gpu_budget=300 * row_bytes(llama), objective="memory", host_attention="always") as pool:
