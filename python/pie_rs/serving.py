@@ -790,6 +790,7 @@ def _cache_class() -> type:
             super().reset()
             self._new_run()
             self._remembered.clear()
+            self._requests = []  # a batch prepared but never run (a failed step) is not the next one's
             if self.engine is not None and not self._closed:
                 self.finish_step()
                 self.engine.reset()  # nothing is held: prefetches move nothing until rows are written again
