@@ -16,6 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import pie_rs
 from pie_rs import serving
+from pie_rs._host_io import HostWrites
 from pie_rs._model import cache_keyword, inspect_model
 
 from helpers import expanded_batch, generate, half_pooled_budget
@@ -194,7 +195,8 @@ def test_detach_restores_attention() -> None:
 
 
 @pytest.mark.skipif(serving.serving_supported() is not None, reason="pie-rs serving needs transformers >= 5.24")
-def test_continuous_batching_refuses_always_and_serves_under_auto() -> None:
+def test_continuous_batching_refuses_always_on_eager_and_serves_under_auto() -> None:
+    """Host attention in continuous batching splits 'sdpa' (tests/test_serving_host_attention.py)."""
     model = make_model("llama")
     model.set_attn_implementation("eager")  # the split switches an eager config; serving needs it back
     config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
@@ -207,9 +209,9 @@ def test_continuous_batching_refuses_always_and_serves_under_auto() -> None:
     expected = run()
     with (
         pie_rs.attach(model, host_attention="always"),
-        pytest.raises(pie_rs.ConfigError, match="continuous batching does not attend on the host"),
+        pytest.raises(pie_rs.ConfigError, match="attends on the host through 'sdpa'"),
     ):
-        model.init_continuous_batching(generation_config=config)
+        model.init_continuous_batching(generation_config=config)._create_batch_processor()
     with pie_rs.attach(model, host_attention="auto"):
         assert run() == expected
 
@@ -236,3 +238,76 @@ def test_parked_and_copied_caches_come_back_into_host_buffers() -> None:
     for g, e in zip(twin_tail, expected[3:], strict=True):
         assert (g - e).abs().max().item() <= FP32_LOGITS_TOL
     assert stats["host_attended_layers"] == managed[::2]
+
+
+def test_staged_host_writes_land_in_order_before_they_are_read() -> None:
+    """The bookkeeping shared with CUDA (where staging is a non-blocking copy and an event)."""
+    arena = torch.zeros(3, 2)
+    placed: list[int] = []
+
+    def at(row: int):
+        def place(key: torch.Tensor, value: torch.Tensor) -> None:
+            arena[row].copy_(key + value)
+            placed.append(row)
+
+        return place
+
+    writes = HostWrites()
+    writes.stage(0, torch.ones(2), torch.ones(2), at(0))
+    writes.stage(1, torch.full((2,), 3.0), torch.zeros(2), at(1))
+    assert bool(writes) and not arena.any()  # nothing lands until flushed
+    writes.flush(1)
+    assert arena[1].tolist() == [3.0, 3.0] and not arena[0].any()
+    # A layer's next step places its earlier rows first.
+    writes.stage(0, torch.full((2,), 5.0), torch.zeros(2), at(2))
+    assert arena[0].tolist() == [2.0, 2.0] and not arena[2].any()
+    writes.flush()
+    assert arena[2].tolist() == [5.0, 5.0] and placed == [1, 0, 2] and not writes
+    writes.stage(0, torch.ones(2), torch.ones(2), at(0))
+    writes.drop()  # the arena is gone: nothing lands
+    writes.flush()
+    assert placed == [1, 0, 2]
+
+
+def test_no_host_write_outlives_its_layer_call() -> None:
+    """Only the open layer may have rows in flight: each lands before the engine hears the layer is done."""
+    model = make_model("llama")
+    chunks, mask = _chunks(2)
+    managed = inspect_model(model).managed
+    with pie_rs.attach(model, pooled_layers=managed, prefetch_depth=1, host_attention="always") as pool:
+        cache = pool.new_cache()
+        shared = cache._shared
+        in_flight: list[set[int]] = []
+        opened: list[int | None] = []
+        original = shared.begin
+
+        def begin(e: int) -> None:
+            in_flight.append(set(shared.host_writes._pending))
+            opened.append(shared.open)
+            original(e)
+
+        shared.begin = begin  # type: ignore[method-assign]
+        _logits(model, cache, chunks[:3], mask)
+        shared.finish_step()
+        assert not shared.host_writes
+    # Rows were staged, not copied at once: a first prefill (no split to place them) keeps its
+    # rows in flight until the layer is done.
+    assert any(in_flight)
+    assert all(pending <= {layer} for pending, layer in zip(in_flight, opened, strict=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_cuda_host_attention_matches_dynamic_cache(family: str, mode: str) -> None:
+    """On CUDA: the staged non-blocking K/V copies, the query's round trip and the merge on the device."""
+    model = make_model(family, device="cuda")
+    inputs = make_inputs(4, PROMPT, device="cuda")
+    expected = generate(model, inputs, mode)
+    managed = inspect_model(model).managed
+    with pie_rs.attach(model, pooled_layers=managed, prefetch_depth=1, host_attention="always") as pool:
+        assert pool.backend == "cuda"
+        got = generate(model, inputs, mode)
+        stats = pool.stats()
+    assert torch.equal(got, expected)
+    assert stats["host_attended_layer_steps"] == len(managed) * MAX_NEW and stats["h2d_bytes"] == 0

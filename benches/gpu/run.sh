@@ -50,6 +50,15 @@ cat "$WORK/copy.md"
 echo "== end-to-end decode"
 run_step "e2e bench" 150 python3 benches/gpu/e2e_bench.py "$OUT/e2e.json" > "$WORK/e2e.md" 2>&1
 cat "$WORK/e2e.md"
+echo "== host attention: decode with every layer pooled, attended on the host vs copied vs resident (Llama-3-8B shapes, 8 layers, bf16)"
+run_step "host attention bench" 60 python3 benches/gpu/host_attention_bench.py "$WORK/host-attn.json" --repeats 1 \
+    > "$WORK/host-attn.md" 2>&1
+status+=("host attention bench: exit $? ($(grep -c '| no (' "$WORK/host-attn.md") methods whose tokens differ)")
+cat "$WORK/host-attn.md"
+echo "== host attention kernel vs a STREAM-like triad, on this machine's CPU"
+run_step "host kernel bench" 45 python3 benches/host_attention.py --quick --no-torch > "$WORK/host-kernel.md" 2>&1
+status+=("host kernel bench: exit $?")
+tail -12 "$WORK/host-kernel.md"
 echo "== serving: continuous batching at a budget of 1/3 of the workload's KV (Llama-3-8B shapes, 8 layers, bf16)"
 # Needs transformers >= 5.24 (its paged cache layout); a copy carried in .carry/transformers-site is used
 # first, else the machine's own (5.17 refuses, and the step says so).
@@ -73,13 +82,19 @@ else
 fi
 echo "== KV reuse: prefix store vs recomputing, N copies' device memory"
 run_step "reuse bench" 60 python3 benches/reuse.py --json "$WORK/reuse.json" > "$WORK/reuse.md" 2>&1
-# At most 8 files come back from $OUT: e2e.json, multi-gpu.md (several GPUs only) and these six.
+# At most 8 files come back from $OUT: e2e.json, multi-gpu.md (several GPUs only) and these six;
+# the host-attention results travel inside e2e.md.
+{ echo; echo "== host attention (benches/gpu/host_attention_bench.py)"; cat "$WORK/host-attn.md"
+  echo; echo "== host kernel vs triad (benches/host_attention.py --quick --no-torch)"; cat "$WORK/host-kernel.md"; } \
+  >> "$WORK/e2e.md" 2>/dev/null
 cp "$WORK/py-tests.log" "$WORK/copy.md" "$WORK/e2e.md" "$WORK/serving.md" "$WORK/reuse.md" "$WORK/demo.md" "$OUT/" 2>/dev/null
 echo
 echo "===== summary ($(date -u +%Y-%m-%d), $(head -1 "$WORK/gpu.txt"), $(tail -1 "$WORK/gpu.txt"))"
 printf '%s\n' "${status[@]}"
 cat "$WORK/copy.md"
 grep -v "^  pie-rs\|^  DynamicCache\|^  HF off" "$WORK/e2e.md" | tail -30
+grep -v "^  pie-rs\|^  DynamicCache" "$WORK/host-attn.md" | tail -10
+tail -8 "$WORK/host-kernel.md"
 tail -3 "$WORK/overhead.md"
 tail -18 "$WORK/demo.md"
 grep -v "psutil\|Logger" "$WORK/serving.md" | tail -16

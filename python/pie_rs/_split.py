@@ -31,10 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import ConfigError
-from .host_attention import host_attention_layer, merge, partial_attention
+from ._errors import ConfigError, StateError
+from ._host_io import to_device, to_host, wait
+from .host_attention import host_attention, host_attention_layer, merge, partial_attention
 
-__all__ = ["HOST_ATTENTION_CHOICES", "Installed", "SplitTarget", "install", "mark", "unsupported_reason"]
+__all__ = [
+    "HOST_ATTENTION_CHOICES",
+    "Installed",
+    "PagedSplitTarget",
+    "SplitTarget",
+    "install",
+    "mark",
+    "unsupported_reason",
+]
 
 #: The values ``attach(host_attention=...)`` accepts.
 HOST_ATTENTION_CHOICES = ("auto", "never", "always")
@@ -59,14 +68,16 @@ class SplitTarget:
     past: int
     #: Adds the host kernel's seconds to the cache's statistics.
     add_seconds: Callable[[float], None]
+    #: Places this layer's staged new tokens into the host buffer (see ``_host_io.HostWrites``).
+    flush: Callable[[], None] = lambda: None
 
 
 # Keyed by ``id`` of the key tensor a host-attended update returned; the tensor is kept with the
 # target so the id cannot be reused while the entry lives, and compared by identity on lookup.
-_PENDING: dict[int, tuple[torch.Tensor, SplitTarget]] = {}
+_PENDING: dict[int, tuple[torch.Tensor, SplitTarget | PagedSplitTarget]] = {}
 
 
-def mark(key: torch.Tensor, target: SplitTarget, previous: int | None) -> int:
+def mark(key: torch.Tensor, target: SplitTarget | PagedSplitTarget, previous: int | None) -> int:
     """Marks ``key`` (what a host-attended update returned) for a split; drops the layer's ``previous`` mark."""
     if previous is not None:
         _PENDING.pop(previous, None)
@@ -74,7 +85,7 @@ def mark(key: torch.Tensor, target: SplitTarget, previous: int | None) -> int:
     return id(key)
 
 
-def _take(key: torch.Tensor) -> SplitTarget | None:
+def _take(key: torch.Tensor) -> SplitTarget | PagedSplitTarget | None:
     entry = _PENDING.get(id(key))
     if entry is None or entry[0] is not key:
         return None
@@ -112,9 +123,17 @@ def _split(
     else:
         host_mask = attention_mask[..., :past]
         dev_mask = attention_mask[..., past : past + new]
+    # The device's partial is queued first, so the device computes it while the host waits for the
+    # query and runs the kernel; the query's copy is ordered after this layer's staged K/V rows.
+    q_host, q_ready = to_host(query)
+    m_host, m_ready = (None, None) if host_mask is None else to_host(host_mask.contiguous())
+    dev_out, dev_lse = partial_attention(query, key, value, mask=dev_mask, scale=scale, softcap=softcap)
     start = time.perf_counter()
+    wait(q_ready)
+    wait(m_ready)
+    target.flush()
     host_out, host_lse = host_attention_layer(
-        query.detach().to("cpu"),
+        q_host,
         target.region,
         offset=target.offset,
         layer=target.layer,
@@ -122,13 +141,93 @@ def _split(
         kv_dtype=target.kv_dtype,
         lengths=past,
         query_positions=past + new - q_len,
-        mask=None if host_mask is None else host_mask.to("cpu").contiguous(),
+        mask=m_host,
         scale=scale,
         softcap=softcap,
     )
     target.add_seconds(time.perf_counter() - start)
+    out, _ = merge(to_device(host_out, query.device), to_device(host_lse, query.device), dev_out, dev_lse)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class PagedSplitTarget:
+    """One host-attended layer of a continuous-batching step (transformers' flattened varlen batch).
+
+    The step's requests are laid end to end along the query dimension; request ``i``'s past rows
+    are scattered over its blocks in the layer's host area, given as runs of consecutive rows, so
+    the kernel reads each run in place (a strided view of the area): no gather, and no
+    batch-by-batch product on the host.
+    """
+
+    #: The layer's host area, K and V ``[rows, kv_heads, head_dim]``.
+    k_area: torch.Tensor
+    v_area: torch.Tensor
+    #: Per request in batch order: (first query row, query rows, runs ``(start, n)`` of its past rows).
+    requests: list[tuple[int, int, list[tuple[int, int]]]]
+    #: Key columns of the step's new tokens in transformers' mask (on the mask's device).
+    new_columns: torch.Tensor
+    #: Places this layer's staged new rows into the host area (see ``_host_io.HostWrites``).
+    flush: Callable[[], None]
+    #: Adds the host kernel's seconds to the cache's statistics.
+    add_seconds: Callable[[float], None]
+
+
+def _host_partial_paged(
+    query: torch.Tensor, target: PagedSplitTarget, v_dim: int, scale: float | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The host kernel over every request's past rows: ``(out, lse)`` for all query rows (host)."""
+    _, heads, total, _ = query.shape
+    out = torch.zeros(1, heads, total, v_dim, dtype=torch.float32)
+    lse = torch.full((1, heads, total), float("-inf"), dtype=torch.float32)
+    for first, rows, runs in target.requests:
+        if not runs:
+            continue  # a request without past: the device side alone
+        q = query[:, :, first : first + rows].contiguous()
+        acc: tuple[torch.Tensor, torch.Tensor] | None = None
+        for start, n in runs:
+            # [n, kv_heads, dim] rows -> [1, kv_heads, n, dim], read in place by the kernel.
+            k = target.k_area[start : start + n].permute(1, 0, 2).unsqueeze(0)
+            v = target.v_area[start : start + n].permute(1, 0, 2).unsqueeze(0)
+            part = host_attention(q, k, v, scale=scale, softcap=softcap)
+            acc = part if acc is None else merge(acc[0], acc[1], part[0], part[1])
+        assert acc is not None
+        out[:, :, first : first + rows] = acc[0]
+        lse[:, :, first : first + rows] = acc[1]
+    return out, lse
+
+
+def _split_paged(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    target: PagedSplitTarget,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None]:
+    """A continuous-batching step of a host-attended layer: host over the past, device over the new rows.
+
+    transformers' mask (block-diagonal, causal within each request) restricted to the new tokens'
+    columns is exactly what the device side needs; every past row of a request is visible to all of
+    its query rows, so the host side needs no mask.
+    """
+    if attention_mask is None:
+        raise StateError(
+            "continuous batching gave a host-attended layer no attention mask; host attention serves "
+            "attn_implementation='sdpa' (or 'paged|sdpa') only"
+        )
+    scale = kwargs.get("scaling")
+    softcap = kwargs.get("softcap")
+    dev_mask = attention_mask.index_select(-1, target.new_columns.to(attention_mask.device))
+    q_host, q_ready = to_host(query)
     dev_out, dev_lse = partial_attention(query, key, value, mask=dev_mask, scale=scale, softcap=softcap)
-    out, _ = merge(host_out.to(query.device), host_lse.to(query.device), dev_out, dev_lse)
+    start = time.perf_counter()
+    wait(q_ready)
+    target.flush()
+    host_out, host_lse = _host_partial_paged(q_host, target, int(value.shape[-1]), scale, softcap)
+    target.add_seconds(time.perf_counter() - start)
+    out, _ = merge(to_device(host_out, query.device), to_device(host_lse, query.device), dev_out, dev_lse)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -144,6 +243,8 @@ def _attention_for(name: str, original: Callable[..., Any] | None) -> Callable[.
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         target = _take(key) if _PENDING else None
+        if isinstance(target, PagedSplitTarget):
+            return _split_paged(module, query, key, value, attention_mask, target, kwargs)
         if target is not None:
             return _split(module, query, key, value, attention_mask, target, kwargs)
         fn = original if original is not None else _eager_of(module)

@@ -15,6 +15,7 @@ expands the inputs to (beams, returned sequences).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import _core
 from ._engine import LayerKV, engine_layers, rescale_shapes, sliding_kv_bytes
 from ._errors import BudgetError, ConfigError, StateError
+from ._host_io import HostWrites
 from ._model import MANAGED, SLIDING, ModelInfo, reference_layers
 from ._split import SplitTarget, mark
 from ._views import ArenaViews
@@ -109,6 +111,7 @@ class _Shared:
         # of the key tensor its last host-attended update marked for a split (see ``_split``).
         self.host_seconds = 0.0
         self._marks: dict[int, int] = {}
+        self.host_writes = HostWrites()
 
     # ----------------------------------------------------------------------------- engine
     def check_usable(self) -> None:
@@ -277,6 +280,7 @@ class _Shared:
         open_layer = self.open
         if open_layer is not None and open_layer != e:
             self.open = None
+            self.host_writes.flush(open_layer)  # before the engine may plan to copy the layer
             engine.layer_done(open_layer, stream)
         self.open = None
         engine.layer_begin(e, stream)
@@ -285,12 +289,14 @@ class _Shared:
     def done(self, e: int) -> None:
         if self.open == e and self.engine is not None:
             self.open = None
+            self.host_writes.flush(e)  # before the engine may plan to copy the layer
             stream = self._stream
             self.engine.layer_done(e, self.stream() if stream is None else stream)
 
     def finish_step(self) -> None:
         if self.open is not None and self.engine is not None:
             self.done(self.open)
+        self.host_writes.flush()
 
     def check_states(self, e: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         for states in (key_states, value_states):
@@ -365,10 +371,11 @@ class _Shared:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A host-attended layer's update: the new tokens go to its host buffer, attention gets only them.
 
-        The copy into the host arena is synchronous (on CUDA a device-to-host copy the compute
-        stream has finished before it returns), so the host kernel of this and later steps reads
-        complete tokens. The returned key tensor is marked, so the attention function installed at
-        attach splits this layer's attention (``_split``); with no past there is nothing to split.
+        The new tokens' copy into the host arena is staged (``_host_io.HostWrites``: on CUDA a
+        ``non_blocking`` copy into pinned memory with an event) and placed before anything reads the
+        buffer: by the split after it has waited for the query, else when the layer is done. The
+        returned key tensor is marked, so the attention function installed at attach splits this
+        layer's attention (``_split``); with no past there is nothing to split.
         """
         engine = self.engine
         assert engine is not None and self.dtype is not None and self.batch is not None
@@ -381,8 +388,14 @@ class _Shared:
             )
         new = int(key_states.shape[2])
         k, v = self.views.host(e, offset)
-        k[:, :, n : n + new].copy_(key_states)
-        v[:, :, n : n + new].copy_(value_states)
+
+        def place(key: torch.Tensor, value: torch.Tensor) -> None:
+            k[:, :, n : n + new].copy_(key)
+            v[:, :, n : n + new].copy_(value)
+
+        # Staged, not waited for: the split places the rows once it has waited for the query anyway,
+        # and the layer's end places them at the latest (``done``).
+        self.host_writes.stage(e, key_states, value_states, place)
         self.lens[e] = engine.layer_written(e, new, self._stream)
         if n:
             heads, k_dim, v_dim = self.shapes[e]
@@ -394,6 +407,7 @@ class _Shared:
                 kv_dtype=self.dtype,
                 past=n,
                 add_seconds=self._add_host_seconds,
+                flush=functools.partial(self.host_writes.flush, e),
             )
             self._marks[e] = mark(key_states, target, self._marks.get(e))
         return key_states, value_states

@@ -33,6 +33,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from math import ceil
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ import torch
 
 from . import _core, distributed
 from ._errors import BudgetError, ConfigError, PieError, StateError
+from ._host_io import HostWrites
+from ._split import PagedSplitTarget, mark
 from .prefix import HostKV
 
 if TYPE_CHECKING:
@@ -198,6 +201,7 @@ def _cache_class() -> type:
             user_num_blocks: int | None = None,
             min_tokens: int = 1,
             engine_options: dict[str, Any] | None = None,
+            host_attention: str = "never",
         ) -> None:
             self.engine = None
             self._closed = False
@@ -218,6 +222,7 @@ def _cache_class() -> type:
             tiny.num_blocks = 1
             super().__init__(config, tiny, device, distributed_helper, dtype, model_supports_logits_to_keep)
             ((self.group_name, allocator),) = self.cache_allocators.items()
+            self.host_attention = _host_placement(host_attention, self.group_name, self.rank_group is not None)
             self.allocator = allocator
             self.cache_tensor = None  # the one-sector tensor: nothing refers to it any more
             self.pool_ref = weakref.ref(pool)
@@ -282,6 +287,7 @@ def _cache_class() -> type:
                 policy="static",
                 pooled_layers=list(fit["pooled_layers"]),
                 prefetch_depth=max(1, int(fit["prefetch_depth"])),
+                host_attention=self.host_attention,
                 **options,
             )
             self.rows = rows
@@ -325,6 +331,14 @@ def _cache_class() -> type:
             self.prefix_tokens_reused = 0
             self.prefix_tokens_stored = 0
             self._remembered: set[str] = set()  # requests whose prompt went to the store (or needs not)
+            # Host attention: per request of the batch being prepared (past, new, past rows, write
+            # rows), frozen at layer 0 into the step's split (``_paged_step``); staged host writes.
+            self._requests: list[tuple[int, int, list[int], list[int]]] = []
+            self._step_requests: list[tuple[int, int, list[int], list[int]]] = []
+            self._step_split: _PagedStep | None = None
+            self.host_writes = HostWrites()
+            self._marks: dict[int, int] = {}
+            self.host_seconds = 0.0
             self._zero()
 
         # ----------------------------------------------------------------- sizing
@@ -379,11 +393,15 @@ def _cache_class() -> type:
             offset = self.engine.device_offset(e)
             if offset is not None:
                 return self._area(e, offset)
+            return self._host_area(self.engine.host_offset(e))
+
+        def _host_area(self, at: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """K and V ``[rows, heads, head_dim]`` of the pooled layer at host byte offset ``at``."""
+            self._refresh()
             if self._host is None:
                 self._host = torch.from_dlpack(self.engine.host_region())
             elem = self.dtype_t.itemsize
             n = self.rows * self.heads * self.head_dim * elem
-            at = self.engine.host_offset(e)
             shape = (self.rows, self.heads, self.head_dim)
             k = self._host[at : at + n].view(self.dtype_t).view(shape)
             v = self._host[at + n : at + 2 * n].view(self.dtype_t).view(shape)
@@ -425,6 +443,7 @@ def _cache_class() -> type:
                 self.allocator._kv_token_views.clear()
                 self.allocator._kv_page_views.clear()
                 self._typed = self._host = None
+                self.host_writes.drop()
                 engine, self.engine = self.engine, None
                 if engine is not None:
                     with contextlib.suppress(Exception):
@@ -458,8 +477,15 @@ def _cache_class() -> type:
         ) -> None:
             group = write_index[0]
             before = len(group)
+            reads = None if read_index is None else read_index[0]
+            read_before = 0 if reads is None else len(reads)
             super().extend_read_and_write_indices(request_id, past_length, query_length, read_index, write_index)
-            self._record(group[before:])
+            written = group[before:]
+            self._record(written)
+            if self.host_attention != "never":
+                # A full-attention request reads its past rows then its new ones, in token order.
+                past = [] if reads is None or not past_length else reads[read_before : read_before + past_length]
+                self._requests.append((past_length, query_length, past, written))
 
         def fill_block_table(
             self, request_id: str, past_length: int, query_length: int, block_table: torch.Tensor
@@ -610,8 +636,9 @@ def _cache_class() -> type:
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict[str, Any]
         ) -> tuple[torch.Tensor, torch.Tensor]:
+            e = self._eidx[layer_idx]
             try:
-                k, v, pages = self._layer_views(self._eidx[layer_idx])
+                k, v, pages = self._layer_views(e)
             except PieError as exc:
                 if self.tp_failures is None:
                     raise
@@ -619,12 +646,17 @@ def _cache_class() -> type:
                 # raise after it, on every rank (end_step).
                 self.tp_failures.record(exc)
                 k, v, pages = self._scratch()
+            if pages is None:
+                return self._update_host(e, k, v, key_states, value_states, layer_idx, kwargs)
             self.allocator._kv_token_views[layer_idx] = (k, v)
             self.allocator._kv_page_views[layer_idx] = pages
             return super().update(key_states, value_states, layer_idx, kwargs)
 
-        def _layer_views(self, e: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-            """Layer ``e``'s K and V (rows and pages) in the engine, once it is ready for this step."""
+        def _layer_views(self, e: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+            """Layer ``e``'s K and V (rows and pages) in the engine, once it is ready for this step.
+
+            A host-attended layer gives its host area and no pages.
+            """
             if self.tp_failures is not None and self.tp_failures.failure is not None:
                 raise self.tp_failures.failure  # this step already failed: the engine is not called again
             if self._closed or self.engine is None:
@@ -634,15 +666,79 @@ def _cache_class() -> type:
                 if e == 0:
                     self._ranges = coalesce(self._writes)
                     self._writes = []
+                    self._step_requests, self._requests = self._requests, []
+                    self._step_split = None
                     self._stream = torch.cuda.current_stream(self.device_t).cuda_stream if self._cuda else 0
                     self.steps += 1
                 self._close_layer()
                 engine.layer_begin(e, self._stream)
                 self._open = e
-            offset = engine.layer_ready(e, self._stream)
+            offset, on_host = engine.layer_ready_at(e, self._stream)
+            if on_host:
+                k, v = self._host_area(offset)
+                return k, v, None
             k, v = self._area(e, offset)
             views = self._views[(e, offset)]
             return k, v, (views[2], views[3])
+
+        def _update_host(
+            self,
+            e: int,
+            k_area: torch.Tensor,
+            v_area: torch.Tensor,
+            key_states: torch.Tensor,
+            value_states: torch.Tensor,
+            layer_idx: int,
+            kwargs: dict[str, Any],
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """A host-attended layer: its new rows go to its host area, attention gets only the new tokens.
+
+            The rows are staged (``HostWrites``) and land before the layer is done; the returned key
+            tensor is marked, so the installed attention splits the call (``_split._split_paged``):
+            the host kernel over each request's past rows, read in place, and the device over the new.
+            """
+            if self._host_split_inactive():
+                raise StateError(
+                    f"layer {layer_idx} is attended on the host, but the model's attention is not split (it "
+                    "does not run 'sdpa'); attach with host_attention='never' to serve it"
+                )
+            allocator = self.layer_to_allocator[layer_idx]
+            # What transformers' update does to the kwargs for every layer (read by the attention).
+            kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
+            kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+            step = self._paged_step()
+
+            def place(key: torch.Tensor, value: torch.Tensor) -> None:
+                # [1, kv_heads, new, dim] -> the new rows of the layer's area, scattered over blocks
+                k_area.index_copy_(0, step.write_rows, key[0].transpose(0, 1))
+                v_area.index_copy_(0, step.write_rows, value[0].transpose(0, 1))
+
+            self.host_writes.stage(e, key_states, value_states, place)
+            if step.has_past:
+                target = PagedSplitTarget(
+                    k_area=k_area,
+                    v_area=v_area,
+                    requests=step.requests,
+                    new_columns=step.new_columns,
+                    flush=functools.partial(self.host_writes.flush, e),
+                    add_seconds=self._add_host_seconds,
+                )
+                self._marks[e] = mark(key_states, target, self._marks.get(e))
+            return key_states, value_states
+
+        def _host_split_inactive(self) -> bool:
+            pool = self.pool_ref()
+            split = None if pool is None else pool._split
+            return split is None or not split.sdpa
+
+        def _add_host_seconds(self, seconds: float) -> None:
+            self.host_seconds += seconds
+
+        def _paged_step(self) -> _PagedStep:
+            """The step's requests as the split reads them (built at its first host-attended layer)."""
+            if self._step_split is None:
+                self._step_split = _PagedStep.build(self._step_requests, self.device_t)
+            return self._step_split
 
         def _scratch(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
             """Throwaway K and V of one layer, for the rest of a tensor-parallel step that failed."""
@@ -660,6 +756,7 @@ def _cache_class() -> type:
             """
             open_layer, self._open = self._open, None
             if open_layer is not None and self.engine is not None:
+                self.host_writes.flush(open_layer)  # a host-attended layer's rows land before it is done
                 if self._ranges:
                     _core.paged_written(self.engine, open_layer, self._ranges, self._stream)
                 self.engine.layer_done(open_layer, self._stream)
@@ -668,6 +765,7 @@ def _cache_class() -> type:
             """After the forward: the last layer is done."""
             if self._open is not None:
                 self._close_layer()
+            self.host_writes.flush()
 
         def end_step(self) -> None:
             """After the forward: the last layer is done; under tensor parallel, any rank's failure raises here."""
@@ -692,6 +790,7 @@ def _cache_class() -> type:
             super().reset()
             self._new_run()
             self._remembered.clear()
+            self._requests = []  # a batch prepared but never run (a failed step) is not the next one's
             if self.engine is not None and not self._closed:
                 self.finish_step()
                 self.engine.reset()  # nothing is held: prefetches move nothing until rows are written again
@@ -737,6 +836,10 @@ def _cache_class() -> type:
                 "d2h_bytes": stats.get("d2h_bytes", 0),
                 "stall_seconds": stats.get("stall_seconds", 0.0),
                 "engine_steps": stats.get("steps", 0),
+                "host_attention": self.host_attention,
+                "host_attended_layers": [self.layer_indices[e] for e in stats.get("host_attended", [])],
+                "host_attended_layer_steps": stats.get("host_attended_layer_steps", 0),
+                "host_attention_seconds": self.host_seconds,
                 "prefix_lookups": self.prefix_lookups,
                 "prefix_hits": self.prefix_hits,
                 "prefix_tokens_reused": self.prefix_tokens_reused,
@@ -745,6 +848,63 @@ def _cache_class() -> type:
 
     _PagedPieCache.__name__ = _PagedPieCache.__qualname__ = "PagedPieCache"
     return _PagedPieCache
+
+
+@dataclass
+class _PagedStep:
+    """One step's batch, as host-attended layers read it (the same for every layer of the step)."""
+
+    #: Per request: first query row, query rows, runs ``(start, n)`` of its past rows.
+    requests: list[tuple[int, int, list[tuple[int, int]]]]
+    #: Key columns of the new tokens in transformers' mask (its columns: each request's past, then new).
+    new_columns: torch.Tensor
+    #: Rows the step's new tokens go to, in query order (host).
+    write_rows: torch.Tensor
+    has_past: bool
+
+    @staticmethod
+    def build(requests: list[tuple[int, int, list[int], list[int]]], device: torch.device) -> _PagedStep:
+        out = []
+        columns: list[int] = []
+        writes: list[int] = []
+        first = key_col = 0
+        for past, new, past_rows, written in requests:
+            # Attention over a request's past needs no order among its rows: consecutive rows
+            # coalesce into runs the kernel reads in place.
+            out.append((first, new, coalesce(past_rows)))
+            columns.extend(range(key_col + past, key_col + past + new))
+            writes.extend(written)
+            first += new
+            key_col += past + new
+        return _PagedStep(
+            requests=out,
+            new_columns=torch.tensor(columns, dtype=torch.long, device=device),
+            write_rows=torch.tensor(writes, dtype=torch.long),
+            has_past=any(runs for _, _, runs in out),
+        )
+
+
+def _host_placement(choice: str, group: str, tensor_parallel: bool) -> str:
+    """The engine's ``host_attention`` for a paged cache: ``choice``, where continuous batching can split it.
+
+    Host attention in continuous batching serves full-attention layers on one device; ``"always"``
+    elsewhere is refused (saying why), ``"auto"`` falls back to copies.
+    """
+    if choice == "never":
+        return choice
+    why = None
+    if group != "full_attention":
+        why = f"its layers are {group!r} (host attention in continuous batching serves full attention)"
+    elif tensor_parallel:
+        why = "it is tensor parallel (host attention in continuous batching runs on one device)"
+    if why is None:
+        return choice
+    if choice == "always":
+        raise ConfigError(
+            f"continuous batching cannot attend on the host for this model: {why}; attach with "
+            "host_attention='auto' or 'never' to serve it"
+        )
+    return "never"
 
 
 @functools.cache
@@ -868,11 +1028,6 @@ def install(pool: Pool, model: Any) -> Callable[[], None]:
         reason = serving_supported()
         if reason is not None:
             raise ConfigError(reason)
-        if pool.settings.host_attention == "always":
-            raise ConfigError(
-                "continuous batching does not attend on the host yet: its paged cache copies pooled layers; "
-                "attach with host_attention='auto' or 'never' to serve"
-            )
         if pool._split is not None:
             # Continuous batching picks its paged implementation by the model's own name (eager).
             pool._split.restore_configs()
@@ -902,6 +1057,31 @@ def install(pool: Pool, model: Any) -> Callable[[], None]:
                 model.destroy_cached_continuous_batching_manager()
 
     return undo
+
+
+def _serving_host_attention(pool: Pool, impl: str) -> str:
+    """The pool's host attention for continuous batching running ``impl`` (refusing "always" where it cannot).
+
+    The split wraps transformers' global ``sdpa`` entry, which ``sdpa`` and ``paged|sdpa`` reach; the
+    paged eager and flash paths (block tables) are served by copies.
+    """
+    choice = str(getattr(pool.settings, "host_attention", "never"))
+    if choice == "never":
+        return choice
+    if impl.removeprefix("paged|") != "sdpa":
+        if choice == "always":
+            raise ConfigError(
+                f"continuous batching attends on the host through 'sdpa' attention, and this model runs {impl!r}; "
+                "load it with attn_implementation='sdpa' (or 'paged|sdpa'), or attach with host_attention='auto' "
+                "or 'never'"
+            )
+        return "never"
+    split = pool._split
+    if split is None or not split.sdpa:
+        # Nothing split at attach (no full-attention layer pie-rs manages): "always" goes on to the
+        # paged cache, which says why its layer group cannot be host-attended.
+        return choice if choice == "always" else "never"
+    return choice
 
 
 def _patch_manager(pool: Pool, manager: Any) -> None:
@@ -939,6 +1119,7 @@ def _patch_manager(pool: Pool, manager: Any) -> None:
         cfg.default_compile_level = 0
         gen = manager.generation_config
         min_tokens = int(getattr(gen, "max_new_tokens", None) or 1) + 1
+        host_attention = _serving_host_attention(pool, impl)
 
         def make(**kwargs: Any) -> Any:
             pool._close_serving()  # one paged cache per pool: the previous one's memory goes first
@@ -947,6 +1128,7 @@ def _patch_manager(pool: Pool, manager: Any) -> None:
                 user_num_blocks=manager._pie_user_num_blocks,
                 min_tokens=min_tokens,
                 engine_options=getattr(pool, "_serving_engine_options", None),
+                host_attention=host_attention,
                 **kwargs,
             )
             pool._serving = cache
