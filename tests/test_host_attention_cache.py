@@ -77,7 +77,9 @@ def test_budget_pooled_layers_are_host_attended(family: str) -> None:
         assert sample is not None and sample["host_attended"] == sample["pooled_layers"] != []
     assert torch.equal(got, expected)
     managed = inspect_model(model).managed
-    assert stats["pooled_layers"] >= len(managed) / 2
+    # The budget pools half the layers when copied; attended on the host they need no staging
+    # slots, so the policy's host-sized fit pools fewer (at least one).
+    assert 1 <= stats["pooled_layers"] <= len(managed) / 2
     # Every pooled layer (``pooled`` counts engine layers) is host-attended (model layer indices).
     assert stats["host_attended_layers"] == [managed[e] for e in stats["pooled"]]
     assert stats["host_attended_layers"]
