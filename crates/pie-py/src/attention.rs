@@ -285,7 +285,7 @@ pub(crate) fn host_model(specs: &[LayerSpec], query_group: usize) -> Option<Host
         .map(|s| {
             exchange_bytes(
                 s.batch,
-                s.kv_heads * query_group.max(1),
+                s.kv_heads * query_group,
                 s.k_dim.max(s.v_dim),
                 s.elem_size,
             )

@@ -136,6 +136,11 @@ impl PyEngine {
                 "device_index {device_index} is negative; use a CUDA device ordinal"
             )));
         }
+        if query_group == 0 {
+            return Err(config_error(
+                "query_group must be at least 1 (query heads per KV head), not 0",
+            ));
+        }
         let config = PolicyConfig::parse(
             policy,
             objective,
