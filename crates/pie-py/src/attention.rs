@@ -253,11 +253,11 @@ fn kernel(threads: usize) -> PyResult<Arc<HostAttention>> {
     Ok(a)
 }
 
-/// Elements per array of the triad `host_model` runs: 3 x 32 MiB, past the L3
+/// Elements per array of the triad `host_model` runs: 3 x 24 MiB, past the L3
 /// of most desktop and many server CPUs (a larger L3 inflates the figure, which
-/// matters only where the cores' kernel rate is not the smaller bound), about
-/// 10 ms a pass at 10 GB/s; allocation and first touch cost more (about 60 ms in all here).
-const TRIAD_ELEMENTS: usize = 1 << 22;
+/// matters only where the cores' kernel rate is not the smaller bound), a few
+/// ms a pass; allocation and first touch cost more (about 50 ms in all here).
+const TRIAD_ELEMENTS: usize = 3 << 20;
 /// Passes of that triad; the fastest counts.
 const TRIAD_PASSES: usize = 2;
 
