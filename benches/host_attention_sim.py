@@ -83,7 +83,7 @@ def serving_row(machine: str, model: str, budget_mib: float, requests: int, seed
         "auto_tok_s": tok["auto"],
         "ratio": ratio,
         "on_cpu_at_end": on_cpu,
-        "met": ratio >= 0.99,
+        "met": ratio >= 1.0 - 1e-9,  # never slower: the pool grows as copy-only pie's does
     }
 
 

@@ -82,13 +82,17 @@ class Engine:
         faults: dict[str, int] | None = None,
         wait_timeout: float | None = None,
         host_attention: str = "never",
+        query_group: int = 1,
     ) -> None:
         """Creates the engine and its threads.
 
         ``faults`` (host backend only) injects ``fail_copy_at``/``hang_copy_at`` (n-th copy)
         or ``alloc_limit`` (bytes) for reliability tests; ``wait_timeout`` bounds every wait.
         ``host_attention`` (``"auto"``, ``"never"``, ``"always"``) places pooled layers: copied to
-        the device, or attended on the host where their KV lives.
+        the device, or attended on the host where their KV lives. Under ``"auto"`` the adaptive
+        policy chooses per pooled layer with this machine's CPU figures (a short STREAM triad,
+        measured once per process, and the host kernel's threads); ``query_group`` (query heads
+        per KV head) sizes the query and result each host-attended layer exchanges.
         """
     @property
     def backend(self) -> str: ...

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from . import _core
 from ._model import MANAGED, SLIDING, ModelInfo
 
-__all__ = ["EngineSettings", "LayerKV", "config_kv_shapes", "engine_layers", "rescale_shapes", "sliding_kv_bytes"]
+__all__ = [
+    "EngineSettings",
+    "LayerKV",
+    "config_kv_shapes",
+    "engine_layers",
+    "query_group",
+    "rescale_shapes",
+    "sliding_kv_bytes",
+]
 
 #: ``(batch, kv_heads, k_dim, v_dim, elem_size)`` of one engine-managed layer, as ``_core`` takes it.
 LayerShape = tuple[int, int, int, int, int]
@@ -37,6 +45,9 @@ class EngineSettings:
     #: Where pooled layers' attention runs: ``"auto"``, ``"never"`` or ``"always"`` (the engine's
     #: placement; ``"never"`` where the model's attention cannot be split, see ``_split``).
     host_attention: str = "never"
+    #: Query heads per KV head (GQA group): sizes the query and result a host-attended layer
+    #: exchanges, which the ``"auto"`` placement's cost model counts.
+    query_group: int = 1
 
     def build(self, layers: list[LayerShape], capacity: int, budget_bytes: int | None) -> _core.Engine:
         """A new engine for ``layers`` at ``capacity`` tokens under ``budget_bytes`` of device memory.
@@ -55,6 +66,7 @@ class EngineSettings:
             pooled_layers=None if self.pooled_layers is None else list(self.pooled_layers),
             prefetch_depth=self.prefetch_depth,
             host_attention=self.host_attention,
+            query_group=self.query_group,
         )
 
 
@@ -103,3 +115,13 @@ def sliding_kv_bytes(info: ModelInfo, batch: int, capacity: int, elem_size: int)
             window = min(capacity, int(li.sliding_window or capacity))
             total += _core.layer_geometry(batch, li.kv_heads, li.k_dim, li.v_dim, elem_size, window)["bytes"]
     return total
+
+
+def query_group(info: ModelInfo) -> int:
+    """Query heads per KV head of the model's config (1 where the config does not say)."""
+    config = info.text_config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or kv_heads <= 0:
+        return 1
+    return max(1, heads // kv_heads)

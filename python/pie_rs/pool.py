@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _core, _split, distributed, serving
 from ._budget import _parse_size, parse_budget, total_host_memory
-from ._engine import EngineSettings, config_kv_shapes, engine_layers
+from ._engine import EngineSettings, config_kv_shapes, engine_layers, query_group
 from ._errors import BackendError, ConfigError, StateError
 from ._model import MANAGED, ModelInfo, inspect_model
 from .cache import PieCache, empty_stats
@@ -814,6 +814,7 @@ def attach(
         pooled_layers=None if config["pooled_layers"] is None else tuple(config["pooled_layers"]),
         prefetch_depth=config["prefetch_depth"],
         host_attention=config["host_attention"],
+        query_group=query_group(info),
     )
     if rank_group is not None:
         settings = distributed.settings_for(rank_group, settings, budget_rank, budgets)  # type: ignore[assignment]

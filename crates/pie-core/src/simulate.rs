@@ -12,31 +12,24 @@
 //! a prefetch moves the valid bytes. Runs are deterministic: the caller waits for
 //! the policy thread after each step, so a plan it publishes applies at the next.
 //!
-//! **Host-attended layers** are the driver's, not the engine's: the engine has
-//! no device offset for them (its `layer_ready` refuses them), so for such a
-//! layer the driver calls `layer_begin` and `layer_done` only, advances the
-//! compute stream by the layer's compute plus its host round trip
-//! ([`HostModel::layer_seconds`] over the layer's valid bytes). Its new
-//! tokens' write-back is not put on the simulated link: copies issued from
-//! the driver's thread would claim the link in an order that races the
-//! swapper's, and the run would no longer be deterministic; it is a few KiB a
-//! step (one token per sequence: 32 KiB, about 1 us over PCIe, for Llama-3-8B
-//! at batch 8), which the cost model does queue. The engine does not see those
-//! tokens (it would refuse `layer_written`), so the driver counts them itself:
-//! for the layer's valid bytes, for the policy's view of the KV (the policy is
-//! wrapped so its context counts them) and, should the layer be copied again,
-//! it hands them to the engine with the layer's next `layer_written` (written
-//! back once then). The real engine path must give the same shape:
-//! host-attended layers skip `layer_ready`, `layer_written` appends their new
-//! tokens to the host arena, and a step's time includes the round trip.
+//! **Host-attended layers** take the engine's own path: `layer_ready_at`
+//! answers [`LayerKv::Host`] (no prefetch, no staging slot), the driver
+//! advances the compute stream by the layer's compute plus its host round trip
+//! ([`HostModel::layer_seconds`] over the layer's valid bytes), and
+//! `layer_written` appends the new tokens to the layer's host arena (the
+//! engine queues no write-back for such a layer: on a real device the caller's
+//! own device-to-host copy of a few KiB, which the simulator leaves off the
+//! link, as its order against the swapper's copies would make runs
+//! nondeterministic; the cost model does queue it). So the engine's lengths,
+//! and the policy's view of the KV, count those tokens as they do a copied
+//! layer's, and a layer that goes back to copying has them in host memory.
 
 use crate::backend::Stream;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Engine, EngineOptions, LayerKv};
 use crate::error::{PieError, Result};
 use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::cost_model::{device_bytes, predict_step, slot_bytes};
-use crate::policy::PolicyContext;
 use crate::policy::{
     best_static_plan, exchange_bytes, transparent_fraction, AdaptiveConfig, AdaptivePolicy,
     HostAttention, HostModel, KvShape, Objective, Placed, Policy, PolicyInputs, StaticPolicy,
@@ -44,8 +37,6 @@ use crate::policy::{
 use crate::profiles::{machine, model, MachineProfile, ModelShape};
 use crate::sim::{SimBackend, SimConfig};
 use crate::telemetry::StepSample;
-use parking_lot::Mutex;
-use std::sync::Arc;
 
 /// The stream the simulated model computes on.
 const COMPUTE: Stream = Stream::Foreign(0);
@@ -148,9 +139,6 @@ struct SimEngine {
     steps: u64,
     /// The host attention path, for plans with host-attended layers.
     host: Option<HostModel>,
-    /// Per layer, tokens appended while host-attended (the engine did not see
-    /// them); shared with the [`HostTokens`] wrapper around the engine's policy.
-    host_tokens: Arc<Mutex<Vec<usize>>>,
     /// Host round-trip seconds the last step spent, and its host-attended layers.
     last_host: (f64, usize),
 }
@@ -168,11 +156,6 @@ impl SimEngine {
         policy: Box<dyn Policy>,
         host: Option<HostModel>,
     ) -> Result<Self> {
-        let host_tokens = Arc::new(Mutex::new(vec![0; inputs.num_layers()]));
-        let policy = Box::new(HostTokens {
-            inner: policy,
-            tokens: host_tokens.clone(),
-        });
         let layers: Vec<_> = (0..inputs.num_layers())
             .map(|i| {
                 byte_layer(
@@ -214,7 +197,6 @@ impl SimEngine {
             engine,
             backend: backend.clone(),
             specs: layers.iter().map(|(s, _, _)| *s).collect(),
-            host_tokens,
             step_tokens,
             steps: 0,
             host,
@@ -231,9 +213,8 @@ impl SimEngine {
     /// compute stream's seconds for the step and the engine step's number.
     fn step(&mut self, compute: &[f64], tokens: Option<&[usize]>) -> Result<(f64, u64)> {
         let tokens: Vec<usize> = tokens.map_or_else(|| self.step_tokens.clone(), <[usize]>::to_vec);
-        let pending = self.host_tokens.lock().clone();
         let need = (0..compute.len())
-            .map(|l| self.engine.seq_len(l).map(|n| n + pending[l] + tokens[l]))
+            .map(|l| self.engine.seq_len(l).map(|n| n + tokens[l]))
             .collect::<Result<Vec<_>>>()?;
         if let Some(&most) = need.iter().max() {
             self.engine.ensure_capacity(most)?;
@@ -242,16 +223,11 @@ impl SimEngine {
         self.last_host = (0.0, 0);
         for (l, &c) in compute.iter().enumerate() {
             self.engine.layer_begin(l, COMPUTE)?;
-            if self.engine.plan().is_host_attended(l) {
-                self.host_layer(l, c, tokens[l])?;
-            } else {
-                self.engine.layer_ready(l, COMPUTE)?;
-                self.backend.compute(COMPUTE, c)?;
-                // Tokens appended while the layer was host-attended join now.
-                let caught_up = std::mem::take(&mut self.host_tokens.lock()[l]);
-                self.engine
-                    .layer_written(l, tokens[l] + caught_up, COMPUTE)?;
+            match self.engine.layer_ready_at(l, COMPUTE)? {
+                LayerKv::Device(_) => self.backend.compute(COMPUTE, c)?,
+                LayerKv::Host(_) => self.host_layer(l, c)?,
             }
+            self.engine.layer_written(l, tokens[l], COMPUTE)?;
             self.engine.layer_done(l, COMPUTE)?;
         }
         self.engine.flush_telemetry()?;
@@ -260,23 +236,20 @@ impl SimEngine {
         Ok((self.backend.stream_clock(COMPUTE) - t0, step))
     }
 
-    /// A host-attended layer (see the module docs): compute and the host round
-    /// trip over its valid KV; its new tokens are counted, not copied.
-    fn host_layer(&mut self, layer: usize, compute: f64, tokens: usize) -> Result<()> {
+    /// A host-attended layer (see the module docs): its compute and the host
+    /// round trip over its valid KV, on the compute stream.
+    fn host_layer(&mut self, layer: usize, compute: f64) -> Result<()> {
         let host = self.host.ok_or_else(|| {
             PieError::config(format!(
                 "layer {layer} is attended on the host but the simulation has no host model; \
                  give the CPU's memory bandwidth and cores"
             ))
         })?;
-        let spec = self.specs[layer];
-        let pending = self.host_tokens.lock()[layer];
-        let valid = spec.valid_bytes(self.engine.seq_len(layer)? + pending);
+        let valid = self.specs[layer].valid_bytes(self.engine.seq_len(layer)?);
         let round_trip = host.layer_seconds(&self.backend.config().link_model(), valid as u64);
         self.backend.compute(COMPUTE, compute + round_trip)?;
         self.last_host.0 += round_trip;
         self.last_host.1 += 1;
-        self.host_tokens.lock()[layer] += tokens;
         Ok(())
     }
 
@@ -288,44 +261,6 @@ impl SimEngine {
                 "the policy thread did not measure simulated step {step}"
             ))),
         }
-    }
-}
-
-/// The engine's policy, shown the tokens the driver appended to host-attended
-/// layers (see the module docs) as part of those layers' valid lengths.
-pub(crate) struct HostTokens {
-    pub(crate) inner: Box<dyn Policy>,
-    pub(crate) tokens: Arc<Mutex<Vec<usize>>>,
-}
-
-impl HostTokens {
-    fn counted<T>(
-        &mut self,
-        ctx: &PolicyContext<'_>,
-        f: impl FnOnce(&mut dyn Policy, &PolicyContext<'_>) -> T,
-    ) -> T {
-        let extra = self.tokens.lock().clone();
-        let seq_lens: Vec<usize> = ctx
-            .seq_lens
-            .iter()
-            .zip(extra.iter().chain(std::iter::repeat(&0)))
-            .map(|(&n, &e)| n + e)
-            .collect();
-        let ctx = PolicyContext {
-            seq_lens: &seq_lens,
-            ..*ctx
-        };
-        f(self.inner.as_mut(), &ctx)
-    }
-}
-
-impl Policy for HostTokens {
-    fn initial_plan(&mut self, ctx: &PolicyContext<'_>) -> Result<Plan> {
-        self.counted(ctx, |p, c| p.initial_plan(c))
-    }
-
-    fn observe(&mut self, sample: &StepSample, ctx: &PolicyContext<'_>) -> Result<Option<Plan>> {
-        self.counted(ctx, |p, c| p.observe(sample, c))
     }
 }
 

@@ -310,10 +310,9 @@ fn the_device_pool_is_what_the_budget_holds_in_blocks() {
     assert!(one.ttft_ms_p50 > 0.0 && one.tpot_ms_p50 == 0.0);
 }
 
-/// With host attention, `pie` on PCIe machines may grow its pool past what
-/// the link hides, attending pooled layers on the CPU: every request still
-/// finishes, the budget holds, and its throughput is never below copy-only
-/// `pie`'s on the same workload.
+/// With host attention allowed, `pie` on PCIe machines may attend pooled
+/// layers on the CPU: every request still finishes, the budget holds, and its
+/// throughput is never below copy-only `pie`'s on the same workload.
 #[test]
 fn host_attention_serves_everything_and_is_never_slower() {
     use pie_core::policy::HostAttention;
@@ -342,5 +341,45 @@ fn host_attention_serves_everything_and_is_never_slower() {
             a.throughput_tok_s >= c.throughput_tok_s * 0.99,
             "{a:?} vs {c:?}"
         );
+    }
+}
+
+/// Host attention never costs serving throughput, also where a growth rule
+/// that predicted host attention's throughput lost 7% (rtx4090 at 1 GiB, seed
+/// 3: the prediction left out prefills and preemptions), and it still gains
+/// where it speeds up the steps of the pool copy-only `pie` grows (A100 at
+/// 1 GiB, seed 0).
+#[test]
+fn host_attention_is_never_slower_where_a_growth_prediction_lost() {
+    use pie_core::policy::HostAttention;
+    for (machine, seed, gains) in [("rtx4090-pcie-gen4", 3, false), ("a100-pcie-gen4", 0, true)] {
+        let run = |host_attention| {
+            let r = simulate_serving(&ServingRequest {
+                methods: Some(vec![Method::Pie]),
+                host_attention,
+                gpu_budget_mib: Some(1024.0),
+                seed: Some(seed),
+                ..pressured(machine, f64::INFINITY)
+            })
+            .unwrap();
+            method(&r, Method::Pie).clone()
+        };
+        let (c, a) = (run(HostAttention::Never), run(HostAttention::Auto));
+        assert_eq!((c.finished, a.finished), (120, 120));
+        assert!(
+            a.throughput_tok_s >= c.throughput_tok_s * (1.0 - 1e-9),
+            "{machine}, seed {seed}: auto {:.1} tok/s against copy-only {:.1}",
+            a.throughput_tok_s,
+            c.throughput_tok_s
+        );
+        if gains {
+            assert!(a.host_ms > 0.0, "{a:?}");
+            assert!(
+                a.throughput_tok_s > c.throughput_tok_s * 1.1,
+                "{machine}, seed {seed}: auto {:.1} tok/s against copy-only {:.1}",
+                a.throughput_tok_s,
+                c.throughput_tok_s
+            );
+        }
     }
 }

@@ -8,13 +8,15 @@ use crate::errors::{config_error, to_py};
 use dlpark::ffi::{DLDataTypeCode, DLDeviceType};
 use dlpark::python::{from_dlpack, ImportedDlpack};
 use dlpark::DlpackFlags;
+use pie_core::policy::{exchange_bytes, HostAttention as HostAttentionChoice, HostModel};
+use pie_core::profiles::CPU_ATTENTION_GBPS_PER_CORE;
 use pie_core::LayerSpec;
 use pie_host::attention::{
     bf16, f16, layer_kv, AttentionOptions, DType, Element, HostAttention, Mask, View4,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Element types the binding reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +251,57 @@ fn kernel(threads: usize) -> PyResult<Arc<HostAttention>> {
     let a = Arc::new(HostAttention::new(threads).map_err(to_py)?);
     k.push((threads, a.clone()));
     Ok(a)
+}
+
+/// Elements per array of the triad `host_model` runs: 3 x 24 MiB, past the L3
+/// of most desktop and many server CPUs (a larger L3 inflates the figure, which
+/// matters only where the cores' kernel rate is not the smaller bound), a few
+/// ms a pass; allocation and first touch cost more (about 50 ms in all here).
+const TRIAD_ELEMENTS: usize = 3 << 20;
+/// Passes of that triad; the fastest counts.
+const TRIAD_PASSES: usize = 2;
+
+/// This process's CPU as host attention sees it: `(memory bandwidth in bytes/s,
+/// kernel threads)`, measured once (a short STREAM triad on the kernel the
+/// host attention calls use) and kept; `None` if the measurement failed.
+fn cpu_figures() -> Option<(f64, usize)> {
+    static CPU: OnceLock<Option<(f64, usize)>> = OnceLock::new();
+    *CPU.get_or_init(|| {
+        let attn = kernel(0).ok()?;
+        let t = attn.stream_triad(TRIAD_ELEMENTS, TRIAD_PASSES).ok()?;
+        Some((t.bytes_per_second, attn.threads()))
+    })
+}
+
+/// The host attention path of this machine for an engine over `specs` whose
+/// model has `query_group` query heads per KV head: the CPU's measured
+/// bandwidth and kernel threads, the profiles' per-core kernel rate and the
+/// largest layer's query and result sizes ([`exchange_bytes`]). `None` (the
+/// policy then copies under "auto") when the CPU could not be measured.
+pub(crate) fn host_model(specs: &[LayerSpec], query_group: usize) -> Option<HostModel> {
+    let (bandwidth, cores) = cpu_figures()?;
+    let (query_bytes, result_bytes) = specs
+        .iter()
+        .map(|s| {
+            exchange_bytes(
+                s.batch,
+                s.kv_heads * query_group,
+                s.k_dim.max(s.v_dim),
+                s.elem_size,
+            )
+        })
+        .max()
+        .unwrap_or((0, 0));
+    let model = HostModel::from_cpu(
+        bandwidth,
+        cores,
+        CPU_ATTENTION_GBPS_PER_CORE * 1e9,
+        query_bytes,
+        result_bytes,
+        // PolicyConfig::build_with_host replaces it with the user's choice.
+        HostAttentionChoice::Auto,
+    );
+    model.validate().ok().map(|()| model)
 }
 
 /// Where the KV comes from.

@@ -12,6 +12,7 @@ mod simulate;
 
 use dlpack::{Region, StreamSync};
 use errors::{config_error, state_error, to_py};
+use pie_core::policy::HostAttention;
 use pie_core::slots::Residence;
 use pie_core::telemetry::Counters;
 use pie_core::{
@@ -102,7 +103,7 @@ fn stats_dict<'py, B: Backend>(py: Python<'py>, e: &Engine<B>) -> PyResult<Bound
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None, faults=None, wait_timeout=None, host_attention="never"))]
+    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None, faults=None, wait_timeout=None, host_attention="never", query_group=1))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -118,6 +119,7 @@ impl PyEngine {
         faults: Option<&Bound<'_, PyDict>>,
         wait_timeout: Option<f64>,
         host_attention: &str,
+        query_group: usize,
     ) -> PyResult<Self> {
         let specs: Vec<LayerSpec> = layers
             .into_iter()
@@ -133,6 +135,11 @@ impl PyEngine {
             return Err(config_error(format!(
                 "device_index {device_index} is negative; use a CUDA device ordinal"
             )));
+        }
+        if query_group == 0 {
+            return Err(config_error(
+                "query_group must be at least 1 (query heads per KV head), not 0",
+            ));
         }
         let config = PolicyConfig::parse(
             policy,
@@ -162,7 +169,13 @@ impl PyEngine {
                 "fault injection exists only on the host backend; pass backend=\"host\"",
             ));
         }
-        let chosen = config.build();
+        // Under "auto" the adaptive policy places each pooled layer by the cost
+        // model, which needs this machine's CPU figures; "never" needs none.
+        let host = match config.host_attention {
+            HostAttention::Never => None,
+            _ => attention::host_model(&specs, query_group),
+        };
+        let chosen = config.build_with_host(host);
         let (inner, name) = match backend {
             "host" => {
                 let timeout = options.wait_timeout;

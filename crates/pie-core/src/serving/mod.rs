@@ -54,15 +54,17 @@
 //!
 //! **Host attention** ([`ServingRequest::host_attention`], `pie` only): the
 //! adaptive policy may attend pooled layers on the host (the machine's CPU
-//! figures, [`crate::policy::HostModel`]); the driver charges a host-attended
-//! layer its round trip over the KV the running requests hold, as the batch
-//! simulator does ([`crate::simulate`]). Since a host round trip lengthens
-//! the step, the "within 2% of all-resident" rule would never grow the pool
-//! with it; with host attention allowed, `pie` also grows the pool (by 1/8
-//! to 1/4) when the cost model predicts at least 10% more decode throughput
-//! (sequences a full pool holds per second) than the current pool's, so a
-//! slower step that serves more requests counts.
-//!
+//! figures, [`crate::policy::HostModel`]); a host-attended layer takes the
+//! engine's own path (`layer_ready_at` answers it is on the host, its new
+//! tokens go to its host arena) and the driver charges it its round trip over
+//! the KV the running requests hold, as the batch simulator does
+//! ([`crate::simulate`]). The pool grows exactly as copy-only `pie`'s does
+//! (the cost model's copy plans decide): host attention only places layers
+//! within it, where the policy predicts it faster than copying. An earlier
+//! rule that also grew the pool when host attention predicted 10% more decode
+//! throughput gained up to 18% on one profile but lost 7% on another (rtx4090
+//! at 1 GiB, seed 3): that prediction leaves out prefills and preemptions.
+
 //! Everything is deterministic for a seed: the driver waits for the policy
 //! thread after every step.
 

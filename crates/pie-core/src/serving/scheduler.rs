@@ -8,7 +8,7 @@ use super::{
     quantile, Method, MethodReport, Request, ServingSetup, BLOCK_TOKENS, MIB, PIE_STEP_TOLERANCE,
 };
 use crate::backend::{Backend, CopyShape, Mem, Stream};
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Engine, EngineOptions, LayerKv};
 use crate::error::{PieError, Result};
 use crate::plan::Plan;
 use crate::policy::{
@@ -16,11 +16,8 @@ use crate::policy::{
     Placed, Policy, PolicyInputs, StaticPolicy,
 };
 use crate::sim::SimBackend;
-use crate::simulate::HostTokens;
 use crate::slots::ArenaLayout;
 use crate::telemetry::Counters;
-use parking_lot::Mutex;
-use std::sync::Arc;
 
 /// The stream the model computes on.
 const COMPUTE: Stream = Stream::Foreign(0);
@@ -38,13 +35,6 @@ const MIN_EXPANSION_DIVISOR: usize = 8;
 /// (the query and result bytes scale with them; the driver charges the real
 /// count): half the scheduler's default limit of 256.
 const HOST_MODEL_SEQS: usize = 128;
-
-/// With host attention, a pool that does not hide its copies grows only when
-/// the cost model predicts this much more decode throughput than the current
-/// pool's (a margin for what the model leaves out: preemptions, prefills;
-/// 1.05 lost up to 6.6% against copy-only in a sweep of 5 machines x 3
-/// seeds x 3 budgets, 1.10 lost 6.6% once and gained 10-18% three times).
-const HOST_GROWTH_GAIN: f64 = 1.10;
 
 /// Steps pie waits before asking again after the cost model refused to grow.
 const EXPANSION_RETRY_STEPS: u64 = 64;
@@ -91,7 +81,9 @@ pub fn layer_seconds(setup: &ServingSetup, decode_kv: &[usize], prefills: &[usiz
 }
 
 /// Cost-model inputs for a decode step of `seqs` sequences holding `tokens`
-/// tokens of KV in all, every layer's pool sized `tokens` (full).
+/// tokens of KV in all, every layer's pool sized `tokens` (full), with pooled
+/// layers copied: the pool's size is chosen as copy-only pooling would choose
+/// it, whatever the placement (see [`Run::try_expand`]).
 fn full_pool_inputs(setup: &ServingSetup, tokens: usize, seqs: usize) -> PolicyInputs {
     let l = setup.model.layers;
     let seqs = seqs.max(1);
@@ -107,7 +99,7 @@ fn full_pool_inputs(setup: &ServingSetup, tokens: usize, seqs: usize) -> PolicyI
         link: setup.sim.link_model(),
         budget_bytes: Some(setup.budget_bytes),
         objective: Objective::Speed,
-        host: (setup.host.choice != HostAttention::Never).then(|| setup.host_for(seqs)),
+        host: None,
     }
 }
 
@@ -198,9 +190,6 @@ struct Run<'a> {
     swap_space: u64,
     denied_at: Option<(usize, u64)>,
     largest_pool: usize,
-    /// Per layer, tokens written while host-attended that the engine did not
-    /// see (see [`crate::simulate`]'s docs); shared with the policy's wrapper.
-    host_tokens: Arc<Mutex<Vec<usize>>>,
 }
 
 impl<'a> Run<'a> {
@@ -231,11 +220,6 @@ impl<'a> Run<'a> {
                 )
             }
         };
-        let host_tokens = Arc::new(Mutex::new(vec![0; setup.model.layers]));
-        let policy = Box::new(HostTokens {
-            inner: policy,
-            tokens: host_tokens.clone(),
-        });
         if pool < BLOCK_TOKENS {
             return Err(PieError::budget(format!(
                 "a device budget of {:.1} MiB holds no block of {BLOCK_TOKENS} tokens; raise it",
@@ -283,7 +267,6 @@ impl<'a> Run<'a> {
             swap_space: 0,
             denied_at: None,
             largest_pool: pool,
-            host_tokens,
         })
     }
 
@@ -385,32 +368,16 @@ impl<'a> Run<'a> {
         };
         let seqs_for =
             |tokens: usize| ((tokens * n) / sum.max(1)).clamp(1, self.setup.limits.max_running);
-        // With host attention allowed, a pool grows when it is predicted to
-        // decode more sequences per second than this one (module docs).
-        let host = self.setup.host.choice != HostAttention::Never;
-        let current_rate = if host {
-            let tokens = self.pool_blocks * BLOCK_TOKENS;
-            let inputs = full_pool_inputs(self.setup, tokens, seqs_for(tokens));
-            let step =
-                best_static_plan(&inputs).map_or(f64::INFINITY, |c| c.prediction.step_seconds);
-            seqs_for(tokens) as f64 / step
-        } else {
-            0.0
-        };
+        // The pool grows exactly as under copy-only pooling: host attention only
+        // places pooled layers within it (the engine's adaptive policy). A rule
+        // that grew further when host attention predicted more throughput lost
+        // up to 7% (parent module docs): its prediction leaves out prefills and preemptions.
         let plan_for = |blocks: usize| {
             let tokens = blocks * BLOCK_TOKENS;
-            let seqs = seqs_for(tokens);
-            let inputs = full_pool_inputs(self.setup, tokens, seqs);
+            let inputs = full_pool_inputs(self.setup, tokens, seqs_for(tokens));
             match best_static_plan(&inputs) {
                 Ok(c)
                     if c.prediction.step_seconds <= PIE_STEP_TOLERANCE * inputs.compute_total() =>
-                {
-                    Some(c.plan)
-                }
-                Ok(c)
-                    if host
-                        && seqs as f64 / c.prediction.step_seconds
-                            > current_rate * HOST_GROWTH_GAIN =>
                 {
                     Some(c.plan)
                 }
@@ -555,37 +522,32 @@ impl<'a> Run<'a> {
         // valid prefix keeps it until more than 1/8 of it is free.
         if self.engine_tokens + n_new > cap || (self.engine_tokens - held) * 8 > self.engine_tokens
         {
-            let mut pending = self.host_tokens.lock();
             for l in 0..self.setup.model.layers {
-                // A host-attended layer's engine length lags by its pending tokens.
-                let engine_len = self.engine.seq_len(l)?;
-                let kept = held.min(engine_len);
-                self.engine.set_seq_len(l, kept)?;
-                pending[l] = held - kept;
+                self.engine.set_seq_len(l, held)?;
             }
             self.engine_tokens = held;
         }
         let tb = self.setup.token_bytes();
         for l in 0..self.setup.model.layers {
             self.engine.layer_begin(l, COMPUTE)?;
-            if self.engine.plan().is_host_attended(l) {
-                // The round trip over the KV the running requests hold (the
-                // batch's new tokens are attended on the device), for every
-                // row of the batch; the new tokens are counted, not copied.
-                let round_trip = self
-                    .setup
-                    .host_for(n_new)
-                    .layer_seconds(&self.setup.sim.link_model(), tb * held as u64);
-                self.backend.compute(COMPUTE, compute + round_trip)?;
-                self.report.host_ms += round_trip * 1e3;
-                self.host_tokens.lock()[l] += n_new;
-            } else {
-                self.engine.layer_ready(l, COMPUTE)?;
-                self.backend.compute(COMPUTE, compute)?;
-                let caught_up = std::mem::take(&mut self.host_tokens.lock()[l]);
-                self.engine
-                    .layer_written_batch(l, n_new + caught_up, per_sequence, COMPUTE)?;
+            match self.engine.layer_ready_at(l, COMPUTE)? {
+                LayerKv::Device(_) => self.backend.compute(COMPUTE, compute)?,
+                LayerKv::Host(_) => {
+                    // The round trip over the KV the running requests hold (the
+                    // batch's new tokens are attended on the device), for every
+                    // row of the batch.
+                    let round_trip = self
+                        .setup
+                        .host_for(n_new)
+                        .layer_seconds(&self.setup.sim.link_model(), tb * held as u64);
+                    self.backend.compute(COMPUTE, compute + round_trip)?;
+                    self.report.host_ms += round_trip * 1e3;
+                }
             }
+            // A host-attended layer's new tokens go to its host arena (the
+            // engine queues no write-back for it; see crate::simulate's docs).
+            self.engine
+                .layer_written_batch(l, n_new, per_sequence, COMPUTE)?;
             self.engine.layer_done(l, COMPUTE)?;
         }
         self.engine.flush_telemetry()?;
