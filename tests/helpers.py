@@ -71,3 +71,18 @@ def assert_pool_ok(pool: pie_rs.Pool, *, min_pooled: int = 0, budget: int | None
         assert stats["peak_device_kv_bytes"] <= budget, stats
     assert stats["steps"] > 0, stats
     return stats
+
+
+def wait_until_decoding(manager: Any, request_id: str, tokens: int = 2, timeout: float = 60.0) -> None:
+    """Blocks until ``request_id`` of a running continuous-batching manager has ``tokens`` generated.
+
+    Fails the test after ``timeout`` seconds rather than hang.
+    """
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        out = manager.get_result(request_id=request_id, timeout=1)
+        if out is not None and len(out.generated_tokens) >= tokens:
+            return
+        assert time.time() < deadline, f"{request_id} generated fewer than {tokens} tokens in {timeout} s"

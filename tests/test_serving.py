@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 import pie_rs
 from pie_rs import serving
 
+from helpers import wait_until_decoding
 from models import make_model
 
 try:
@@ -148,12 +149,8 @@ def test_manager_requests_added_and_cancelled_while_others_decode(llama, referen
         try:
             first = manager.add_request(PROMPTS[0], request_id="req_0", streaming=True)
             # Wait until the first request decodes, then add the others and cancel one.
+            wait_until_decoding(manager, first)
             deadline = time.time() + 60
-            while True:
-                out = manager.get_result(request_id=first, timeout=1)
-                if out is not None and len(out.generated_tokens) >= 2:
-                    break
-                assert time.time() < deadline
             for i, prompt in enumerate(PROMPTS[1:4], start=1):
                 manager.add_request(prompt, request_id=f"req_{i}")
             manager.add_request([9, 8, 7, 6], request_id="doomed", max_new_tokens=200)

@@ -19,6 +19,7 @@ import pie_rs
 from pie_rs import serving
 from test_serving import PROMPTS, cb, greedy, row_bytes, tokens
 
+from helpers import wait_until_decoding
 from models import make_model
 
 needs_524 = pytest.mark.skipif(
@@ -147,12 +148,8 @@ def test_manager_requests_added_while_others_decode(llama, reference, monkeypatc
             # req_0 decodes far longer than the others, so they surely join while it decodes; greedy,
             # its first 10 tokens are the reference's.
             first = manager.add_request(PROMPTS[0], request_id="req_0", streaming=True, max_new_tokens=40)
+            wait_until_decoding(manager, first)
             deadline = time.time() + 60
-            while True:
-                out = manager.get_result(request_id=first, timeout=1)
-                if out is not None and len(out.generated_tokens) >= 2:
-                    break
-                assert time.time() < deadline
             for i, prompt in enumerate(PROMPTS[1:4], start=1):
                 manager.add_request(prompt, request_id=f"req_{i}")
             results = {}

@@ -32,17 +32,22 @@ fn op(layers: usize, batch: usize) -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run(specs: Vec<LayerSpec>, initial: Plan, ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let mut engine = Engine::new(
+/// A host-backend engine of `specs` at `capacity` tokens holding `plan`.
+fn pinned_engine(specs: &[LayerSpec], capacity: usize, plan: Plan) -> Engine<HostBackend> {
+    Engine::new(
         HostBackend::new().unwrap(),
-        specs.clone(),
+        specs.to_vec(),
         EngineOptions {
-            capacity: 4,
+            capacity,
             ..Default::default()
         },
-        Box::new(StaticPolicy::pinned(initial)),
+        Box::new(StaticPolicy::pinned(plan)),
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn run(specs: Vec<LayerSpec>, initial: Plan, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut engine = pinned_engine(&specs, 4, initial);
     let mut reference = Reference::new(&specs);
     let mut salt = 0u64;
     for op in ops {
@@ -124,16 +129,7 @@ fn interrupted_step_keeps_the_pool_usable() {
         };
         6
     ];
-    let mut engine = Engine::new(
-        HostBackend::new().unwrap(),
-        specs.clone(),
-        EngineOptions {
-            capacity: 8,
-            ..Default::default()
-        },
-        Box::new(StaticPolicy::pinned(Plan::spread(6, 4, 2))),
-    )
-    .unwrap();
+    let mut engine = pinned_engine(&specs, 8, Plan::spread(6, 4, 2));
     let mut reference = Reference::new(&specs);
     assert!(run_step(&mut engine, &mut reference, 3, 1)
         .unwrap()
@@ -221,16 +217,7 @@ fn prefetch_bytes_match_the_plan() {
         };
         6
     ];
-    let mut engine = Engine::new(
-        HostBackend::new().unwrap(),
-        specs.clone(),
-        EngineOptions {
-            capacity: 64,
-            ..Default::default()
-        },
-        Box::new(StaticPolicy::pinned(Plan::spread(6, 3, 1))),
-    )
-    .unwrap();
+    let mut engine = pinned_engine(&specs, 64, Plan::spread(6, 3, 1));
     let mut reference = Reference::new(&specs);
     // Prefill: the step's own prefetches find empty layers and move nothing.
     run_step(&mut engine, &mut reference, 5, 0).unwrap();
@@ -264,16 +251,7 @@ fn host_attended_layers_are_never_copied_and_are_counted() {
     // Every pooled layer attended on the host: no staging slot, no copy.
     let plan = placed_plan_of(&[false, true, false, true], &[false, true, false, true], 1);
     assert_eq!(plan.staging_slots(), 0);
-    let mut engine = Engine::new(
-        HostBackend::new().unwrap(),
-        specs.clone(),
-        EngineOptions {
-            capacity: 16,
-            ..Default::default()
-        },
-        Box::new(StaticPolicy::pinned(plan)),
-    )
-    .unwrap();
+    let mut engine = pinned_engine(&specs, 16, plan);
     let mut reference = Reference::new(&specs);
     for salt in 0..5 {
         assert!(run_step(&mut engine, &mut reference, 2, salt)
