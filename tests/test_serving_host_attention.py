@@ -90,6 +90,22 @@ def test_greedy_tokens_equal_continuous_batching_alone(llama, reference, pooling
 
 
 @needs_524
+def test_host_attended_layers_take_no_staging_slot_so_the_budget_buys_more_blocks(llama, reference):
+    budget = 600 * row_bytes(llama)
+    stats = {}
+    for choice in ("never", "always"):
+        with pie_rs.attach(llama, gpu_budget=budget, host_attention=choice) as pool:
+            got = tokens(llama)
+            stats[choice] = pool.stats()["serving"]
+        assert got == reference
+        assert stats[choice]["device_kv_bytes"] <= budget
+    never, always = stats["never"], stats["always"]
+    assert never["pooled_layers"] == always["pooled_layers"] == 2
+    # The copied plan's staging slots are blocks under "always".
+    assert always["num_blocks"] > never["num_blocks"]
+
+
+@needs_524
 def test_chunked_prefills_mix_with_decodes(llama, monkeypatch):
     # A small token budget per batch: long prompts prefill in chunks on top of their own past,
     # in the same batches as other requests' decodes.

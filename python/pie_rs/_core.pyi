@@ -219,14 +219,19 @@ def paged_fit(
     pooled_count: int | None = None,
     rows: int | None = None,
     prefetch_depth: int = 2,
+    host_attended: bool = False,
 ) -> dict[str, Any]:
     """Sizes a paged cache of ``layers`` layers under ``budget_bytes`` of device memory.
 
     Rows are ``(k_dim, v_dim, elem_size)``; sizes are whole ``quantum``s, at least ``min_rows``.
     Give exactly one target: ``pooled_layers`` (this plan) or ``pooled_count`` (that many layers
     pooled, spread across the depth): as many rows as the budget holds; or ``rows``: the plan
-    pooling the fewest layers that holds them. Returns ``rows``, ``pooled_layers``,
-    ``prefetch_depth``, ``device_bytes``, ``host_bytes``. Raises ``BudgetError`` saying what to
+    pooling the fewest layers that holds them. ``host_attended``: the pooled layers of a
+    ``pooled_layers`` or ``pooled_count`` target are attended on the host, so take no staging
+    slot (with every layer pooled, or a ``rows`` target, the cache is sized with staging slots:
+    the device then bounds no rows). Returns ``rows``, ``pooled_layers``,
+    ``prefetch_depth`` (staging slots; 0 when every pooled layer is host-attended),
+    ``device_bytes``, ``host_bytes``. Raises ``BudgetError`` saying what to
     change when not even ``min_rows`` fit.
     """
 

@@ -264,8 +264,20 @@ def _cache_class() -> type:
             # buys rows (W slots cost W layers' areas): a quarter of the pooled layers, 1 to 4.
             pooled_guess = int(target.get("pooled_count", len(target.get("pooled_layers", ()))) or self.layers)
             depth = pool.prefetch_depth or max(1, min(4, pooled_guess // 4))
+            # Under "always" every pooled layer is host-attended (never copied): no staging slot
+            # takes the budget, which buys rows instead.
+            host_attended = self.host_attention == "always"
             try:
-                fit = _core.paged_fit(row, self.layers, budget, quantum, min_rows, prefetch_depth=depth, **target)
+                fit = _core.paged_fit(
+                    row,
+                    self.layers,
+                    budget,
+                    quantum,
+                    min_rows,
+                    prefetch_depth=depth,
+                    host_attended=host_attended,
+                    **target,
+                )
             except BudgetError as e:
                 why = (
                     f"{e} (continuous batching with page_size={page}: {self.layers} layers, one request of "

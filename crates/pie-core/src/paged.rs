@@ -23,8 +23,13 @@ pub enum PagedTarget {
     Pooled {
         /// Layers in host memory.
         count: usize,
-        /// Device staging slots they share.
+        /// Device staging slots they share (none when they are host-attended).
         staging: usize,
+        /// Every pooled layer attended on the host: never copied, so no
+        /// staging slot takes the budget and it buys rows instead (when some
+        /// layer stays resident; with every layer pooled the device holds no
+        /// rows, and the cache is sized as with copies).
+        host_attended: bool,
     },
     /// At least `rows` rows per layer: the plan pooling the fewest layers (up
     /// to `staging` slots) that holds them.
@@ -113,13 +118,24 @@ pub fn paged_fit(
     };
     match target {
         PagedTarget::Plan(plan) => most_rows(plan.clone()),
-        PagedTarget::Pooled { count, staging } => {
+        PagedTarget::Pooled {
+            count,
+            staging,
+            host_attended,
+        } => {
             if *count > layers {
                 return Err(PieError::config(format!(
                     "cannot pool {count} layers of {layers}; pool at most {layers}"
                 )));
             }
-            most_rows(Plan::spread(layers, *count, (*staging).max(1)))
+            let mut plan = Plan::spread(layers, *count, (*staging).max(1));
+            // With every layer pooled and host-attended the device holds none of
+            // the rows, so the budget would bound nothing: such a cache is sized
+            // as the copied plan would be.
+            if *host_attended && *count < layers {
+                plan.host_attended = plan.pooled.clone();
+            }
+            most_rows(plan)
         }
         PagedTarget::Rows { rows, staging } => {
             let rows = (*rows).max(min_rows).div_ceil(quantum) * quantum;
@@ -177,6 +193,7 @@ mod tests {
             &PagedTarget::Pooled {
                 count: 6,
                 staging: 2,
+                host_attended: false,
             },
         )
         .unwrap();
@@ -188,6 +205,32 @@ mod tests {
         let specs = vec![row(); 8];
         assert!(ArenaLayout::device_bytes_for(&specs, pooled.rows + 16, &pooled.plan) > budget);
         assert_eq!(pooled.rows % 16, 0);
+    }
+
+    #[test]
+    fn host_attended_pooled_layers_take_no_staging_slot_so_buy_more_rows() {
+        let budget = 8 << 20;
+        let target = |host_attended| PagedTarget::Pooled {
+            count: 6,
+            staging: 2,
+            host_attended,
+        };
+        let copied = paged_fit(&row(), 8, Some(budget), 16, 16, &target(false)).unwrap();
+        let host = paged_fit(&row(), 8, Some(budget), 16, 16, &target(true)).unwrap();
+        assert_eq!(host.plan.host_attended, host.plan.pooled);
+        assert_eq!(host.plan.staging_slots(), 0);
+        assert!(host.device_bytes <= budget);
+        // 2 resident areas against 2 resident + 2 staging: twice the rows.
+        assert_eq!(host.rows, 2 * copied.rows);
+        // Every layer pooled: the budget bounds no device rows, so the copied sizing holds.
+        let all = |host_attended| PagedTarget::Pooled {
+            count: 8,
+            staging: 2,
+            host_attended,
+        };
+        let copied = paged_fit(&row(), 8, Some(budget), 16, 16, &all(false)).unwrap();
+        let host = paged_fit(&row(), 8, Some(budget), 16, 16, &all(true)).unwrap();
+        assert_eq!(host, copied);
     }
 
     #[test]
@@ -241,6 +284,7 @@ mod tests {
             &PagedTarget::Pooled {
                 count: 4,
                 staging: 1,
+                host_attended: false,
             },
         )
         .unwrap_err();

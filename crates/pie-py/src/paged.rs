@@ -51,7 +51,7 @@ fn paged_set_extent(
 
 /// Sizes a paged cache: see `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (row, layers, budget_bytes, quantum, min_rows, *, pooled_layers=None, pooled_count=None, rows=None, prefetch_depth=2))]
+#[pyo3(signature = (row, layers, budget_bytes, quantum, min_rows, *, pooled_layers=None, pooled_count=None, rows=None, prefetch_depth=2, host_attended=false))]
 #[allow(clippy::too_many_arguments)]
 fn paged_fit<'py>(
     py: Python<'py>,
@@ -64,6 +64,7 @@ fn paged_fit<'py>(
     pooled_count: Option<usize>,
     rows: Option<usize>,
     prefetch_depth: usize,
+    host_attended: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let (k_dim, v_dim, elem_size) = row;
     let spec = LayerSpec {
@@ -76,9 +77,20 @@ fn paged_fit<'py>(
     let staging = prefetch_depth.max(1);
     let target = match (pooled_layers, pooled_count, rows) {
         (Some(list), None, None) => {
-            PagedTarget::Plan(Plan::from_layers(list, staging, layers).map_err(to_py)?)
+            let mut plan = Plan::from_layers(list, staging, layers).map_err(to_py)?;
+            // As for `Pooled`: with every layer pooled the copied sizing holds.
+            if host_attended && plan.pooled.len() < layers {
+                plan.host_attended = plan.pooled.clone();
+            }
+            PagedTarget::Plan(plan)
         }
-        (None, Some(count), None) => PagedTarget::Pooled { count, staging },
+        (None, Some(count), None) => PagedTarget::Pooled {
+            count,
+            staging,
+            host_attended,
+        },
+        // The fewest pooled layers that hold the rows, sized with staging slots
+        // (what a copied plan needs, so enough for a host-attended one too).
         (None, None, Some(rows)) => PagedTarget::Rows { rows, staging },
         _ => {
             return Err(config_error(
