@@ -119,18 +119,21 @@ pub fn best_static_plan_in(inputs: &PolicyInputs, space: SearchSpace) -> Result<
             None => search_speed(inputs, exhaustive)?,
         },
     };
-    if choice.plan.host_attended.is_empty() || choice_of(inputs) != HostAttention::Auto {
+    if choice_of(inputs) != HostAttention::Auto {
         return Ok(choice);
     }
     // Auto may place layers on the host only where that is predicted faster
-    // than the best copy-only plan (see the module docs).
+    // than the best copy-only plan (see the module docs). Otherwise it is that
+    // plan itself: a copy plan found by the placed search may tie with it in
+    // step time yet differ in rounding, and "never slower than copy-only"
+    // must hold exactly.
     let copy_only = PolicyInputs {
         host: None,
         ..inputs.clone()
     };
     let copy = best_static_plan_in(&copy_only, space)?;
-    let faster =
-        choice.prediction.step_seconds < copy.prediction.step_seconds * (1.0 - TIE_TOLERANCE);
+    let faster = !choice.plan.host_attended.is_empty()
+        && choice.prediction.step_seconds < copy.prediction.step_seconds * (1.0 - TIE_TOLERANCE);
     Ok(if faster { choice } else { copy })
 }
 
