@@ -173,8 +173,8 @@ def test_unknown_host_attention_is_refused_at_attach() -> None:
         assert pool.stats()["host_attended_layers"] == []
 
 
-def test_auto_engine_places_within_the_budget_and_query_group_is_checked() -> None:
-    """Under "auto" an engine gets this CPU's figures (a once-measured triad) and plans within the budget."""
+def test_auto_on_the_host_backend_copies_and_query_group_is_checked() -> None:
+    """On the host backend the "device" is this CPU (no link to save): "auto" plans within the budget and copies."""
     from pie_rs import _core
 
     layers = [(2, 2, 64, 64, 4)] * 4
@@ -184,11 +184,23 @@ def test_auto_engine_places_within_the_budget_and_query_group_is_checked() -> No
         plan = engine.plan()
         assert plan["host_attention"] == "auto"
         assert plan["pooled_layers"], plan  # 3 of 4 layers fit: something is pooled
-        assert set(plan["host_attended"]) <= set(plan["pooled_layers"])
+        assert plan["host_attended"] == []
     finally:
         engine.close()
     with pytest.raises(pie_rs.ConfigError, match="query_group must be at least 1"):
         _core.Engine("host", layers, 256, host_attention="auto", query_group=0)
+
+
+def test_default_attach_on_the_host_backend_is_bit_exact_and_copies(llama, inputs) -> None:
+    """The default ("auto") pools by the budget and copies on the host backend, decode after decode."""
+    budget = half_pooled_budget(llama, inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + 24)
+    with pie_rs.attach(llama, gpu_budget=budget) as pool:
+        out = llama.generate(**inputs, max_new_tokens=24, do_sample=False)
+        stats = pool.stats()
+    assert stats["host_attended_layers"] == [] and stats["host_attended_layer_steps"] == 0
+    assert stats["pooled_layers"] >= 1 and stats["h2d_bytes"] > 0  # pooled, and copied
+    plain = llama.generate(**inputs, max_new_tokens=24, do_sample=False)
+    assert torch.equal(out, plain)
 
 
 def test_always_on_attention_it_cannot_split_is_refused_at_attach() -> None:

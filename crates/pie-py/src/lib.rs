@@ -170,9 +170,12 @@ impl PyEngine {
             ));
         }
         // Under "auto" the adaptive policy places each pooled layer by the cost
-        // model, which needs this machine's CPU figures; "never" needs none.
-        let host = match config.host_attention {
-            HostAttention::Never => None,
+        // model, which needs this machine's CPU figures; "never" needs none. On
+        // the host backend the "device" is this CPU: no link is saved, so "auto"
+        // copies (a placement there would follow noisy timings run to run, and
+        // copying keeps the default path bit-exact); "always" still attends there.
+        let host = match (config.host_attention, backend) {
+            (HostAttention::Never, _) | (HostAttention::Auto, "host") => None,
             _ => attention::host_model(&specs, query_group),
         };
         let chosen = config.build_with_host(host);
