@@ -32,6 +32,20 @@ fn op(layers: usize, batch: usize) -> impl Strategy<Value = Op> {
     ]
 }
 
+/// `layers` one-sequence, one-head layers of 4 f32 per token in K and in V.
+fn tiny_specs(layers: usize) -> Vec<LayerSpec> {
+    vec![
+        LayerSpec {
+            batch: 1,
+            kv_heads: 1,
+            k_dim: 4,
+            v_dim: 4,
+            elem_size: 4,
+        };
+        layers
+    ]
+}
+
 /// A host-backend engine of `specs` at `capacity` tokens holding `plan`.
 fn pinned_engine(specs: &[LayerSpec], capacity: usize, plan: Plan) -> Engine<HostBackend> {
     Engine::new(
@@ -207,16 +221,7 @@ fn budget_is_never_exceeded_and_too_small_a_budget_is_refused() {
 
 #[test]
 fn prefetch_bytes_match_the_plan() {
-    let specs = vec![
-        LayerSpec {
-            batch: 1,
-            kv_heads: 1,
-            k_dim: 4,
-            v_dim: 4,
-            elem_size: 4
-        };
-        6
-    ];
+    let specs = tiny_specs(6);
     let mut engine = pinned_engine(&specs, 64, Plan::spread(6, 3, 1));
     let mut reference = Reference::new(&specs);
     // Prefill: the step's own prefetches find empty layers and move nothing.
@@ -238,16 +243,7 @@ fn prefetch_bytes_match_the_plan() {
 
 #[test]
 fn host_attended_layers_are_never_copied_and_are_counted() {
-    let specs = vec![
-        LayerSpec {
-            batch: 1,
-            kv_heads: 1,
-            k_dim: 4,
-            v_dim: 4,
-            elem_size: 4
-        };
-        4
-    ];
+    let specs = tiny_specs(4);
     // Every pooled layer attended on the host: no staging slot, no copy.
     let plan = placed_plan_of(&[false, true, false, true], &[false, true, false, true], 1);
     assert_eq!(plan.staging_slots(), 0);
