@@ -120,6 +120,21 @@ impl Plan {
         Ok(plan)
     }
 
+    /// [`Plan::from_layers`] with `host_attended` (a set: any order, each once,
+    /// each pooled) attended on the host and the rest copied.
+    pub fn from_placed_layers(
+        layers: Vec<usize>,
+        mut host_attended: Vec<usize>,
+        prefetch_depth: usize,
+        num_layers: usize,
+    ) -> Result<Self> {
+        let mut plan = Plan::from_layers(layers, prefetch_depth, num_layers)?;
+        host_attended.sort_unstable();
+        plan.host_attended = host_attended;
+        plan.validate(num_layers)?;
+        Ok(plan)
+    }
+
     /// A plan pooling `count` of `num_layers` layers, spread evenly across the
     /// depth so each prefetch has as many layers of compute as possible to hide
     /// under, with `prefetch_depth` staging slots.
@@ -180,5 +195,22 @@ mod tests {
         }
         assert!(Plan::copying(vec![1], 0).validate(3).is_err());
         assert!(Plan::copying(vec![0, 2], 5).validate(3).is_ok());
+    }
+
+    #[test]
+    fn placed_layers_are_sorted_and_checked() {
+        let plan = Plan::from_placed_layers(vec![3, 0, 2], vec![3, 0], 1, 4).unwrap();
+        assert_eq!(
+            (plan.pooled, plan.host_attended),
+            (vec![0, 2, 3], vec![0, 3])
+        );
+        let e = Plan::from_placed_layers(vec![0, 2], vec![2, 2], 1, 4).unwrap_err();
+        assert!(e.to_string().contains("listed once each"), "{e}");
+        let e = Plan::from_placed_layers(vec![0, 2], vec![1], 1, 4).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("layer 1 is host-attended but not pooled"),
+            "{e}"
+        );
     }
 }

@@ -372,12 +372,13 @@ impl PyEngine {
         host_attended: Option<Vec<usize>>,
     ) -> PyResult<()> {
         with_engine!(self, e => {
-            let mut plan = Plan::from_layers(pooled_layers, prefetch_depth, e.num_layers()).map_err(to_py)?;
-            if let Some(mut host) = host_attended {
-                host.sort_unstable();
-                plan.host_attended = host;
-                plan.validate(e.num_layers()).map_err(to_py)?;
-            }
+            let plan = Plan::from_placed_layers(
+                pooled_layers,
+                host_attended.unwrap_or_default(),
+                prefetch_depth,
+                e.num_layers(),
+            )
+            .map_err(to_py)?;
             e.set_plan(plan).map_err(to_py)
         })
     }
