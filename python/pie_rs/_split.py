@@ -36,7 +36,6 @@ from ._host_io import to_device, to_host, wait
 from .host_attention import host_attention, host_attention_layer, merge, partial_attention
 
 __all__ = [
-    "HOST_ATTENTION_CHOICES",
     "Installed",
     "PagedSplitTarget",
     "SplitTarget",
@@ -45,8 +44,6 @@ __all__ = [
     "unsupported_reason",
 ]
 
-#: The values ``attach(host_attention=...)`` accepts.
-HOST_ATTENTION_CHOICES = ("auto", "never", "always")
 #: The original implementations the split wraps (their masks are bool or additive, which the host
 #: kernel and the device partial both take).
 _WRAPPABLE = ("sdpa", "eager")

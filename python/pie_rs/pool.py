@@ -695,14 +695,14 @@ def _check_plan(info: ModelInfo, pooled_layers: object, prefetch_depth: object) 
     return out
 
 
-def _check_host_attention(model: nn.Module, info: ModelInfo, choice: object) -> str:
-    """The placement the engines get: ``choice``, or ``"never"`` under ``"auto"`` where no split is possible.
+def _check_host_attention(model: nn.Module, info: ModelInfo, choice: str) -> str:
+    """The placement the engines get: ``choice`` (parsed by pie-core), or ``"never"`` where it cannot split.
 
-    Raises ConfigError for a value other than the three, and for ``"always"`` on a model whose
-    full-attention layers the split path cannot serve (saying why).
+    Under ``"auto"`` a model whose attention cannot be split gets ``"never"``.
+
+    Raises ConfigError for ``"always"`` on a model whose full-attention layers the split path
+    cannot serve (saying why).
     """
-    if not isinstance(choice, str) or choice not in _split.HOST_ATTENTION_CHOICES:
-        raise ConfigError(f'unknown host_attention {choice!r}; use "auto", "never" or "always"')
     if choice == "never" or not info.managed:
         return choice
     reason = _split.unsupported_reason(model, info.decoder_layers, info.managed)
@@ -746,9 +746,11 @@ def attach(
         host_attention: where a pooled layer's decode attention runs. ``"never"``: its KV is
             copied to a device staging slot first. ``"always"``: it stays in host memory and the
             layer's attention is split, the host kernel over the past tokens and the device over
-            the new ones, merged exactly. ``"auto"`` (default): the policy chooses per layer;
-            a model whose attention cannot be split gets ``"never"``. Not used by continuous
-            batching (``"always"`` there raises ConfigError).
+            the new ones, merged exactly. ``"auto"`` (default): the policy chooses per layer
+            from its cost model on a GPU, and copies on the host backend (no link to save);
+            a model whose attention cannot be split gets ``"never"``. Continuous batching
+            follows the same choice where it can split the attention (``"always"`` elsewhere
+            raises ConfigError saying why).
 
     Returns:
         The :class:`Pool` handle: ``new_cache``, ``stats``, ``detach``; also a context manager.
@@ -772,8 +774,9 @@ def attach(
     for name, value in (("policy", policy), ("objective", objective)):
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
+    if not isinstance(host_attention, str):
+        raise ConfigError(f'host_attention must be one of "auto", "never" or "always", got {host_attention!r}')
     pinned = _check_plan(info, pooled_layers, prefetch_depth)
-    placement = _check_host_attention(model, info, host_attention)
     # pie-core parses the options once, as every engine of this pool will.
     config = _core.policy_config(
         policy,
@@ -781,8 +784,9 @@ def attach(
         None if pinned is None else [info.managed.index(i) for i in pinned],
         prefetch_depth,
         max(1, len(info.managed)),
-        placement,
+        host_attention,
     )
+    placement = _check_host_attention(model, info, config["host_attention"])
     available = None
     if isinstance(gpu_budget, float):
         available = _available_memory(resolved, info.device)
@@ -813,7 +817,7 @@ def attach(
         objective=config["objective"],
         pooled_layers=None if config["pooled_layers"] is None else tuple(config["pooled_layers"]),
         prefetch_depth=config["prefetch_depth"],
-        host_attention=config["host_attention"],
+        host_attention=placement,
         query_group=query_group(info),
     )
     if rank_group is not None:
