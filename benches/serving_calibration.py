@@ -11,8 +11,13 @@ other server) is described by a JSON file::
       "max_running": 32, "max_batched_tokens": 512,
       "requests": [{"arrival": 0.0, "prompt": 37, "output": 20}, ...],   # seconds, tokens
       "throughput_tok_s": 812.0,            # output tokens / (last finish - first arrival)
+      "pie_pool": {"blocks": 366, "pooled_layers": [0, 1, 2, 3], "prefetch_depth": 2},  # optional
       "steps": [{"tokens": 9, "context_tokens": 310, "layer_seconds": 0.00021}, ...]
     }
+
+``pie_pool`` is the pool as pie-rs's continuous batching sized it (once, at start: blocks, pooled
+layers, staging slots); with it the simulated ``pie`` replays that pool instead of growing its own
+(the simulator's adaptive expansion, which the real integration does not do).
 
 ``steps`` are per-step timings of the run (tokens in the batch, tokens of KV its attention
 read, wall seconds of the step divided by the layers); the script fits the simulator's
@@ -97,7 +102,7 @@ def simulate(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]
         "d2h_gbps": link["d2h_gbps"],
         "copy_latency_us": link.get("copy_latency_us", 5.0),
     }
-    for key in ("max_running", "max_batched_tokens"):
+    for key in ("max_running", "max_batched_tokens", "pie_pool"):
         if key in measured:
             request[key] = measured[key]
     report = _core.simulate_serving(request)

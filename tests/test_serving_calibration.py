@@ -108,6 +108,12 @@ def test_one_command_measures_the_run_and_compares(tmp_path: Path, capsys: pytes
     assert len(measured["requests"]) == 6 and measured["rate"] is None  # every request at once
     assert measured["max_batched_tokens"] == 256 and measured["kv_budget_mib"] > 0
     assert measured["pooled_layers"] == 4 and measured["num_blocks"] > 0
+    # The simulation replays the pool the real run sized once, not a pool of its own.
+    pool = measured["pie_pool"]
+    assert pool["blocks"] == measured["num_blocks"] and pool["pooled_layers"] == [0, 1, 2, 3]
+    assert pool["prefetch_depth"] >= 1
+    assert result["simulated"]["pooled_layers"] == 4 and result["simulated"]["reconfigurations"] == 0
+    assert result["simulated"]["pool_tokens"] == 16 * pool["blocks"]
     assert measured["throughput_tok_s"] == result["measured_tok_s"] > 0
     # Every step of the compute run is recorded: its batches cover every prompt and output token.
     steps = measured["steps"]
@@ -119,3 +125,26 @@ def test_one_command_measures_the_run_and_compares(tmp_path: Path, capsys: pytes
     assert len(measured["repeats"]) == 1 and measured["repeats"][0]["steps"] == steps
     assert len(result["paired"]) == 1 and result["paired"][0]["measured_tok_s"] == result["measured_tok_s"]
     assert rc == (0 if abs(result["error"]) <= 0.10 else 1)
+
+
+def test_a_pie_run_is_paired_with_the_compute_runs_around_it() -> None:
+    """Runs alternate pie, pie-compute, pie, ...: repeat i fits the compute runs i-1 and i."""
+    from pie_rs.serve_bench import Result, _paired_repeats
+
+    def run(method: str, i: int, ok: bool = True) -> Result:
+        r = Result(method=method, rate=float("inf"), requests=1, ok=ok, tokens_per_s=100.0 + i)
+        r.steps = [{"tokens": i, "context_tokens": i, "seconds": 1.0}]
+        return r
+
+    runs = {
+        "pie": [run("pie", 0), run("pie", 1), run("pie", 2, ok=False), run("pie", 3)],
+        "pie-compute": [
+            run("pie-compute", 10),
+            run("pie-compute", 11),
+            run("pie-compute", 12, ok=False),
+            run("pie-compute", 13),
+        ],
+    }
+    paired = _paired_repeats(runs, lambda steps: [s["tokens"] for s in steps])
+    assert [p["throughput_tok_s"] for p in paired] == [100.0, 101.0, 103.0]
+    assert [p["steps"] for p in paired] == [[10], [10, 11], [13]]  # a failed neighbour is left out

@@ -186,7 +186,9 @@ def simulate(request: dict[str, Any]) -> dict[str, Any]:
 def simulate_serving(request: dict[str, Any]) -> dict[str, Any]:
     """Continuous batching in virtual time: four ways of holding the KV on a described machine.
 
-    ``host_attention`` ("auto", the default, "never" or "always") applies to ``pie``.
+    ``host_attention`` ("auto", the default, "never" or "always") applies to ``pie``. ``pie_pool``
+    (``{"blocks", "pooled_layers", "prefetch_depth"}``) replays a pool sized once, as pie-rs's
+    continuous batching sizes it, instead of ``pie``'s adaptive expansion.
     """
 
 def list_profiles() -> dict[str, dict[str, str]]:

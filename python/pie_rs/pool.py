@@ -315,7 +315,8 @@ class Pool:
         (time in the host kernel). After continuous batching,
         ``serving`` holds its cache's figures: ``num_blocks``, ``device_blocks`` / ``pool_blocks``
         (blocks' worth held by resident / pooled layers), ``blocks_in_use``, ``requests_running``,
-        ``peak_running``, ``preemptions``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, and
+        ``peak_running``, ``preemptions``, ``pooled`` (model layer indices of the pooled layers),
+        ``prefetch_depth``, ``device_kv_bytes``, ``h2d_bytes``, ``d2h_bytes``, and
         its prefix store figures ``prefix_lookups``, ``prefix_hits``, ``prefix_tokens_reused``
         (tokens copied from the store) and ``prefix_tokens_stored``, ...
         """

@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,8 @@ class Result:
     num_blocks: int = 0
     device_kv_bytes: int = 0
     pooled_layers: int = 0
+    pooled: list[int] = field(default_factory=list)
+    prefetch_depth: int = 0
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     tokens_match: bool | None = None
@@ -280,6 +283,7 @@ def run_one(
             res.peak_running, res.preemptions = s["peak_running"], s["preemptions"]
             res.num_blocks, res.device_kv_bytes = s["num_blocks"], s["device_kv_bytes"]
             res.pooled_layers, res.h2d_bytes, res.d2h_bytes = s["pooled_layers"], s["h2d_bytes"], s["d2h_bytes"]
+            res.pooled, res.prefetch_depth = list(s["pooled"]), int(s["prefetch_depth"])
         else:
             res.peak_running, res.preemptions = counters.peak_running, counters.preemptions
             cache = bp.cache
@@ -509,7 +513,7 @@ def run_serving(args: argparse.Namespace) -> int:
     rows = []
     for r in results:
         d = asdict(r)
-        for k in ("ttft_ms", "tpot_ms", "tokens", "steps"):
+        for k in ("ttft_ms", "tpot_ms", "tokens", "steps", "pooled"):
             d.pop(k)
         d["device_kv_mib"] = r.device_kv_bytes / 2**20
         rows.append(d)
@@ -614,20 +618,33 @@ def calibration_run(
         "throughput_runs": pie.note,
         "pooled_layers": pie.pooled_layers,
         "num_blocks": pie.num_blocks,
+        # The pool as pie-rs's continuous batching sized it (once, at start): the simulator replays it.
+        "pie_pool": {"blocks": pie.num_blocks, "pooled_layers": pie.pooled, "prefetch_depth": pie.prefetch_depth},
         "peak_running": pie.peak_running,
         "steps": per_layer([s for r in (compute_runs or {}).get("pie-compute", [resident]) if r.ok for s in r.steps]),
         "pie_steps": per_layer(pie.steps),
         "compute_run": {"throughput_tok_s": resident.tokens_per_s, "peak_running": resident.peak_running},
-        # Repeat i: the pie run and the pie-compute run right after it (the closest in time, so
-        # under the most similar load of a shared machine), for a paired comparison.
-        "repeats": [
-            {"throughput_tok_s": p.tokens_per_s, "steps": per_layer(c.steps)}
-            for p, c in zip(
-                (compute_runs or {}).get("pie", []), (compute_runs or {}).get("pie-compute", []), strict=False
-            )
-            if p.ok and c.ok
-        ],
+        "repeats": _paired_repeats(compute_runs or {}, per_layer),
     }
+
+
+def _paired_repeats(
+    runs: dict[str, list[Result]], per_layer: Callable[[list[dict[str, float]]], list[dict[str, float]]]
+) -> list[dict[str, Any]]:
+    """Repeat i: the ``pie`` run and the steps of the ``pie-compute`` runs just before and after it.
+
+    Runs alternate (pie, pie-compute, pie, ...), so the two neighbours bracket the pie run in time:
+    on a shared machine whose load drifts, their mean sees the load the pie run saw.
+    """
+    pies, computes = runs.get("pie", []), runs.get("pie-compute", [])
+    paired = []
+    for i, p in enumerate(pies):
+        neighbours = [c for c in computes[max(0, i - 1) : i + 1] if c.ok]
+        if p.ok and neighbours:
+            paired.append(
+                {"throughput_tok_s": p.tokens_per_s, "steps": per_layer([s for c in neighbours for s in c.steps])}
+            )
+    return paired
 
 
 def _ratios(rows: list[dict[str, Any]]) -> list[str]:

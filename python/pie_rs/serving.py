@@ -841,6 +841,7 @@ def _cache_class() -> type:
                 "forward_steps": self.steps,
                 "resident_layers": layers - pooled,
                 "pooled_layers": pooled,
+                "pooled": [self.layer_indices[i] for i in stats.get("pooled", [])],
                 "prefetch_depth": stats.get("prefetch_depth", 0),
                 "device_kv_bytes": stats.get("device_kv_bytes", 0),
                 "host_kv_bytes": stats.get("host_kv_bytes", 0),

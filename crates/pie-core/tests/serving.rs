@@ -383,3 +383,85 @@ fn host_attention_is_never_slower_where_a_growth_prediction_lost() {
         }
     }
 }
+
+/// `pie_pool` replays pie-rs's continuous batching: the pool is sized once
+/// with the given plan and never grows, so the report shows exactly that pool;
+/// a plan or pool that cannot exist is refused with what to change.
+#[test]
+fn a_fixed_pie_pool_is_replayed_as_given() {
+    use pie_core::serving::FixedPool;
+    let base = pressured("gh200", f64::INFINITY);
+    let adaptive = simulate_serving(&ServingRequest {
+        methods: Some(vec![Method::Pie]),
+        ..base.clone()
+    })
+    .unwrap();
+    let grown = method(&adaptive, Method::Pie);
+    assert!(
+        grown.reconfigurations > 0,
+        "the adaptive pool grows: {grown:?}"
+    );
+    let blocks = grown.pool_tokens / BLOCK_TOKENS;
+    let fixed = |pool: FixedPool| ServingRequest {
+        methods: Some(vec![Method::Pie]),
+        pie_pool: Some(pool),
+        ..base.clone()
+    };
+    let pooled: Vec<usize> = (0..32).step_by(2).collect();
+    let r = simulate_serving(&fixed(FixedPool {
+        blocks,
+        pooled_layers: pooled.clone(),
+        prefetch_depth: 2,
+    }))
+    .unwrap();
+    let x = method(&r, Method::Pie);
+    assert_eq!(x.finished, 120);
+    assert_eq!(x.pool_tokens, blocks * BLOCK_TOKENS);
+    assert_eq!((x.pooled_layers, x.prefetch_depth), (pooled.len(), 2));
+    assert_eq!(x.reconfigurations, 0, "{x:?}");
+    assert!(x.device_kv_mib <= r.gpu_budget_mib + 1e-9, "{x:?}");
+    // Half the pool: fewer requests run at once, and the run is slower.
+    let half = simulate_serving(&fixed(FixedPool {
+        blocks: blocks / 2,
+        pooled_layers: pooled.clone(),
+        prefetch_depth: 2,
+    }))
+    .unwrap();
+    let h = method(&half, Method::Pie);
+    assert!(
+        h.peak_running < x.peak_running && h.throughput_tok_s < x.throughput_tok_s,
+        "{h:?} {x:?}"
+    );
+    for (pool, what) in [
+        (
+            FixedPool {
+                blocks: 0,
+                pooled_layers: vec![],
+                prefetch_depth: 1,
+            },
+            "at least one block",
+        ),
+        (
+            FixedPool {
+                blocks,
+                pooled_layers: vec![40],
+                prefetch_depth: 1,
+            },
+            "40",
+        ),
+    ] {
+        let e = simulate_serving(&fixed(pool)).expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    let e = simulate_serving(&ServingRequest {
+        equal_performance: Some(true),
+        ..fixed(FixedPool {
+            blocks,
+            pooled_layers: pooled,
+            prefetch_depth: 2,
+        })
+    })
+    .expect_err("refused");
+    assert!(e.to_string().contains("drop one of them"), "{e}");
+}

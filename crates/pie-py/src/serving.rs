@@ -6,8 +6,8 @@ use pyo3::types::{PyDict, PyList};
 
 use pie_core::profiles::ModelShape;
 use pie_core::serving::{
-    simulate_serving as run, ComputeModel, EqualPerformance, Method, MethodReport, Request,
-    SchedulerLimits, ServingReport, ServingRequest,
+    simulate_serving as run, ComputeModel, EqualPerformance, FixedPool, Method, MethodReport,
+    Request, SchedulerLimits, ServingReport, ServingRequest,
 };
 use pie_core::PieError;
 
@@ -32,7 +32,11 @@ const KEYS: &[&str] = &[
     "max_running",
     "max_batched_tokens",
     "host_attention",
+    "pie_pool",
 ];
+
+/// Keys of a `pie_pool` dict.
+const POOL_KEYS: &[&str] = &["blocks", "pooled_layers", "prefetch_depth"];
 
 /// Keys of a `model_shape` dict.
 const SHAPE_KEYS: &[&str] = &[
@@ -136,6 +140,23 @@ fn model_shape(d: &Bound<'_, PyDict>) -> PyResult<ModelShape> {
     })
 }
 
+fn fixed_pool(d: &Bound<'_, PyDict>) -> PyResult<FixedPool> {
+    for key in d.keys() {
+        let name: String = key.extract()?;
+        if !POOL_KEYS.contains(&name.as_str()) {
+            return Err(config(format!(
+                "simulate_serving: pie_pool has no {name:?}; it takes {}",
+                POOL_KEYS.join(", ")
+            )));
+        }
+    }
+    Ok(FixedPool {
+        blocks: need(d, "pie_pool", "blocks")?,
+        pooled_layers: need(d, "pie_pool", "pooled_layers")?,
+        prefetch_depth: need(d, "pie_pool", "prefetch_depth")?,
+    })
+}
+
 fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<ServingRequest> {
     for key in request.keys() {
         let name: String = key.extract()?;
@@ -204,6 +225,10 @@ fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<ServingRequest> {
         },
         workload,
         host_attention: crate::simulate::host_attention(request, "simulate_serving")?,
+        pie_pool: match sub_dict(request, "pie_pool")? {
+            Some(d) => Some(fixed_pool(&d)?),
+            None => None,
+        },
     })
 }
 

@@ -193,6 +193,38 @@ pub struct ServingRequest {
     pub workload: Option<Vec<Request>>,
     /// Where `pie`'s pooled layers' attention may run (the CLI's default is `auto`).
     pub host_attention: HostAttention,
+    /// Override: `pie` as pie-rs's continuous batching runs it (a pool sized
+    /// once, a fixed plan) instead of the adaptive expansion; replays of a
+    /// measured run use it.
+    pub pie_pool: Option<FixedPool>,
+}
+
+/// A pool sized once with a fixed plan, as `pie_rs`'s continuous batching
+/// sizes its cache at start (`paged_fit`): no expansion, no plan changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FixedPool {
+    /// Blocks of [`BLOCK_TOKENS`] tokens the pool holds.
+    pub blocks: usize,
+    /// The pooled (copied) layers.
+    pub pooled_layers: Vec<usize>,
+    /// Staging slots the pooled layers are prefetched through.
+    pub prefetch_depth: usize,
+}
+
+impl FixedPool {
+    /// The plan it pins.
+    pub fn plan(&self) -> crate::plan::Plan {
+        crate::plan::Plan::copying(self.pooled_layers.clone(), self.prefetch_depth)
+    }
+
+    fn validate(&self, layers: usize) -> Result<()> {
+        if self.blocks == 0 {
+            return Err(PieError::config(
+                "pie_pool needs at least one block (blocks > 0)",
+            ));
+        }
+        self.plan().validate(layers)
+    }
 }
 
 /// What a run of one method gave.
@@ -364,6 +396,8 @@ pub struct ServingSetup {
     /// The host attention path for one sequence's query row set (scale the
     /// query and result bytes by the sequences), its choice the request's.
     pub host: HostModel,
+    /// `pie`'s pool when it is sized once (see [`FixedPool`]).
+    pub pie_pool: Option<FixedPool>,
 }
 
 impl ServingSetup {
@@ -463,6 +497,9 @@ pub fn resolve(req: &ServingRequest) -> Result<Resolved> {
     };
     if let Some(c) = &req.compute {
         c.validate()?;
+    }
+    if let Some(p) = &req.pie_pool {
+        p.validate(shape.layers)?;
     }
     let h2d = positive("h2d_gbps", req.h2d_gbps)?.unwrap_or(machine.h2d_gbps);
     let d2h = positive("d2h_gbps", req.d2h_gbps)?.unwrap_or(machine.d2h_gbps);
@@ -570,6 +607,7 @@ pub fn resolve(req: &ServingRequest) -> Result<Resolved> {
                 req.host_attention,
             )
         },
+        pie_pool: req.pie_pool.clone(),
     };
     setup.sim.validate()?;
     for (_, w) in &workloads {
@@ -631,7 +669,12 @@ pub fn simulate_serving(req: &ServingRequest) -> Result<ServingReport> {
             methods: results,
         });
     }
-    let equal = if req.equal_performance.unwrap_or(true)
+    if req.pie_pool.is_some() && req.equal_performance == Some(true) {
+        return Err(PieError::config(
+            "equal_performance searches pie's budget, which a fixed pie_pool pins; drop one of them",
+        ));
+    }
+    let equal = if req.equal_performance.unwrap_or(req.pie_pool.is_none())
         && methods.contains(&Method::NoPooling)
         && methods.contains(&Method::Pie)
     {

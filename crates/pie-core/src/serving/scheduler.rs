@@ -204,6 +204,13 @@ impl<'a> Run<'a> {
                 let (plan, k) = static_offload_plan(setup, requests)?;
                 (Box::new(StaticPolicy::pinned(plan)), k)
             }
+            Method::Pie if setup.pie_pool.is_some() => {
+                let fixed = setup.pie_pool.as_ref().expect("checked by the guard");
+                (
+                    Box::new(StaticPolicy::pinned(fixed.plan())),
+                    fixed.blocks * BLOCK_TOKENS,
+                )
+            }
             Method::Pie => {
                 let c0 = layer_seconds(setup, &[1], &[]);
                 let choice = setup.host.choice;
@@ -347,7 +354,7 @@ impl<'a> Run<'a> {
     /// model predicts the grown pool, full, decodes within
     /// [`PIE_STEP_TOLERANCE`] of all-resident under the budget. Returns whether it grew.
     fn try_expand(&mut self) -> Result<bool> {
-        if self.method != Method::Pie {
+        if self.method != Method::Pie || self.setup.pie_pool.is_some() {
             return Ok(false);
         }
         let steps = self.report.steps;
