@@ -9,6 +9,7 @@ export HF_HUB_OFFLINE=1
 cargo fmt --all -- --check
 ruff check python tests benches
 cargo clippy --release --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q --workspace
 cargo test --release -p pie-core -p pie-host -p pie-cuda
 # The lock-free ring, model-checked with loom (its own target dir: other cfg).
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -q --release -p pie-core --test loom

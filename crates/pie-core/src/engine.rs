@@ -13,7 +13,7 @@
 //!
 //! Which swap operation comes when is decided by the pure [`Schedule`]; the
 //! engine only submits what it says and keeps the threads in step. Where a
-//! layer's bytes are is the arena layout's answer ([`ArenaLayout::residence`]),
+//! layer's bytes are is the arena layout's answer ([`crate::slots::ArenaLayout::residence`]),
 //! its valid length the page table's.
 
 mod paged;

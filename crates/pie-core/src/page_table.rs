@@ -3,7 +3,7 @@
 //! layout's answer ([`ArenaLayout::residence`]), and which staging slot a
 //! pooled layer borrows this step the schedule's
 //! ([`crate::schedule::Schedule::slot_of`]); nothing here repeats them. Every
-//! field is an atomic through [`crate::primitive`], so loom can model it.
+//! field is an atomic through the `primitive` module, so loom can model it.
 
 use crate::primitive::{AtomicBool, AtomicUsize, Ordering};
 use crate::slots::ArenaLayout;

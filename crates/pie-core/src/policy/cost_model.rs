@@ -1,7 +1,7 @@
 //! The cost model: an event-driven predictor of the pipelined decode step.
 //!
 //! It replays, in plain arithmetic, exactly what the engine (and
-//! [`crate::sim::run_pipeline`] through the [`crate::Backend`] trait) does:
+//! [`crate::simulate::run_pipeline`] through the [`crate::Backend`] trait) does:
 //!
 //! * pooled layers `p_0 .. p_{P-1}` (execution order) cycle through the
 //!   `W = plan.staging_slots()` staging slots; counting pooled layers across
