@@ -154,3 +154,24 @@ def test_list_shows_each_machines_cpu(capsys: pytest.CaptureFixture[str]) -> Non
     a100 = profiles["machines"]["a100-pcie-gen4"]
     assert "host CPU 200 GB/s, 64 cores (host attention 200 GB/s)" in a100
     assert "(host attention 60 GB/s)" in profiles["machines"]["rtx4090-pcie-gen4"]
+
+
+def test_a_fixed_pie_pool_is_replayed_and_checked() -> None:
+    """``pie_pool`` (the calibration's replay of a real run's pool) runs as given, or says what is wrong."""
+    from pie_rs import _core
+
+    base = {"requests": 30, "gpu_budget_mib": 1024, "seed": 1, "methods": ["pie"], "equal_performance": False}
+    # llama-3-8b: 1 GiB holds 8192 tokens in 32 layer areas; 8 pooled through 2 slots leave 26.
+    pool = {"blocks": 600, "pooled_layers": list(range(0, 32, 4)), "prefetch_depth": 2}
+    pie = _core.simulate_serving({**base, "pie_pool": pool})["methods"]["pie"]
+    assert pie["pool_tokens"] == 16 * 600 and pie["pooled_layers"] == 8 and pie["prefetch_depth"] == 2
+    assert pie["reconfigurations"] == 0 and pie["finished"] == 30
+    for bad, message in (
+        ({**pool, "depth": 2}, 'pie_pool has no "depth"; it takes blocks, pooled_layers, prefetch_depth'),
+        ({"blocks": 10, "pooled_layers": [0]}, 'pie_pool needs "prefetch_depth"'),
+        ({**pool, "blocks": 0}, "at least one block"),
+    ):
+        with pytest.raises(_core.ConfigError, match=message):
+            _core.simulate_serving({**base, "pie_pool": bad})
+    with pytest.raises(_core.BudgetError, match="raise gpu_budget or pool more layers"):
+        _core.simulate_serving({**base, "pie_pool": {**pool, "blocks": 700}})

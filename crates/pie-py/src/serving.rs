@@ -117,16 +117,22 @@ where
     opt(d, key)?.ok_or_else(|| config(format!("simulate_serving: {parent} needs {key:?}")))
 }
 
-fn model_shape(d: &Bound<'_, PyDict>) -> PyResult<ModelShape> {
+/// Refuses a key of the `parent` dict that is not one of `known`.
+fn known_keys(d: &Bound<'_, PyDict>, parent: &str, known: &[&str]) -> PyResult<()> {
     for key in d.keys() {
         let name: String = key.extract()?;
-        if !SHAPE_KEYS.contains(&name.as_str()) {
+        if !known.contains(&name.as_str()) {
             return Err(config(format!(
-                "simulate_serving: model_shape has no {name:?}; it takes {}",
-                SHAPE_KEYS.join(", ")
+                "simulate_serving: {parent} has no {name:?}; it takes {}",
+                known.join(", ")
             )));
         }
     }
+    Ok(())
+}
+
+fn model_shape(d: &Bound<'_, PyDict>) -> PyResult<ModelShape> {
+    known_keys(d, "model_shape", SHAPE_KEYS)?;
     let n = |k: &str| need::<usize>(d, "model_shape", k);
     Ok(ModelShape {
         name: "custom",
@@ -141,15 +147,7 @@ fn model_shape(d: &Bound<'_, PyDict>) -> PyResult<ModelShape> {
 }
 
 fn fixed_pool(d: &Bound<'_, PyDict>) -> PyResult<FixedPool> {
-    for key in d.keys() {
-        let name: String = key.extract()?;
-        if !POOL_KEYS.contains(&name.as_str()) {
-            return Err(config(format!(
-                "simulate_serving: pie_pool has no {name:?}; it takes {}",
-                POOL_KEYS.join(", ")
-            )));
-        }
-    }
+    known_keys(d, "pie_pool", POOL_KEYS)?;
     Ok(FixedPool {
         blocks: need(d, "pie_pool", "blocks")?,
         pooled_layers: need(d, "pie_pool", "pooled_layers")?,
