@@ -136,6 +136,7 @@ def compare(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]:
         actual, predicted = mid["measured_tok_s"], mid["predicted_tok_s"]
     return {
         "method": method,
+        "pie_step_excess": _step_excess(measured.get("pie_steps") or [], report["compute"]),
         "measured_tok_s": actual,
         "predicted_tok_s": predicted,
         "error": predicted / actual - 1.0,
@@ -145,6 +146,23 @@ def compare(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]:
         "link": link,
         "simulated": report["methods"][method],
     }
+
+
+def _step_excess(steps: list[dict[str, float]], compute: dict[str, float]) -> float | None:
+    """Median of the measured run's own step times over the fitted compute model's, minus 1.
+
+    What a pooled step costs beyond the same batch without copies (engine calls, copies sharing the
+    CPU): a diagnostic beside the comparison, not an input to it.
+    """
+    fitted = [
+        (
+            s["layer_seconds"],
+            compute["fixed"] + compute["per_token"] * s["tokens"] + compute["per_context_token"] * s["context_tokens"],
+        )
+        for s in steps
+    ]
+    ratios = sorted(got / want - 1.0 for got, want in fitted if want > 0)
+    return ratios[len(ratios) // 2] if ratios else None
 
 
 def measure_link(path: Path) -> None:
@@ -215,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['method']}: measured {result['measured_tok_s']:.1f} tok/s, predicted "
             f"{result['predicted_tok_s']:.1f} tok/s ({100 * result['error']:+.1f}%)"
         )
+        if result["pie_step_excess"] is not None:
+            print(f"the measured run's steps against the compute fit: median {100 * result['pie_step_excess']:+.1f}%")
         sim = result["simulated"]
         keys = ("peak_running", "preemptions", "pooled_layers", "device_kv_mib")
         print("simulated: " + ", ".join(f"{k} {sim[k]}" for k in keys if k in sim))
