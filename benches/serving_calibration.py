@@ -25,6 +25,10 @@ compute model ``fixed + per_token x tokens + per_context_token x context_tokens`
 non-negative least squares. ``compute`` may be given instead of ``steps``. The link comes
 from ``--link`` (the host backend's measured link: ``cargo run -p pie-host --release
 --example calibrate -- --profile-json host-link.json``) or the run's own ``link`` entry.
+``copy_compute_ns_per_byte`` (the link's or the run's; ``pie-rs bench --serving
+--calibration-out`` measures it on CPU apart from the runs, ``pie_rs._copy_cost``) is the compute
+time a copy takes from the processor per byte: the host backend's copies are memcpy on the same
+cores and memory as the model, and the simulator charges it to the compute after each copy.
 
 The simulation replays the same requests (arrival times and lengths) through the scheduler
 with the measured compute and link, and the script prints predicted against measured
@@ -102,6 +106,9 @@ def simulate(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]
         "d2h_gbps": link["d2h_gbps"],
         "copy_latency_us": link.get("copy_latency_us", 5.0),
     }
+    cost = link.get("copy_compute_ns_per_byte", measured.get("copy_compute_ns_per_byte"))
+    if cost is not None:
+        request["copy_compute_ns_per_byte"] = float(cost)
     for key in ("max_running", "max_batched_tokens", "pie_pool"):
         if key in measured:
             request[key] = measured[key]
@@ -113,11 +120,23 @@ def simulate(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]
 def compare(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]:
     """Predicted against measured throughput for one measured run.
 
-    With ``repeats`` (pairs of a measured throughput and the per-step timings of the compute run
-    made right after it), each pair is predicted on its own and the error is the median of the
+    With ``repeats`` (pairs of a measured throughput and the per-step timings of the compute runs
+    on both sides of it), each pair is predicted on its own and the error is the median of the
     paired errors: on a shared machine the load moves between runs, and a pair sees about the
-    same load. ``pooled_error`` is the single comparison (all steps, median throughput).
+    same load. ``pooled_error`` is the single comparison (all steps, median throughput). With a
+    copy cost (``copy_compute_ns_per_byte``, from the link or the measured run), the error without
+    it is reported too (``error_without_copy_cost``).
     """
+    result = _compare(measured, link)
+    cost = link.get("copy_compute_ns_per_byte", measured.get("copy_compute_ns_per_byte"))
+    result["copy_compute_ns_per_byte"] = cost
+    if cost:  # the same comparison without the copies' cost to compute, to show what it accounts for
+        free = {**link, "copy_compute_ns_per_byte": 0.0}
+        result["error_without_copy_cost"] = _compare(measured, free)["error"]
+    return result
+
+
+def _compare(measured: dict[str, Any], link: dict[str, float]) -> dict[str, Any]:
     report = simulate(measured, link)
     method = measured.get("method", "pie")
     predicted = report["methods"][method]["throughput_tok_s"]
@@ -233,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['method']}: measured {result['measured_tok_s']:.1f} tok/s, predicted "
             f"{result['predicted_tok_s']:.1f} tok/s ({100 * result['error']:+.1f}%)"
         )
+        if result.get("error_without_copy_cost") is not None:
+            print(
+                f"copies cost compute {result['copy_compute_ns_per_byte']:.3f} ns/byte (measured apart); "
+                f"without that cost the median pair would be {100 * result['error_without_copy_cost']:+.1f}%"
+            )
         if result["pie_step_excess"] is not None:
             print(f"the measured run's steps against the compute fit: median {100 * result['pie_step_excess']:+.1f}%")
         sim = result["simulated"]

@@ -81,6 +81,39 @@ def test_a_reproduced_run_passes_and_a_missed_one_fails(tmp_path: Path, capsys: 
     assert "(-23.1%)" in capsys.readouterr().out
 
 
+def test_a_copy_cost_slows_the_prediction_and_is_reported(tmp_path: Path) -> None:
+    """Copies that take compute from the processor make the predicted run slower, never faster."""
+    measured, _ = _run(tmp_path, 1.0)
+    # Every layer pooled through one slot: each layer's KV crosses the link every step.
+    run = {
+        **json.loads(measured.read_text()),
+        "pie_pool": {"blocks": 64, "pooled_layers": [0, 1, 2, 3], "prefetch_depth": 1},
+    }
+    free = calibration.compare(run, LINK)
+    assert "error_without_copy_cost" not in free
+    costly = calibration.compare(run, {**LINK, "copy_compute_ns_per_byte": 2.0})
+    assert costly["copy_compute_ns_per_byte"] == 2.0
+    assert costly["predicted_tok_s"] < free["predicted_tok_s"]
+    assert costly["error_without_copy_cost"] == pytest.approx(free["error"])
+    with pytest.raises(_core.ConfigError, match="copy_compute_ns_per_byte must be a non-negative number"):
+        calibration.compare(run, {**LINK, "copy_compute_ns_per_byte": -1.0})
+
+
+def test_the_copy_cost_measurement_runs_on_a_cpu_model() -> None:
+    import torch
+
+    from pie_rs._copy_cost import measure_copy_compute_cost
+    from pie_rs.bench import ModelShape, build_model
+
+    shape = ModelShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=64)
+    model = build_model(shape, torch.device("cpu"), torch.float32, seed=0)
+    cost = measure_copy_compute_cost(model, batch=2, tokens=8, seconds=0.05, rounds=2)
+    assert cost["copy_compute_ns_per_byte"] >= 0 and cost["copier_gbps"] > 0
+    assert cost["forward_alone_s"] > 0 and cost["forward_with_copies_s"] > 0
+    with pytest.raises(ValueError, match="host backend"):
+        measure_copy_compute_cost(build_model(shape, torch.device("meta"), torch.float32, seed=0))
+
+
 def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert calibration.main([str(tmp_path / "missing.json")]) == 2
     assert "serving_calibration: FileNotFoundError" in capsys.readouterr().err
@@ -114,6 +147,11 @@ def test_one_command_measures_the_run_and_compares(tmp_path: Path, capsys: pytes
     assert pool["prefetch_depth"] >= 1
     assert result["simulated"]["pooled_layers"] == 4 and result["simulated"]["reconfigurations"] == 0
     assert result["simulated"]["pool_tokens"] == 16 * pool["blocks"]
+    # On CPU the copies' cost to compute is measured apart from the runs and charged by the simulation.
+    cost = measured["copy_compute"]
+    assert cost["copy_compute_ns_per_byte"] == measured["copy_compute_ns_per_byte"] >= 0
+    assert cost["copier_gbps"] > 0 and cost["forward_alone_s"] > 0
+    assert result["copy_compute_ns_per_byte"] == measured["copy_compute_ns_per_byte"]
     assert measured["throughput_tok_s"] == result["measured_tok_s"] > 0
     # Every step of the compute run is recorded: its batches cover every prompt and output token.
     steps = measured["steps"]

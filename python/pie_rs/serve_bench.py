@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ._copy_cost import measure_copy_compute_cost
 from .bench import ModelShape, build_model, cpu_threads, percentile, resolve_device, resolve_shape
 
 __all__ = ["add_arguments", "make_workload", "run_serving"]
@@ -508,6 +509,9 @@ def run_serving(args: argparse.Namespace) -> int:
             for r in by_method.values():
                 if ref is not None and ref.ok and r.ok and r is not ref and r.tokens_match is not False:
                     r.tokens_match = r.tokens == ref.tokens
+        # On the host backend the link's copies share the processor with compute: what that costs is
+        # measured apart from the runs (the simulator charges it per byte copied).
+        copy_cost = measure_copy_compute_cost(model) if calibrating and not cuda else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -539,6 +543,9 @@ def run_serving(args: argparse.Namespace) -> int:
             measured = calibration_run(
                 model, results, workloads[rates[0]], rates[0], budget=budget, mbt=mbt, compute_runs=every_run[rates[0]]
             )
+            if copy_cost is not None:
+                measured["copy_compute"] = copy_cost
+                measured["copy_compute_ns_per_byte"] = copy_cost["copy_compute_ns_per_byte"]
         except RuntimeError as e:
             print(f"pie-rs bench --serving --calibration-out: {e}", file=sys.stderr)
             return 2

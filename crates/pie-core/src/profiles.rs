@@ -87,6 +87,7 @@ impl MachineProfile {
             full_duplex: self.full_duplex,
             copy_engines: self.copy_engines,
             local_bandwidth: self.hbm_gbps * 1e9 / 2.0,
+            copy_compute_cost: 0.0,
         }
     }
 

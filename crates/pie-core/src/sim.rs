@@ -46,6 +46,10 @@ pub struct SimConfig {
     pub copy_engines: usize,
     /// Bandwidth of device-to-device and host-to-host copies, bytes per second.
     pub local_bandwidth: f64,
+    /// Compute seconds lost per byte crossing the link: copies that share the
+    /// processor and memory with compute (the host backend's memcpy threads)
+    /// slow it down; a GPU's copy engines do not (0, the default).
+    pub copy_compute_cost: f64,
 }
 
 impl Default for SimConfig {
@@ -59,6 +63,7 @@ impl Default for SimConfig {
             full_duplex: true,
             copy_engines: 2,
             local_bandwidth: 1e12,
+            copy_compute_cost: 0.0,
         }
     }
 }
@@ -99,6 +104,12 @@ impl SimConfig {
             return Err(PieError::config(
                 "local copy bandwidth must be positive and finite",
             ));
+        }
+        if !(self.copy_compute_cost.is_finite() && self.copy_compute_cost >= 0.0) {
+            return Err(PieError::config(format!(
+                "a copy's compute cost must be a finite, non-negative number of seconds per byte (got {})",
+                self.copy_compute_cost
+            )));
         }
         Ok(())
     }
@@ -159,6 +170,9 @@ struct SimState {
     link_free: [f64; 2],
     next_addr: u64,
     stats: SimStats,
+    /// Compute seconds that link copies have taken from the processor since
+    /// the last [`SimBackend::compute`] ([`SimConfig::copy_compute_cost`]).
+    compute_debt: f64,
 }
 
 /// A [`Backend`] in virtual time (see the module docs). A handle: clones
@@ -182,6 +196,7 @@ impl SimBackend {
                 link_free: [0.0; 2],
                 next_addr: ADDR_BASE,
                 stats: SimStats::default(),
+                compute_debt: 0.0,
             })),
         })
     }
@@ -199,14 +214,18 @@ impl SimBackend {
         Ok(())
     }
 
-    /// Advances `stream`'s clock by `seconds` of work (a layer's compute).
+    /// Advances `stream`'s clock by `seconds` of work (a layer's compute),
+    /// plus what the link copies issued since the last compute took from the
+    /// processor ([`SimConfig::copy_compute_cost`]).
     pub fn compute(&self, stream: Stream, seconds: f64) -> Result<()> {
         if !(seconds.is_finite() && seconds >= 0.0) {
             return Err(PieError::config(format!(
                 "simulated compute must take a finite, non-negative time (got {seconds})"
             )));
         }
-        *self.state.lock().clocks.entry(stream).or_insert(0.0) += seconds;
+        let mut st = self.state.lock();
+        let debt = std::mem::take(&mut st.compute_debt);
+        *st.clocks.entry(stream).or_insert(0.0) += seconds + debt;
         Ok(())
     }
 
@@ -289,6 +308,7 @@ impl Backend for SimBackend {
         st.clocks.insert(stream, end);
         if let Some(i) = link_index {
             st.link_free[i] = end;
+            st.compute_debt += bytes as f64 * cfg.copy_compute_cost;
         }
         match h2d {
             Some(true) => {
@@ -368,6 +388,50 @@ impl Backend for SimBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_copies_take_their_compute_cost_from_the_next_compute_only() {
+        let b = SimBackend::new(SimConfig {
+            copy_compute_cost: 1e-9,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let host = b.alloc_host(2_000_000).unwrap();
+        let dev = b.alloc_device(2_000_000).unwrap();
+        let whole = CopyShape::contiguous(1_000_000);
+        b.copy(
+            Stream::H2D,
+            Mem::Host(&host, 0),
+            Mem::Device(&dev, 0),
+            whole,
+        )
+        .unwrap();
+        b.copy(
+            Stream::D2H,
+            Mem::Device(&dev, 0),
+            Mem::Host(&host, 0),
+            whole,
+        )
+        .unwrap();
+        // A device-local copy crosses no link and costs the processor nothing.
+        b.copy(
+            Stream::H2D,
+            Mem::Device(&dev, 0),
+            Mem::Device(&dev, 1_000_000),
+            whole,
+        )
+        .unwrap();
+        b.compute(Stream::Foreign(0), 0.01).unwrap();
+        assert!((b.stream_clock(Stream::Foreign(0)) - 0.012).abs() < 1e-12);
+        b.compute(Stream::Foreign(0), 0.01).unwrap();
+        assert!((b.stream_clock(Stream::Foreign(0)) - 0.022).abs() < 1e-12);
+        let bad = SimBackend::new(SimConfig {
+            copy_compute_cost: -1.0,
+            ..SimConfig::default()
+        })
+        .expect_err("refused");
+        assert!(bad.to_string().contains("compute cost"), "{bad}");
+    }
 
     #[test]
     fn copy_time_is_latency_plus_bytes_over_bandwidth() {

@@ -26,6 +26,7 @@ const KEYS: &[&str] = &[
     "h2d_gbps",
     "d2h_gbps",
     "copy_latency_us",
+    "copy_compute_ns_per_byte",
     "workload",
     "model_shape",
     "compute",
@@ -193,6 +194,7 @@ fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<ServingRequest> {
         h2d_gbps: opt(request, "h2d_gbps")?,
         d2h_gbps: opt(request, "d2h_gbps")?,
         copy_latency_us: opt(request, "copy_latency_us")?,
+        copy_compute_ns_per_byte: opt(request, "copy_compute_ns_per_byte")?,
         limits: {
             let (running, batched) = (
                 opt::<usize>(request, "max_running")?,

@@ -181,6 +181,9 @@ pub struct ServingRequest {
     pub d2h_gbps: Option<f64>,
     /// Override: fixed cost of one copy, microseconds (both directions).
     pub copy_latency_us: Option<f64>,
+    /// Override: compute time a copy takes from the processor, nanoseconds
+    /// per byte ([`SimConfig::copy_compute_cost`]; 0 on the profiles' GPUs).
+    pub copy_compute_ns_per_byte: Option<f64>,
     /// Override: the scheduler's limits.
     pub limits: Option<SchedulerLimits>,
     /// Override: the model's shape (a model not in the profiles).
@@ -513,6 +516,13 @@ pub fn resolve(req: &ServingRequest) -> Result<Resolved> {
         Some(l) => l,
         None => machine.copy_latency_us,
     };
+    if let Some(c) = req.copy_compute_ns_per_byte {
+        if !(c.is_finite() && c >= 0.0) {
+            return Err(PieError::config(format!(
+                "copy_compute_ns_per_byte must be a non-negative number (got {c})"
+            )));
+        }
+    }
     let limits = req.limits.unwrap_or_default();
     if limits.max_running == 0 || limits.max_batched_tokens == 0 {
         return Err(PieError::config(
@@ -591,6 +601,7 @@ pub fn resolve(req: &ServingRequest) -> Result<Resolved> {
             d2h_bandwidth: d2h * 1e9,
             h2d_latency: latency_us * 1e-6,
             d2h_latency: latency_us * 1e-6,
+            copy_compute_cost: req.copy_compute_ns_per_byte.unwrap_or(0.0) * 1e-9,
             ..machine.sim_config()
         },
         budget_bytes: budget,
@@ -707,7 +718,10 @@ pub fn simulate_serving(req: &ServingRequest) -> Result<ServingReport> {
     };
     let w0 = &workloads[0].1;
     let n = w0.len() as f64;
-    let custom = req.compute.is_some() || req.h2d_gbps.is_some() || req.d2h_gbps.is_some();
+    let custom = req.compute.is_some()
+        || req.h2d_gbps.is_some()
+        || req.d2h_gbps.is_some()
+        || req.copy_compute_ns_per_byte.is_some();
     Ok(ServingReport {
         machine: if custom {
             format!("{} (overridden)", setup.machine.name)
