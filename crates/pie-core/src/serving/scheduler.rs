@@ -178,6 +178,9 @@ struct Run<'a> {
     /// The pool, blocks.
     pool_blocks: usize,
     used_blocks: usize,
+    /// The most blocks ever in use: with a pool sized once, the layers'
+    /// high-water mark (see [`Run::engine_step`]).
+    peak_blocks: usize,
     /// Tokens the engine's layers hold (written since the last compaction).
     engine_tokens: usize,
     lives: Vec<Live>,
@@ -263,6 +266,7 @@ impl<'a> Run<'a> {
             backend,
             pool_blocks: pool / BLOCK_TOKENS,
             used_blocks: 0,
+            peak_blocks: 0,
             engine_tokens: 0,
             lives,
             next_arrival: 0,
@@ -525,10 +529,22 @@ impl<'a> Run<'a> {
         per_sequence: usize,
     ) -> Result<()> {
         let cap = self.engine.capacity();
-        // Compaction: freed space is reused by the allocator, so the layers'
-        // valid prefix keeps it until more than 1/8 of it is free.
-        if self.engine_tokens + n_new > cap || (self.engine_tokens - held) * 8 > self.engine_tokens
+        self.peak_blocks = self.peak_blocks.max(self.used_blocks);
+        // pie-rs's continuous batching (a pool sized once): requests' blocks
+        // lie anywhere in the pool, so a layer's valid length is the highest
+        // row ever written (the engine's paged high-water mark), which never
+        // comes down; it is taken as the most blocks ever in use. The step's
+        // rows are written at that mark.
+        let paged_rows = self.setup.pie_pool.as_ref().map(|_| {
+            let extent = (self.peak_blocks * BLOCK_TOKENS).max(held + n_new).min(cap);
+            [(extent - n_new.min(extent), n_new)]
+        });
+        if paged_rows.is_none()
+            && (self.engine_tokens + n_new > cap
+                || (self.engine_tokens - held) * 8 > self.engine_tokens)
         {
+            // Compaction: freed space is reused by the allocator, so the layers'
+            // valid prefix keeps it until more than 1/8 of it is free.
             for l in 0..self.setup.model.layers {
                 self.engine.set_seq_len(l, held)?;
             }
@@ -553,12 +569,19 @@ impl<'a> Run<'a> {
             }
             // A host-attended layer's new tokens go to its host arena (the
             // engine queues no write-back for it; see crate::simulate's docs).
-            self.engine
-                .layer_written_batch(l, n_new, per_sequence, COMPUTE)?;
+            if let Some(rows) = &paged_rows {
+                self.engine.layer_written_ranges(l, rows, COMPUTE)?;
+            } else {
+                self.engine
+                    .layer_written_batch(l, n_new, per_sequence, COMPUTE)?;
+            }
             self.engine.layer_done(l, COMPUTE)?;
         }
         self.engine.flush_telemetry()?;
-        self.engine_tokens += n_new;
+        self.engine_tokens = match &paged_rows {
+            Some(rows) => self.engine_tokens.max(rows[0].0 + n_new),
+            None => self.engine_tokens + n_new,
+        };
         Ok(())
     }
 
