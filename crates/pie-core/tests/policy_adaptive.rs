@@ -405,6 +405,41 @@ fn doubled_compute_is_followed_within_20_steps() {
     }
 }
 
+/// A larger allowed slowdown (`AdaptiveConfig::memory_slowdown`) pools more,
+/// and the steady step stays within it.
+#[test]
+fn memory_slowdown_is_the_policys_allowance() {
+    let c = case(
+        "h100-pcie-gen5",
+        "llama-3-70b",
+        16,
+        2048,
+        None,
+        Objective::Memory,
+    );
+    let mut freed = Vec::new();
+    for slowdown in [DEFAULT_MEMORY_SLOWDOWN, 1.10] {
+        let mut pipe = Pipeline::new(c.sim).unwrap();
+        let mut driven = policy_for(&c);
+        driven.policy = AdaptivePolicy::new(AdaptiveConfig {
+            memory_slowdown: slowdown,
+            ..*driven.policy.config()
+        });
+        let log = run(&mut pipe, &c, &mut driven, 30);
+        let (plan, last) = log.last().cloned().unwrap();
+        let ours = predict_step(&c.inputs, &plan).unwrap();
+        // The policy is told the KV at the case's context (the engine grows it a
+        // token a step beyond): judged there, as `check_steady` does.
+        assert!(ours.within(slowdown), "x{slowdown}: {ours:?}");
+        assert!(
+            (last - ours.step_seconds).abs() <= 0.05 * ours.step_seconds,
+            "x{slowdown}: the last step ({last}) is not the steady state ({ours:?})"
+        );
+        freed.push(ours.offloaded_share);
+    }
+    assert!(freed[1] > freed[0], "{freed:?}");
+}
+
 #[test]
 fn steady_inputs_do_not_flap() {
     let c = case(

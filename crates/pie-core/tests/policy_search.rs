@@ -1,10 +1,11 @@
 //! The search for the best static plan.
 
-use pie_core::policy::cost_model::{device_bytes, LinkModel, PolicyInputs};
+use pie_core::policy::cost_model::{device_bytes, LinkModel, PolicyInputs, STALL_TOLERANCE};
 use pie_core::policy::search::max_depth;
 use pie_core::policy::{
-    best_static_plan, best_static_plan_in, predict_step, transparent_fraction, HostAttention,
-    HostModel, Objective, SearchSpace, DEFAULT_MEMORY_SLOWDOWN,
+    best_static_plan, best_static_plan_in, best_static_plan_within, predict_step,
+    transparent_fraction, HostAttention, HostModel, Objective, SearchSpace,
+    DEFAULT_MEMORY_SLOWDOWN,
 };
 use pie_core::{ErrorKind, Plan};
 use proptest::prelude::*;
@@ -69,6 +70,40 @@ fn memory_pools_as_much_as_hides() {
     // A link 100x slower hides nothing.
     let slow = inputs(16, 1e-3, 1e8, None, Objective::Memory);
     assert_eq!(transparent_fraction(&slow).unwrap(), 0.0);
+}
+
+#[test]
+fn memory_uses_the_allowed_slowdown() {
+    // 16 layers of 1 ms, 4 MiB copies at 3.41 GB/s (1.25 ms each): the link
+    // is the limit, at 12 copies a step with no stall, 13 within 2% and 14
+    // within 10%.
+    let i = inputs(16, 1e-3, 3.41e9, None, Objective::Memory);
+    let at = |s: f64| best_static_plan_within(&i, SearchSpace::Auto, s).unwrap();
+    let strict = at(1.0 + STALL_TOLERANCE);
+    let default = best_static_plan(&i).unwrap();
+    assert_eq!(default, at(DEFAULT_MEMORY_SLOWDOWN));
+    let loose = at(1.10);
+    for (c, s) in [
+        (&strict, 1.0 + STALL_TOLERANCE),
+        (&default, DEFAULT_MEMORY_SLOWDOWN),
+        (&loose, 1.10),
+    ] {
+        assert!(c.prediction.within(s), "{s}: {c:?}");
+    }
+    assert!(strict.prediction.is_transparent());
+    assert!(
+        default.prediction.device_bytes < strict.prediction.device_bytes,
+        "{default:?} vs {strict:?}"
+    );
+    assert!(
+        loose.prediction.device_bytes < default.prediction.device_bytes,
+        "{loose:?} vs {default:?}"
+    );
+    // The transparent share is the zero-stall search's, whatever the allowance.
+    let t = transparent_fraction(&i).unwrap();
+    assert!((t - strict.prediction.offloaded_share).abs() < 1e-12);
+    let e = best_static_plan_within(&i, SearchSpace::Auto, 0.9).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
 }
 
 #[test]

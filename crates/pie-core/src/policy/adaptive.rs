@@ -605,6 +605,49 @@ mod tests {
     }
 
     #[test]
+    fn shared_link_busy_counts_each_copys_hold_of_the_link() {
+        // Three prefetches of about 4 ms and three write-backs of 0.1 ms on a
+        // shared link. Each write-back was queued while a prefetch held the
+        // link (its span starts early), each later prefetch waited for a
+        // write-back, and the last write-back waited 2.4 ms for a copy the
+        // sample does not show (the next step's first prefetch).
+        let ms = |a: f64, b: f64| Some((a * 1e-3, b * 1e-3));
+        let s = StepSample {
+            h2d_spans: vec![ms(0.0, 4.0), ms(4.0, 8.0), ms(8.1, 12.0)],
+            d2h_spans: vec![ms(1.0, 4.1), ms(5.0, 8.1), ms(12.5, 15.0)],
+            h2d_seconds: 11.9e-3,
+            d2h_seconds: 8.6e-3,
+            ..StepSample::default()
+        };
+        let (h2d, d2h) = shared_link_busy(&s).unwrap();
+        // Holds: prefetches 4.0, 3.9, 3.9 ms; write-backs 0.1, 0.1, 2.5 ms;
+        // each direction counts its copies at the median.
+        assert!((h2d - 3.0 * 3.9e-3).abs() < 1e-12, "{h2d}");
+        assert!((d2h - 3.0 * 0.1e-3).abs() < 1e-12, "{d2h}");
+        assert_eq!(shared_link_busy(&StepSample::default()), None);
+    }
+
+    #[test]
+    fn the_first_sample_under_a_plan_leaves_the_link_estimates_alone() {
+        let mut p = AdaptivePolicy::new(AdaptiveConfig::default());
+        p.set_kv(&KvShape::uniform(4, 1 << 20, 1 << 20, 1024));
+        let plan = Plan::copying(vec![1, 3], 1);
+        let step = |bandwidth: f64| StepSample {
+            plan: plan.clone(),
+            h2d_bytes: 2 << 20,
+            h2d_copies: 4,
+            h2d_seconds: 4.0 * 10e-6 + (2 << 20) as f64 / bandwidth,
+            ..sample(1e-3, 4)
+        };
+        // A switch's copies slowed the first step's prefetches tenfold.
+        p.measure(&step(1e9));
+        assert_eq!(p.h2d_bandwidth.value, None);
+        p.measure(&step(1e10));
+        let b = p.h2d_bandwidth.value.unwrap();
+        assert!((b / 1e10 - 1.0).abs() < 1e-9, "{b}");
+    }
+
+    #[test]
     fn first_decision_respects_budget_and_errors_without_room() {
         let mut p = AdaptivePolicy::new(AdaptiveConfig::default());
         p.set_budget(Some(6 * 1024));

@@ -350,6 +350,21 @@ mod tests {
     }
 
     #[test]
+    fn memory_slowdown_defaults_to_1_02_and_must_be_at_least_1() {
+        let c = parse("adaptive", "memory", None, None).unwrap();
+        assert_eq!(c.memory_slowdown.get(), DEFAULT_MEMORY_SLOWDOWN);
+        assert_eq!(DEFAULT_MEMORY_SLOWDOWN, 1.02);
+        let c = c.with_memory_slowdown(1.1).unwrap();
+        assert_eq!(c.memory_slowdown, MemorySlowdown::new(1.1).unwrap());
+        assert_ne!(c, parse("adaptive", "memory", None, None).unwrap());
+        assert_eq!(MemorySlowdown::new(1.0).unwrap().get(), 1.0);
+        for bad in [0.99, 0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = config_error(PolicyConfig::default().with_memory_slowdown(bad));
+            assert!(e.contains("at least 1"), "{e}");
+        }
+    }
+
+    #[test]
     fn build_gives_the_configured_policy() {
         use super::super::PolicyContext;
         use crate::layout::LayerSpec;
