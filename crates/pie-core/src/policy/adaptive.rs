@@ -28,12 +28,17 @@
 //!   [`MEMORY_LOOKAHEAD_STEPS`] decode steps ahead, and a plan the growing KV
 //!   has pushed past the slowdown is re-planned (the search is redone even
 //!   when no estimate moved).
-//! * **Transitions**: a sample from the first step seen under a new plan does
-//!   not update the link estimates: that step's copies share the queues with
-//!   the switch's own (layers moving between device and host), which
-//!   lengthen its write-backs and prefetches as measured, most of all on a
-//!   shared link, where an estimate taken from them could fall by orders of
-//!   magnitude and make the policy flap between plans.
+//! * **Shared links** ([`LinkModel::shared`]: one copy at a time in both
+//!   directions): a copy's measured span includes its wait for the other
+//!   direction's copies ahead of it on the link, so the policy counts each
+//!   copy's hold of the link instead (see `shared_link_busy`), and a sample
+//!   from the first step seen under a new plan does not update the link
+//!   estimates at all: that step's write-backs queue behind the switch's own
+//!   copies (layers moving between device and host), which no span shows.
+//!   Taken as they are, such samples made the device-to-host estimate fall by
+//!   orders of magnitude and the policy flap between plans, a switch every
+//!   other step. On a full-duplex link each queue runs its copies in order
+//!   and its spans are its own.
 //!
 //! Through [`Policy`], the engine's context gives the KV's shape and the budget
 //! each time. The first plan is the search's under the priors, or, when
@@ -409,10 +414,11 @@ fn shared_link_busy(sample: &StepSample) -> Option<(f64, f64)> {
 impl AdaptivePolicy {
     /// Feeds one step's measurements into the estimates.
     pub(crate) fn measure(&mut self, sample: &StepSample) {
-        let transition = self.last_sampled.as_ref() != Some(&sample.plan);
-        if transition {
+        let new_plan = self.last_sampled.as_ref() != Some(&sample.plan);
+        if new_plan {
             self.last_sampled = Some(sample.plan.clone());
         }
+        let transition = new_plan && self.config.link_prior.shared;
         let mut compute = sample.compute_seconds();
         if let (Some(host), Some(kv)) = (self.config.host, self.kv.as_ref()) {
             // A host-attended layer's time includes its round trip (module docs).
@@ -428,7 +434,7 @@ impl AdaptivePolicy {
             self.update_compute(&compute);
         }
         if transition {
-            // The switch's own copies shared the queues (module docs).
+            // The switch's own copies shared the link (module docs).
             return;
         }
         let cfg = self.config;
@@ -628,8 +634,10 @@ mod tests {
     }
 
     #[test]
-    fn the_first_sample_under_a_plan_leaves_the_link_estimates_alone() {
-        let mut p = AdaptivePolicy::new(AdaptiveConfig::default());
+    fn the_first_sample_under_a_plan_leaves_a_shared_links_estimates_alone() {
+        let mut shared = AdaptiveConfig::default();
+        shared.link_prior.shared = true;
+        let mut p = AdaptivePolicy::new(shared);
         p.set_kv(&KvShape::uniform(4, 1 << 20, 1 << 20, 1024));
         let plan = Plan::copying(vec![1, 3], 1);
         let step = |bandwidth: f64| StepSample {
@@ -645,6 +653,11 @@ mod tests {
         p.measure(&step(1e10));
         let b = p.h2d_bandwidth.value.unwrap();
         assert!((b / 1e10 - 1.0).abs() < 1e-9, "{b}");
+        // On a full-duplex link the first sample counts.
+        let mut p = AdaptivePolicy::new(AdaptiveConfig::default());
+        p.set_kv(&KvShape::uniform(4, 1 << 20, 1 << 20, 1024));
+        p.measure(&step(1e10));
+        assert!(p.h2d_bandwidth.value.is_some());
     }
 
     #[test]
