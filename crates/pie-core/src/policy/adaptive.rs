@@ -13,11 +13,12 @@
 //!   by more than [`AdaptiveConfig::switch_gain`] on [`AdaptiveConfig::confirmations`]
 //!   consecutive decisions. Under [`Objective::Speed`] the gain is the predicted
 //!   step time (or, at equal speed, the bytes moved: pooling less when the budget
-//!   allows). Under [`Objective::Memory`] a candidate whose predicted step is
-//!   within [`AdaptiveConfig::memory_slowdown`] x compute is taken when it frees
-//!   at least one more layer's slot than the current plan, or when the current
-//!   plan exceeds the slowdown (KV growth, a slower link); otherwise the gain
-//!   is the step time.
+//!   allows). Under [`Objective::Memory`] the candidate's predicted step must be
+//!   within [`AdaptiveConfig::memory_slowdown`] x compute and it must free at
+//!   least one more layer's slot than the current plan (the unit of pooling; a
+//!   share of the device bytes, as before, stopped growth a layer or two short
+//!   on deep models); when the current plan exceeds the slowdown (KV growth, a
+//!   slower link), any candidate within it, or one faster by the switch gain.
 //! * **Estimates**: exponential smoothing with weight
 //!   [`AdaptiveConfig::smoothing`]; a sample that departs from the estimate by
 //!   more than [`AdaptiveConfig::jump_threshold`] is ignored once (an outlier)

@@ -492,8 +492,9 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool, slowdown: f64) -> Opti
                 }
                 return;
             }
-            // Otherwise copies only: host attention lengthens the step by its
-            // round trips, which the small slowdown allowed cannot afford.
+            // Otherwise copies only: a host-attended layer adds its whole round
+            // trip to the step, while a copy can hide; the memory objective
+            // spends its small allowance on copies.
             let w_max = max_depth(inputs, set);
             if w_max == 0 {
                 return;
