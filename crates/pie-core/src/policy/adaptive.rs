@@ -3,7 +3,7 @@
 //! The policy keeps smoothed estimates of every layer's compute time and of
 //! the link's bandwidth in each direction (from the bytes and busy seconds of
 //! each step's copies), and at every step boundary asks the search
-//! ([`best_static_plan`]) for the best plan under those estimates.
+//! ([`best_static_plan_within`]) for the best plan under those estimates.
 //!
 //! * **Mandatory changes apply at once**: the first plan, a plan that no longer
 //!   fits the budget (the KV grew: expansion), and any change of the KV's
