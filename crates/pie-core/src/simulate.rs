@@ -700,3 +700,143 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
         steps,
     })
 }
+
+// ---------------------------------------------------------------------------
+// Static plans through the same path, and the best whole-layer plan within a
+// slowdown (the bound the memory objective is measured against).
+
+/// Steps at the end of a static run that count as its steady state: the
+/// slowest of them is the plan's step time (a periodic regime is judged by
+/// its worst step).
+pub const STEADY_STEPS: usize = 4;
+
+/// Staging slots the simulated bound search tries at most.
+pub const BOUND_MAX_SLOTS: usize = 8;
+
+/// Runs the request's workload as [`simulate`] does, but under `plan` pinned
+/// from the start (a static policy), and returns every step's seconds on the
+/// compute stream. Errors when the plan does not fit the request's budget.
+pub fn simulate_static(req: &SimulateRequest, plan: &Plan) -> Result<Vec<f64>> {
+    let r = resolve(req)?;
+    let inputs = &r.inputs;
+    plan.validate(inputs.num_layers())?;
+    let spec = PipelineSpec::from_inputs(inputs);
+    let backend = SimBackend::new(r.sim)?;
+    let budget = inputs.budget_bytes.map(|b| b as usize);
+    let mut sim = SimEngine::new(
+        &backend,
+        &spec,
+        r.steps,
+        r.steps,
+        budget,
+        Box::new(StaticPolicy::pinned(plan.clone())),
+        inputs.host,
+    )?;
+    (0..r.steps)
+        .map(|_| sim.step(&spec.compute_seconds, None).map(|(s, _)| s))
+        .collect()
+}
+
+/// The best whole-layer static plan [`simulate_static`] runs within a slowdown.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StaticBound {
+    /// The plan (all resident when no pooled plan stays within the slowdown).
+    pub plan: Plan,
+    /// Its steady step: the slowest of the last [`STEADY_STEPS`] simulated steps, seconds.
+    pub step_seconds: f64,
+    /// The all-resident step (pure compute), seconds.
+    pub compute_seconds: f64,
+    /// Device bytes of the KV under the plan.
+    pub device_bytes: u64,
+    /// Share of the KV's device footprint the plan frees (see
+    /// [`crate::policy::Prediction::offloaded_share`]).
+    pub offloaded_share: f64,
+    /// Static runs the search simulated.
+    pub runs: usize,
+}
+
+/// The copied whole-layer static plan that frees the most device memory while
+/// its steady step, run through the real engine on the simulated machine
+/// ([`simulate_static`], the request's budget, objective ignored), stays within
+/// `slowdown` x the all-resident step: the achievable bound for whole layers,
+/// copy latency and slot turnaround included, independent of the cost model.
+///
+/// For each staging-slot count `W` up to [`BOUND_MAX_SLOTS`] it tries pooled
+/// counts `P` from the link's limit (`slowdown x compute / one copy`, plus one)
+/// down, each over the placements the search uses for deep models
+/// ([`crate::policy::search::restricted_sets`]: even spreads, their rotations,
+/// a compute-weighted spread, the tail), and keeps the first `P` that passes;
+/// counts that cannot free more than the best found are skipped.
+pub fn best_simulated_static_plan(req: &SimulateRequest, slowdown: f64) -> Result<StaticBound> {
+    if !(slowdown.is_finite() && slowdown >= 1.0) {
+        return Err(PieError::config(format!(
+            "a slowdown must be a finite number of at least 1 (got {slowdown})"
+        )));
+    }
+    let r = resolve(req)?;
+    let inputs = &r.inputs;
+    let l = inputs.num_layers();
+    let compute = inputs.compute_total();
+    let limit = compute * slowdown;
+    let steady = |steps: &[f64]| {
+        steps[steps.len().saturating_sub(STEADY_STEPS)..]
+            .iter()
+            .copied()
+            .fold(0.0, f64::max)
+    };
+    let all = Plan::all_resident();
+    let mut best = StaticBound {
+        step_seconds: steady(&simulate_static(req, &all)?),
+        device_bytes: device_bytes(&inputs.layer_bytes, &all),
+        plan: all,
+        compute_seconds: compute,
+        offloaded_share: 0.0,
+        runs: 1,
+    };
+    let cheapest_copy = inputs
+        .valid_bytes
+        .iter()
+        .map(|&b| inputs.link.h2d_seconds(b))
+        .fold(f64::INFINITY, f64::min);
+    let p_hi = if cheapest_copy > 0.0 {
+        ((limit / cheapest_copy).floor() as usize + 1).min(l)
+    } else {
+        l
+    };
+    for w in 1..=BOUND_MAX_SLOTS.min(l) {
+        for p in (w + 1..=p_hi).rev() {
+            // Uniform layers: P through W frees P - W slots; skip what cannot beat the best.
+            let floor = device_bytes(&inputs.layer_bytes, &Plan::spread(l, p, w));
+            if floor >= best.device_bytes {
+                break;
+            }
+            let mut passed = false;
+            for set in crate::policy::search::restricted_sets(&inputs.compute_seconds, p) {
+                let plan = Plan::copying(set, w);
+                let bytes = device_bytes(&inputs.layer_bytes, &plan);
+                if inputs.budget_bytes.is_some_and(|b| bytes > b) || bytes >= best.device_bytes {
+                    continue;
+                }
+                let step = steady(&simulate_static(req, &plan)?);
+                best.runs += 1;
+                if step <= limit {
+                    best.plan = plan;
+                    best.step_seconds = step;
+                    best.device_bytes = bytes;
+                    passed = true;
+                    break;
+                }
+            }
+            if passed {
+                break;
+            }
+        }
+    }
+    let total = inputs.total_kv_bytes();
+    best.offloaded_share = if total == 0 {
+        0.0
+    } else {
+        1.0 - best.device_bytes as f64 / total as f64
+    };
+    Ok(best)
+}

@@ -3,7 +3,7 @@
 //! The policy keeps smoothed estimates of every layer's compute time and of
 //! the link's bandwidth in each direction (from the bytes and busy seconds of
 //! each step's copies), and at every step boundary asks the search
-//! ([`best_static_plan`]) for the best plan under those estimates.
+//! ([`best_static_plan_within`]) for the best plan under those estimates.
 //!
 //! * **Mandatory changes apply at once**: the first plan, a plan that no longer
 //!   fits the budget (the KV grew: expansion), and any change of the KV's
@@ -13,14 +13,33 @@
 //!   by more than [`AdaptiveConfig::switch_gain`] on [`AdaptiveConfig::confirmations`]
 //!   consecutive decisions. Under [`Objective::Speed`] the gain is the predicted
 //!   step time (or, at equal speed, the bytes moved: pooling less when the budget
-//!   allows); under [`Objective::Memory`] it is the device bytes freed while
-//!   staying stall-free, or the step time when the current plan stalls.
+//!   allows). Under [`Objective::Memory`] the candidate's predicted step must be
+//!   within [`AdaptiveConfig::memory_slowdown`] x compute and it must free at
+//!   least one more layer's slot than the current plan (the unit of pooling; a
+//!   share of the device bytes, as before, stopped growth a layer or two short
+//!   on deep models); when the current plan exceeds the slowdown (KV growth, a
+//!   slower link), any candidate within it, or one faster by the switch gain.
 //! * **Estimates**: exponential smoothing with weight
 //!   [`AdaptiveConfig::smoothing`]; a sample that departs from the estimate by
 //!   more than [`AdaptiveConfig::jump_threshold`] is ignored once (an outlier)
 //!   and adopted outright when the next one departs too (a real change: compute
 //!   got faster or slower, the link slowed), so the policy settles within a few
 //!   steps of a change.
+//! * **Growth**: under [`Objective::Memory`] plans are predicted for the KV
+//!   [`MEMORY_LOOKAHEAD_STEPS`] decode steps ahead, and a plan the growing KV
+//!   has pushed past the slowdown is re-planned (the search is redone even
+//!   when no estimate moved).
+//! * **Shared links** ([`LinkModel::shared`]: one copy at a time in both
+//!   directions): a copy's measured span includes its wait for the other
+//!   direction's copies ahead of it on the link, so the policy counts each
+//!   copy's hold of the link instead (see `shared_link_busy`), and a sample
+//!   from the first step seen under a new plan does not update the link
+//!   estimates at all: that step's write-backs queue behind the switch's own
+//!   copies (layers moving between device and host), which no span shows.
+//!   Taken as they are, such samples made the device-to-host estimate fall by
+//!   orders of magnitude and the policy flap between plans, a switch every
+//!   other step. On a full-duplex link each queue runs its copies in order
+//!   and its spans are its own.
 //!
 //! Through [`Policy`], the engine's context gives the KV's shape and the budget
 //! each time. The first plan is the search's under the priors, or, when
@@ -36,13 +55,22 @@
 //! trip it predicts before smoothing, so its compute estimate stays the
 //! device's and does not change with the placement.
 
-use super::cost_model::{device_bytes, predict_unchecked, LinkModel, PolicyInputs, Prediction};
+use super::cost_model::{
+    device_bytes, predict_unchecked, slot_bytes, LinkModel, PolicyInputs, Prediction,
+};
 use super::host_cost::HostModel;
-use super::search::{best_static_plan, Choice, TIE_TOLERANCE};
-use super::{KvShape, Objective, Policy, PolicyContext};
+use super::search::{best_static_plan_within, Choice, SearchSpace, TIE_TOLERANCE};
+use super::{KvShape, Objective, Policy, PolicyContext, DEFAULT_MEMORY_SLOWDOWN};
 use crate::error::{PieError, Result};
 use crate::plan::Plan;
 use crate::telemetry::StepSample;
+
+/// Under [`Objective::Memory`], decode steps ahead the policy plans for: it
+/// predicts plans with every layer's KV grown by this many steps' new tokens
+/// (at most to the layer's capacity), so a plan chosen near the allowed
+/// slowdown stays within it while the context grows, instead of drifting
+/// past it a few steps later and forcing another switch.
+pub const MEMORY_LOOKAHEAD_STEPS: usize = 32;
 
 /// Tuning of the [`AdaptivePolicy`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,6 +94,10 @@ pub struct AdaptiveConfig {
     pub confirmations: usize,
     /// The host attention path and placement choice; `None`: pooled layers are copied.
     pub host: Option<HostModel>,
+    /// Under [`Objective::Memory`], how much slower than all-resident (pure
+    /// compute) the predicted step may be (see
+    /// [`super::PolicyConfig::memory_slowdown`]); at least 1.
+    pub memory_slowdown: f64,
 }
 
 impl Default for AdaptiveConfig {
@@ -82,6 +114,7 @@ impl Default for AdaptiveConfig {
             switch_gain: 0.03,
             confirmations: 2,
             host: None,
+            memory_slowdown: DEFAULT_MEMORY_SLOWDOWN,
         }
     }
 }
@@ -142,6 +175,8 @@ pub struct AdaptivePolicy {
     streak: usize,
     cache: Option<(PolicyInputs, Choice)>,
     decisions: u64,
+    /// The plan of the last sample measured (to tell a transition's first step).
+    last_sampled: Option<Plan>,
 }
 
 impl AdaptivePolicy {
@@ -162,6 +197,7 @@ impl AdaptivePolicy {
             streak: 0,
             cache: None,
             decisions: 0,
+            last_sampled: None,
         }
     }
 
@@ -249,24 +285,33 @@ impl AdaptivePolicy {
     }
 
     /// The best plan under `inputs`, reusing the last search when no estimate
-    /// moved by more than 0.5% since.
+    /// moved by more than 0.5% since, unless the memory objective's plan has
+    /// drifted past the allowed slowdown (the KV grows a token a step).
     fn search(&mut self, inputs: &PolicyInputs) -> Result<Choice> {
         if let Some((old, choice)) = &self.cache {
             if similar(old, inputs) {
                 let prediction = predict_unchecked(inputs, &choice.plan);
-                return Ok(Choice {
-                    plan: choice.plan.clone(),
-                    prediction,
-                });
+                let s = self.config.memory_slowdown;
+                let drifted = inputs.objective == Objective::Memory
+                    && choice.prediction.within(s)
+                    && !prediction.within(s);
+                if !drifted {
+                    return Ok(Choice {
+                        plan: choice.plan.clone(),
+                        prediction,
+                    });
+                }
             }
         }
-        let choice = best_static_plan(inputs)?;
+        let choice =
+            best_static_plan_within(inputs, SearchSpace::Auto, self.config.memory_slowdown)?;
         self.cache = Some((inputs.clone(), choice.clone()));
         Ok(choice)
     }
 
-    /// Whether `cand` beats `cur` by the configured margin.
-    fn gains(&self, cur: &Prediction, cand: &Prediction) -> bool {
+    /// Whether `cand` beats `cur` by the configured margin; `unit` is the
+    /// device bytes of the smallest layer's slot.
+    fn gains(&self, cur: &Prediction, cand: &Prediction, unit: u64) -> bool {
         let g = self.config.switch_gain;
         let faster = cand.step_seconds < cur.step_seconds * (1.0 - g);
         match self.config.objective {
@@ -276,11 +321,11 @@ impl AdaptivePolicy {
                         && (cand.h2d_bytes as f64) < cur.h2d_bytes as f64 * (1.0 - g))
             }
             Objective::Memory => {
-                if !cur.is_transparent() {
-                    faster
+                let s = self.config.memory_slowdown;
+                if !cur.within(s) {
+                    cand.within(s) || faster
                 } else {
-                    cand.is_transparent()
-                        && (cand.device_bytes as f64) < cur.device_bytes as f64 * (1.0 - g)
+                    cand.within(s) && cand.device_bytes.saturating_add(unit) <= cur.device_bytes
                 }
             }
         }
@@ -323,11 +368,58 @@ fn similar(a: &PolicyInputs, b: &PolicyInputs) -> bool {
             .all(|(&x, &y)| close(x as f64, y as f64))
 }
 
+/// On a shared link (one copy at a time, both directions), the seconds each
+/// direction's copies of `sample` held the link. A copy's measured span
+/// starts when its queue reached it, so it includes the wait for the other
+/// direction's copy ahead of it on the link: taken in order of completion,
+/// each copy held the link from the later of its start and the previous
+/// copy's end. A copy may also have waited for one the sample does not show
+/// (the next step's first prefetch, issued before this step's last
+/// write-back), so each direction counts its copies at their median hold
+/// (a model's layers move equal bytes). `None` when the sample has no
+/// per-copy spans.
+fn shared_link_busy(sample: &StepSample) -> Option<(f64, f64)> {
+    let mut spans: Vec<(f64, f64, bool)> = Vec::new();
+    for (list, h2d) in [(&sample.h2d_spans, true), (&sample.d2h_spans, false)] {
+        spans.extend(list.iter().flatten().map(|&(a, b)| (a, b, h2d)));
+    }
+    if spans.is_empty() {
+        return None;
+    }
+    spans.sort_by(|x, y| x.1.total_cmp(&y.1));
+    let (mut h2d, mut d2h) = (Vec::new(), Vec::new());
+    let mut link_free = f64::NEG_INFINITY;
+    for (start, end, is_h2d) in spans {
+        let held = (end - start.max(link_free)).max(0.0);
+        link_free = link_free.max(end);
+        if is_h2d { &mut h2d } else { &mut d2h }.push(held);
+    }
+    let busy = |mut held: Vec<f64>, measured: f64| {
+        if held.is_empty() {
+            return measured;
+        }
+        held.sort_by(f64::total_cmp);
+        let n = held.len();
+        let median = if n % 2 == 1 {
+            held[n / 2]
+        } else {
+            (held[n / 2 - 1] + held[n / 2]) / 2.0
+        };
+        median * n as f64
+    };
+    Some((busy(h2d, sample.h2d_seconds), busy(d2h, sample.d2h_seconds)))
+}
+
 /// The byte-level steps the [`Policy`] methods are made of; the what-if
 /// simulator, which has bytes rather than layer shapes, drives them directly.
 impl AdaptivePolicy {
     /// Feeds one step's measurements into the estimates.
     pub(crate) fn measure(&mut self, sample: &StepSample) {
+        let new_plan = self.last_sampled.as_ref() != Some(&sample.plan);
+        if new_plan {
+            self.last_sampled = Some(sample.plan.clone());
+        }
+        let transition = new_plan && self.config.link_prior.shared;
         let mut compute = sample.compute_seconds();
         if let (Some(host), Some(kv)) = (self.config.host, self.kv.as_ref()) {
             // A host-attended layer's time includes its round trip (module docs).
@@ -342,14 +434,23 @@ impl AdaptivePolicy {
         if expected.is_none_or(|l| l == compute.len()) && !compute.is_empty() {
             self.update_compute(&compute);
         }
+        if transition {
+            // The switch's own copies shared the link (module docs).
+            return;
+        }
         let cfg = self.config;
         let bw = |bytes: u64, seconds: f64, copies: u64, latency: f64| {
             let busy = seconds - copies as f64 * latency;
             (bytes > 0 && copies > 0 && busy > 0.0).then(|| bytes as f64 / busy)
         };
+        let (h2d_seconds, d2h_seconds) = if cfg.link_prior.shared {
+            shared_link_busy(sample).unwrap_or((sample.h2d_seconds, sample.d2h_seconds))
+        } else {
+            (sample.h2d_seconds, sample.d2h_seconds)
+        };
         if let Some(b) = bw(
             sample.h2d_bytes,
-            sample.h2d_seconds,
+            h2d_seconds,
             sample.h2d_copies,
             cfg.link_prior.h2d_latency,
         ) {
@@ -357,7 +458,7 @@ impl AdaptivePolicy {
         }
         if let Some(b) = bw(
             sample.d2h_bytes,
-            sample.d2h_seconds,
+            d2h_seconds,
             sample.d2h_copies,
             cfg.link_prior.d2h_latency,
         ) {
@@ -393,6 +494,18 @@ impl AdaptivePolicy {
             // copies cannot hide, which "memory" promises never to do.
             inputs.objective = Objective::Speed;
         }
+        if inputs.objective == Objective::Memory {
+            // Plan for the KV a few steps ahead (module docs).
+            let ahead = MEMORY_LOOKAHEAD_STEPS as u64;
+            for ((v, &w), &cap) in inputs
+                .valid_bytes
+                .iter_mut()
+                .zip(&inputs.writeback_bytes)
+                .zip(&inputs.layer_bytes)
+            {
+                *v = v.saturating_add(w.saturating_mul(ahead)).min(cap);
+            }
+        }
         self.decisions += 1;
         let l = inputs.num_layers();
         let over_budget = self.current.validate(l).is_err()
@@ -410,7 +523,14 @@ impl AdaptivePolicy {
             return Ok(None);
         }
         let cur = predict_unchecked(&inputs, &self.current);
-        if self.gains(&cur, &best.prediction) {
+        let unit = inputs
+            .layer_bytes
+            .iter()
+            .map(|&b| slot_bytes(b))
+            .min()
+            .unwrap_or(0)
+            .max(1);
+        if self.gains(&cur, &best.prediction, unit) {
             self.streak += 1;
             if self.streak >= self.config.confirmations {
                 return Ok(self.switch(best.plan));
@@ -489,6 +609,56 @@ mod tests {
         e.update(20.0, &cfg);
         e.update(20.0, &cfg);
         assert_eq!(e.value, Some(20.0));
+    }
+
+    #[test]
+    fn shared_link_busy_counts_each_copys_hold_of_the_link() {
+        // Three prefetches of about 4 ms and three write-backs of 0.1 ms on a
+        // shared link. Each write-back was queued while a prefetch held the
+        // link (its span starts early), each later prefetch waited for a
+        // write-back, and the last write-back waited 2.4 ms for a copy the
+        // sample does not show (the next step's first prefetch).
+        let ms = |a: f64, b: f64| Some((a * 1e-3, b * 1e-3));
+        let s = StepSample {
+            h2d_spans: vec![ms(0.0, 4.0), ms(4.0, 8.0), ms(8.1, 12.0)],
+            d2h_spans: vec![ms(1.0, 4.1), ms(5.0, 8.1), ms(12.5, 15.0)],
+            h2d_seconds: 11.9e-3,
+            d2h_seconds: 8.6e-3,
+            ..StepSample::default()
+        };
+        let (h2d, d2h) = shared_link_busy(&s).unwrap();
+        // Holds: prefetches 4.0, 3.9, 3.9 ms; write-backs 0.1, 0.1, 2.5 ms;
+        // each direction counts its copies at the median.
+        assert!((h2d - 3.0 * 3.9e-3).abs() < 1e-12, "{h2d}");
+        assert!((d2h - 3.0 * 0.1e-3).abs() < 1e-12, "{d2h}");
+        assert_eq!(shared_link_busy(&StepSample::default()), None);
+    }
+
+    #[test]
+    fn the_first_sample_under_a_plan_leaves_a_shared_links_estimates_alone() {
+        let mut shared = AdaptiveConfig::default();
+        shared.link_prior.shared = true;
+        let mut p = AdaptivePolicy::new(shared);
+        p.set_kv(&KvShape::uniform(4, 1 << 20, 1 << 20, 1024));
+        let plan = Plan::copying(vec![1, 3], 1);
+        let step = |bandwidth: f64| StepSample {
+            plan: plan.clone(),
+            h2d_bytes: 2 << 20,
+            h2d_copies: 4,
+            h2d_seconds: 4.0 * 10e-6 + (2 << 20) as f64 / bandwidth,
+            ..sample(1e-3, 4)
+        };
+        // A switch's copies slowed the first step's prefetches tenfold.
+        p.measure(&step(1e9));
+        assert_eq!(p.h2d_bandwidth.value, None);
+        p.measure(&step(1e10));
+        let b = p.h2d_bandwidth.value.unwrap();
+        assert!((b / 1e10 - 1.0).abs() < 1e-9, "{b}");
+        // On a full-duplex link the first sample counts.
+        let mut p = AdaptivePolicy::new(AdaptiveConfig::default());
+        p.set_kv(&KvShape::uniform(4, 1 << 20, 1 << 20, 1024));
+        p.measure(&step(1e10));
+        assert!(p.h2d_bandwidth.value.is_some());
     }
 
     #[test]

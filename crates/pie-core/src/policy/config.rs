@@ -15,6 +15,56 @@ use crate::plan::Plan;
 /// static policy without saying how many.
 pub const DEFAULT_PREFETCH_DEPTH: usize = 2;
 
+/// The slowdown the memory objective allows by default: its plan's step may
+/// take up to this multiple of the all-resident step (1.02: 2% slower).
+pub const DEFAULT_MEMORY_SLOWDOWN: f64 = 1.02;
+
+/// How much slower than all-resident the memory objective's step may be
+/// ([`Objective::Memory`] pools the most layers whose predicted step stays
+/// within this multiple of the all-resident step). At least 1; the default is
+/// [`DEFAULT_MEMORY_SLOWDOWN`]. Compared by value (bit for bit).
+#[derive(Clone, Copy, Debug)]
+pub struct MemorySlowdown(f64);
+
+impl MemorySlowdown {
+    /// A slowdown of `factor` x the all-resident step; errors with a
+    /// [`PieError::Config`] unless it is finite and at least 1.
+    pub fn new(factor: f64) -> Result<Self> {
+        if factor.is_finite() && factor >= 1.0 {
+            Ok(MemorySlowdown(factor))
+        } else {
+            Err(PieError::config(format!(
+                "the memory objective's slowdown must be a finite factor of at least 1 (1.02: 2% slower than all-resident), not {factor}"
+            )))
+        }
+    }
+
+    /// The factor.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl Default for MemorySlowdown {
+    fn default() -> Self {
+        MemorySlowdown(DEFAULT_MEMORY_SLOWDOWN)
+    }
+}
+
+impl PartialEq for MemorySlowdown {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for MemorySlowdown {}
+
+impl std::hash::Hash for MemorySlowdown {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+
 /// What a policy optimises.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Objective {
@@ -22,8 +72,10 @@ pub enum Objective {
     /// allows, pool only what it forces, and hide those copies as well as possible.
     #[default]
     Speed,
-    /// Least device memory with no measurable stall: pool as much as the link can
-    /// hide under compute (falls back to the fastest plan when the budget forces a stall).
+    /// Least device memory within a small slowdown: pool as many layers as the
+    /// link can hide under compute, the step staying within
+    /// [`PolicyConfig::memory_slowdown`] (default [`DEFAULT_MEMORY_SLOWDOWN`])
+    /// x all-resident (falls back to the fastest plan when the budget forces more).
     Memory,
 }
 
@@ -109,6 +161,9 @@ pub struct PolicyConfig {
     /// Where pooled layers' attention runs; [`PolicyConfig::build`] holds the
     /// policy to it (see [`Placed`]).
     pub host_attention: HostAttention,
+    /// How much slower than all-resident the memory objective's step may be
+    /// (the adaptive policy's [`AdaptiveConfig::memory_slowdown`]).
+    pub memory_slowdown: MemorySlowdown,
 }
 
 impl PolicyConfig {
@@ -145,6 +200,7 @@ impl PolicyConfig {
             prefetch_depth,
             pinned,
             host_attention: HostAttention::Never,
+            memory_slowdown: MemorySlowdown::default(),
         })
     }
 
@@ -162,6 +218,13 @@ impl PolicyConfig {
     /// "always"); errors with a [`PieError::Config`] naming the three.
     pub fn with_host_attention(mut self, choice: &str) -> Result<Self> {
         self.host_attention = choice.parse()?;
+        Ok(self)
+    }
+
+    /// This config with the memory objective's slowdown set to `factor` (see
+    /// [`MemorySlowdown::new`] for what it accepts).
+    pub fn with_memory_slowdown(mut self, factor: f64) -> Result<Self> {
+        self.memory_slowdown = MemorySlowdown::new(factor)?;
         Ok(self)
     }
 
@@ -197,6 +260,7 @@ impl PolicyConfig {
             PolicyKind::Adaptive => Box::new(AdaptivePolicy::new(AdaptiveConfig {
                 objective: self.objective,
                 initial_prefetch_depth: self.prefetch_depth,
+                memory_slowdown: self.memory_slowdown.get(),
                 host: host.filter(|h| h.choice != HostAttention::Never),
                 ..AdaptiveConfig::default()
             })),
@@ -283,6 +347,21 @@ mod tests {
         let e = config_error(parse("static", "speed", Some(vec![1, 4]), None));
         assert!(e.contains("pooled layer 4 does not exist"), "{e}");
         assert!(e.contains("4 cache layers (0..3)"), "{e}");
+    }
+
+    #[test]
+    fn memory_slowdown_defaults_to_1_02_and_must_be_at_least_1() {
+        let c = parse("adaptive", "memory", None, None).unwrap();
+        assert_eq!(c.memory_slowdown.get(), DEFAULT_MEMORY_SLOWDOWN);
+        assert_eq!(DEFAULT_MEMORY_SLOWDOWN, 1.02);
+        let c = c.with_memory_slowdown(1.1).unwrap();
+        assert_eq!(c.memory_slowdown, MemorySlowdown::new(1.1).unwrap());
+        assert_ne!(c, parse("adaptive", "memory", None, None).unwrap());
+        assert_eq!(MemorySlowdown::new(1.0).unwrap().get(), 1.0);
+        for bad in [0.99, 0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = config_error(PolicyConfig::default().with_memory_slowdown(bad));
+            assert!(e.contains("at least 1"), "{e}");
+        }
     }
 
     #[test]

@@ -290,6 +290,13 @@ impl Prediction {
     pub fn is_transparent(&self) -> bool {
         self.stall_seconds + self.host_seconds <= STALL_TOLERANCE * self.compute_seconds
     }
+
+    /// Whether the step is within `slowdown` x the compute time (the
+    /// all-resident step): what the memory objective allows. With `slowdown`
+    /// = `1 + STALL_TOLERANCE` this is [`Prediction::is_transparent`].
+    pub fn within(&self, slowdown: f64) -> bool {
+        self.stall_seconds + self.host_seconds <= (slowdown - 1.0) * self.compute_seconds
+    }
 }
 
 /// Which physical resource a copy direction uses.

@@ -45,12 +45,16 @@ pub mod search;
 pub mod static_policy;
 
 pub use adaptive::{AdaptiveConfig, AdaptivePolicy};
-pub use config::{Objective, PolicyConfig, PolicyKind, DEFAULT_PREFETCH_DEPTH};
+pub use config::{
+    MemorySlowdown, Objective, PolicyConfig, PolicyKind, DEFAULT_MEMORY_SLOWDOWN,
+    DEFAULT_PREFETCH_DEPTH,
+};
 pub use cost_model::{predict_step, LinkModel, PolicyInputs, Prediction};
 pub use host_cost::{exchange_bytes, HostModel};
 pub use placement::{HostAttention, Placed};
 pub use search::{
-    best_static_plan, best_static_plan_in, transparent_fraction, Choice, SearchSpace,
+    best_static_plan, best_static_plan_in, best_static_plan_within, transparent_fraction, Choice,
+    SearchSpace,
 };
 pub use static_policy::StaticPolicy;
 

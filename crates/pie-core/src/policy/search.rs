@@ -22,8 +22,9 @@
 //! `p_{k+W}` starts after `p_k`, an earlier layer) and never later, so stall
 //! does not increase with `W` (a property test checks this). Under
 //! [`Objective::Speed`] each set therefore gets the largest `W` the budget
-//! allows; under [`Objective::Memory`] the smallest `W` with no stall, found by
-//! bisection.
+//! allows; under [`Objective::Memory`] the smallest `W` whose step stays within
+//! the allowed slowdown ([`best_static_plan_within`]; [`DEFAULT_MEMORY_SLOWDOWN`]
+//! x compute unless said otherwise), found by bisection.
 //!
 //! **Which placements.** With a host model ([`PolicyInputs::host`]), each
 //! pooled layer is either copied or attended on the host. `Never` tries copies
@@ -47,14 +48,14 @@
 //! trips of its `m` host-attended layers, nor than the H2D queue's busy time,
 //! which for `P - m` swapped layers is at least the sum of the `P - m` cheapest
 //! copies; the smallest over `m` of the larger of the two grows with `P`, so
-//! counts stop once it exceeds the best step found (speed) or the compute time
-//! (memory), and a placement whose compute plus round trips exceeds the best
+//! counts stop once it exceeds the best step found (speed) or the allowed
+//! step (memory: the slowdown x compute), and a placement whose compute plus round trips exceeds the best
 //! step is not predicted.
 
 use super::cost_model::{
     device_bytes, predict_unchecked, slot_bytes, PolicyInputs, Prediction, STALL_TOLERANCE,
 };
-use super::{HostAttention, Objective};
+use super::{HostAttention, Objective, DEFAULT_MEMORY_SLOWDOWN};
 use crate::error::{PieError, Result};
 use crate::plan::{spread_positions, Plan};
 
@@ -77,9 +78,11 @@ pub struct Choice {
 /// The best static plan for `inputs` under `inputs.objective`:
 /// * [`Objective::Speed`]: the shortest predicted step whose device bytes fit
 ///   the budget (all resident when everything fits);
-/// * [`Objective::Memory`]: the largest offloaded share with no stall (stall
-///   within [`STALL_TOLERANCE`] of compute) that fits the budget; when the
-///   budget forces a stall, the fastest plan.
+/// * [`Objective::Memory`]: the largest offloaded share whose step stays within
+///   [`DEFAULT_MEMORY_SLOWDOWN`] x compute (see [`Prediction::within`]) and
+///   that fits the budget (ties: the faster plan); when the budget forces a
+///   slower step, the fastest plan. [`best_static_plan_within`] takes another
+///   slowdown.
 ///
 /// Errors with [`PieError::Budget`] when not even one staging slot fits.
 pub fn best_static_plan(inputs: &PolicyInputs) -> Result<Choice> {
@@ -100,7 +103,23 @@ pub enum SearchSpace {
 
 /// [`best_static_plan`] over an explicit [`SearchSpace`].
 pub fn best_static_plan_in(inputs: &PolicyInputs, space: SearchSpace) -> Result<Choice> {
+    best_static_plan_within(inputs, space, DEFAULT_MEMORY_SLOWDOWN)
+}
+
+/// [`best_static_plan_in`] with the memory objective's plan allowed a step of
+/// up to `slowdown` x compute (the speed objective ignores it). Errors with a
+/// [`PieError::Config`] unless `slowdown` is finite and at least 1.
+pub fn best_static_plan_within(
+    inputs: &PolicyInputs,
+    space: SearchSpace,
+    slowdown: f64,
+) -> Result<Choice> {
     inputs.validate()?;
+    if !(slowdown.is_finite() && slowdown >= 1.0) {
+        return Err(PieError::config(format!(
+            "the memory objective's slowdown must be a finite factor of at least 1, not {slowdown}"
+        )));
+    }
     let exhaustive = match space {
         SearchSpace::Auto => inputs.num_layers() <= EXHAUSTIVE_MAX_LAYERS,
         SearchSpace::Exhaustive if inputs.num_layers() > EXHAUSTIVE_MAX_LAYERS => {
@@ -114,7 +133,7 @@ pub fn best_static_plan_in(inputs: &PolicyInputs, space: SearchSpace) -> Result<
     };
     let choice = match inputs.objective {
         Objective::Speed => search_speed(inputs, exhaustive)?,
-        Objective::Memory => match search_memory(inputs, exhaustive) {
+        Objective::Memory => match search_memory(inputs, exhaustive, slowdown) {
             Some(c) => c,
             None => search_speed(inputs, exhaustive)?,
         },
@@ -131,7 +150,7 @@ pub fn best_static_plan_in(inputs: &PolicyInputs, space: SearchSpace) -> Result<
         host: None,
         ..inputs.clone()
     };
-    let copy = best_static_plan_in(&copy_only, space)?;
+    let copy = best_static_plan_within(&copy_only, space, slowdown)?;
     let faster = !choice.plan.host_attended.is_empty()
         && choice.prediction.step_seconds < copy.prediction.step_seconds * (1.0 - TIE_TOLERANCE);
     Ok(if faster { choice } else { copy })
@@ -201,7 +220,7 @@ pub fn transparent_fraction(inputs: &PolicyInputs) -> Result<f64> {
         ..inputs.clone()
     };
     let exhaustive = inputs.num_layers() <= EXHAUSTIVE_MAX_LAYERS;
-    Ok(search_memory(&unlimited, exhaustive)
+    Ok(search_memory(&unlimited, exhaustive, 1.0 + STALL_TOLERANCE)
         .map(|c| c.prediction.offloaded_share.max(0.0))
         .unwrap_or(0.0))
 }
@@ -438,8 +457,9 @@ fn search_speed(inputs: &PolicyInputs, exhaustive: bool) -> Result<Choice> {
     best.ok_or_else(|| budget_error(inputs))
 }
 
-/// The zero-stall plan with the least device memory that fits the budget, if any.
-fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
+/// The plan with the least device memory that fits the budget and whose step
+/// is within `slowdown` x compute, if any.
+fn search_memory(inputs: &PolicyInputs, exhaustive: bool, slowdown: f64) -> Option<Choice> {
     let compute = inputs.compute_total();
     let bounds = step_lower_bounds(inputs);
     let always = choice_of(inputs) == HostAttention::Always;
@@ -453,7 +473,7 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
         });
     }
     for (p, &bound) in bounds.iter().enumerate().skip(1) {
-        if bound > compute * (1.0 + STALL_TOLERANCE) {
+        if bound > compute * slowdown {
             break;
         }
         for_each_set(inputs, p, exhaustive, |set| {
@@ -463,7 +483,7 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
                     return;
                 };
                 let prediction = predict_unchecked(inputs, &plan);
-                if prediction.is_transparent()
+                if prediction.within(slowdown)
                     && best
                         .as_ref()
                         .is_none_or(|b| memory_better(&prediction, &b.prediction))
@@ -472,8 +492,9 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
                 }
                 return;
             }
-            // Otherwise copies only: host attention adds time a zero-stall
-            // plan cannot afford (it lengthens the step beyond compute).
+            // Otherwise copies only: a host-attended layer adds its whole round
+            // trip to the step, while a copy can hide; the memory objective
+            // spends its small allowance on copies.
             let w_max = max_depth(inputs, set);
             if w_max == 0 {
                 return;
@@ -492,16 +513,16 @@ fn search_memory(inputs: &PolicyInputs, exhaustive: bool) -> Option<Choice> {
                 (plan, pred)
             };
             let (plan_hi, pred_hi) = eval(w_max);
-            if !pred_hi.is_transparent() {
+            if !pred_hi.within(slowdown) {
                 return;
             }
-            // Bisection for the smallest transparent depth (stall is monotone in W).
+            // Bisection for the smallest depth within the slowdown (stall is monotone in W).
             let (mut lo, mut hi) = (1usize, w_max);
             let mut found = (plan_hi, pred_hi);
             while lo < hi {
                 let mid = (lo + hi) / 2;
                 let (plan, pred) = eval(mid);
-                if pred.is_transparent() {
+                if pred.within(slowdown) {
                     hi = mid;
                     found = (plan, pred);
                 } else {
