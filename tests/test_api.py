@@ -323,7 +323,9 @@ def test_policy_options_are_parsed_once_by_pie_core():
         "pooled_layers": None,
         "prefetch_depth": 3,
         "host_attention": "never",
+        "memory_slowdown": 1.02,
     }
+    assert _core.policy_config("adaptive", "memory", None, None, 4, "never", 1.1)["memory_slowdown"] == 1.1
     assert _core.policy_config("adaptive", "speed", None, None, 4, "always")["host_attention"] == "always"
     with pytest.raises(pie_rs.ConfigError, match='"auto", "never" or "always"'):
         _core.policy_config("adaptive", "speed", None, None, 4, "sometimes")
@@ -334,6 +336,21 @@ def test_policy_options_are_parsed_once_by_pie_core():
             _core.policy_config(*bad, 4)
     with pytest.raises(pie_rs.ConfigError, match="does not exist"):
         _core.policy_config("static", "speed", [4], 1, 4)
+
+
+def test_memory_slowdown_reaches_the_engine_and_bad_values_leave_the_model_alone(llama, inputs, expected):
+    for bad in (0.9, float("nan"), float("inf")):
+        with pytest.raises(pie_rs.ConfigError, match="slowdown must be a finite factor of at least 1"):
+            pie_rs.attach(llama, objective="memory", memory_slowdown=bad)
+    assert torch.equal(generate(llama, inputs, "greedy"), expected)  # nothing was attached
+    with pie_rs.attach(llama, objective="memory", memory_slowdown=1.25) as pool:
+        assert pool.settings.memory_slowdown == 1.25
+        assert torch.equal(generate(llama, inputs, "greedy"), expected)
+        engine = pool.settings.build([(1, 2, 16, 16, 4)] * 4, 64, None)
+        try:
+            assert engine.plan()["memory_slowdown"] == 1.25
+        finally:
+            engine.close()
 
 
 def test_attach_pins_layers_given_in_any_order(llama, inputs, expected):

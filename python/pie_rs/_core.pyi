@@ -29,13 +29,15 @@ def policy_config(
     prefetch_depth: int | None,
     num_layers: int,
     host_attention: str = "never",
+    memory_slowdown: float | None = None,
 ) -> dict[str, Any]:
     """A pool's policy options parsed once by pie-core, as every engine of the pool will parse them.
 
-    Returns ``{"policy", "objective", "pooled_layers", "prefetch_depth", "host_attention"}``:
-    pinned layers make the policy ``"static"`` and come back sorted; unknown names (including a
-    ``host_attention`` other than ``"auto"``, ``"never"``, ``"always"``), duplicate or out-of-range
-    layers and a zero depth raise ``ConfigError``.
+    Returns ``{"policy", "objective", "pooled_layers", "prefetch_depth", "host_attention",
+    "memory_slowdown"}``: pinned layers make the policy ``"static"`` and come back sorted; unknown
+    names (including a ``host_attention`` other than ``"auto"``, ``"never"``, ``"always"``),
+    duplicate or out-of-range layers, a zero depth and a ``memory_slowdown`` below 1 (``None``:
+    1.02) raise ``ConfigError``.
     """
 
 def cuda_available() -> bool:
@@ -83,6 +85,7 @@ class Engine:
         wait_timeout: float | None = None,
         host_attention: str = "never",
         query_group: int = 1,
+        memory_slowdown: float | None = None,
     ) -> None:
         """Creates the engine and its threads.
 
@@ -93,6 +96,8 @@ class Engine:
         policy chooses per pooled layer with this machine's CPU figures (a short STREAM triad,
         measured once per process, and the host kernel's threads); ``query_group`` (query heads
         per KV head) sizes the query and result each host-attended layer exchanges.
+        ``memory_slowdown`` is the memory objective's allowance (a step at most that factor x
+        all-resident; ``None``: 1.02).
         """
     @property
     def backend(self) -> str: ...

@@ -48,6 +48,9 @@ class EngineSettings:
     #: Query heads per KV head (GQA group): sizes the query and result a host-attended layer
     #: exchanges, which the ``"auto"`` placement's cost model counts.
     query_group: int = 1
+    #: The memory objective's allowance: a step at most this factor x all-resident (``None``:
+    #: pie-core's default, 1.02).
+    memory_slowdown: float | None = None
 
     def build(self, layers: list[LayerShape], capacity: int, budget_bytes: int | None) -> _core.Engine:
         """A new engine for ``layers`` at ``capacity`` tokens under ``budget_bytes`` of device memory.
@@ -67,6 +70,7 @@ class EngineSettings:
             prefetch_depth=self.prefetch_depth,
             host_attention=self.host_attention,
             query_group=self.query_group,
+            memory_slowdown=self.memory_slowdown,
         )
 
 

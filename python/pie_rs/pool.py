@@ -724,6 +724,7 @@ def attach(
     prefetch_depth: int | None = None,
     process_group: Any = None,
     host_attention: str = "auto",
+    memory_slowdown: float | None = None,
 ) -> Pool:
     """Makes the model's KV cache pooled by pie-rs; ``model.generate(...)`` uses it unchanged.
 
@@ -752,6 +753,9 @@ def attach(
             a model whose attention cannot be split gets ``"never"``. Continuous batching
             follows the same choice where it can split the attention (``"always"`` elsewhere
             raises ConfigError saying why).
+        memory_slowdown: under ``objective="memory"``, how much slower than all-resident a step
+            may be for the KV it frees: a factor of at least 1 (``None``: 1.02, 2% slower). The
+            adaptive policy pools the most layers whose predicted step stays within it.
 
     Returns:
         The :class:`Pool` handle: ``new_cache``, ``stats``, ``detach``; also a context manager.
@@ -786,6 +790,7 @@ def attach(
         prefetch_depth,
         max(1, len(info.managed)),
         host_attention,
+        memory_slowdown,
     )
     placement = _check_host_attention(model, info, config["host_attention"])
     available = None
@@ -803,6 +808,7 @@ def attach(
             pooled_layers=pinned,
             prefetch_depth=prefetch_depth,
             host_attention=placement,
+            memory_slowdown=config["memory_slowdown"],
         )
         budget_bytes, budget_rank, budgets = distributed.agree(
             rank_group, distributed.fingerprint(info, model, arguments), budget_bytes
@@ -820,6 +826,7 @@ def attach(
         prefetch_depth=config["prefetch_depth"],
         host_attention=placement,
         query_group=query_group(info),
+        memory_slowdown=config["memory_slowdown"],
     )
     if rank_group is not None:
         settings = distributed.settings_for(rank_group, settings, budget_rank, budgets)  # type: ignore[assignment]

@@ -103,7 +103,7 @@ fn stats_dict<'py, B: Backend>(py: Python<'py>, e: &Engine<B>) -> PyResult<Bound
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None, faults=None, wait_timeout=None, host_attention="never", query_group=1))]
+    #[pyo3(signature = (backend, layers, capacity, *, device_index=0, budget_bytes=None, policy="adaptive", objective="speed", pooled_layers=None, prefetch_depth=None, faults=None, wait_timeout=None, host_attention="never", query_group=1, memory_slowdown=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -120,6 +120,7 @@ impl PyEngine {
         wait_timeout: Option<f64>,
         host_attention: &str,
         query_group: usize,
+        memory_slowdown: Option<f64>,
     ) -> PyResult<Self> {
         let specs: Vec<LayerSpec> = layers
             .into_iter()
@@ -149,6 +150,7 @@ impl PyEngine {
             specs.len(),
         )
         .and_then(|c| c.with_host_attention(host_attention))
+        .and_then(|c| with_slowdown(c, memory_slowdown))
         .map_err(to_py)?;
         let mut options = EngineOptions {
             capacity,
@@ -387,6 +389,7 @@ impl PyEngine {
         let policy = self.policy.kind.name();
         let objective = self.policy.objective.name();
         let host_attention = self.policy.host_attention.name();
+        let memory_slowdown = self.policy.memory_slowdown.get();
         with_engine!(self, e => {
             let d = PyDict::new(py);
             let plan = e.plan();
@@ -396,6 +399,7 @@ impl PyEngine {
             d.set_item("policy", policy)?;
             d.set_item("host_attention", host_attention)?;
             d.set_item("objective", objective)?;
+            d.set_item("memory_slowdown", memory_slowdown)?;
             Ok(d)
         })
     }
@@ -485,10 +489,11 @@ fn host_region_of<B: Backend>(e: &Engine<B>) -> Region {
 }
 
 /// Parses a pool's policy options once, as every engine of the pool will:
-/// `{"policy", "objective", "pooled_layers", "prefetch_depth", "host_attention"}` after pie-core's
-/// rules (pinned layers make the policy static and are sorted), or a ConfigError.
+/// `{"policy", "objective", "pooled_layers", "prefetch_depth", "host_attention", "memory_slowdown"}`
+/// after pie-core's rules (pinned layers make the policy static and are sorted), or a ConfigError.
 #[pyfunction]
-#[pyo3(signature = (policy, objective, pooled_layers, prefetch_depth, num_layers, host_attention="never"))]
+#[pyo3(signature = (policy, objective, pooled_layers, prefetch_depth, num_layers, host_attention="never", memory_slowdown=None))]
+#[allow(clippy::too_many_arguments)]
 fn policy_config<'py>(
     py: Python<'py>,
     policy: &str,
@@ -497,9 +502,11 @@ fn policy_config<'py>(
     prefetch_depth: Option<usize>,
     num_layers: usize,
     host_attention: &str,
+    memory_slowdown: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = PolicyConfig::parse(policy, objective, pooled_layers, prefetch_depth, num_layers)
         .and_then(|c| c.with_host_attention(host_attention))
+        .and_then(|c| with_slowdown(c, memory_slowdown))
         .map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("policy", config.kind.name())?;
@@ -510,7 +517,19 @@ fn policy_config<'py>(
     )?;
     d.set_item("prefetch_depth", config.prefetch_depth)?;
     d.set_item("host_attention", config.host_attention.name())?;
+    d.set_item("memory_slowdown", config.memory_slowdown.get())?;
     Ok(d)
+}
+
+/// The memory objective's allowance, when the caller gives one (pie-core's default otherwise).
+fn with_slowdown(
+    config: PolicyConfig,
+    memory_slowdown: Option<f64>,
+) -> pie_core::Result<PolicyConfig> {
+    match memory_slowdown {
+        Some(factor) => config.with_memory_slowdown(factor),
+        None => Ok(config),
+    }
 }
 
 /// Whether a CUDA driver and at least one device can be used (never raises).
