@@ -175,3 +175,17 @@ def test_a_fixed_pie_pool_is_replayed_and_checked() -> None:
             _core.simulate_serving({**base, "pie_pool": bad})
     with pytest.raises(_core.BudgetError, match="raise gpu_budget or pool more layers"):
         _core.simulate_serving({**base, "pie_pool": {**pool, "blocks": 700}})
+
+
+def test_memory_slowdown_is_the_allowance_and_bad_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    one = ["simulate", "--machine", "h200-pcie-gen5", "--model", "qwen2-7b", "--batch", "1", "--context", "4096"]
+    one += ["--objective", "memory", "--json"]
+    tight = _json(capsys, one)
+    loose = _json(capsys, [*one, "--memory-slowdown", "1.1"])
+    assert loose["offloaded_share"] > tight["offloaded_share"]
+    assert loose["simulated_step_ms"] <= 1.1 * loose["all_gpu_step_ms"] + 1e-9
+    assert main([*one, "--memory-slowdown", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "slowdown must be a finite factor of at least 1" in err and "Traceback" not in err
+    assert main([*SMALL, "--memory-slowdown", "1.1"]) == 2
+    assert "--memory-slowdown do not apply to --serving" in capsys.readouterr().err

@@ -88,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
         help="device budget for the KV, MiB (default: half the KV for speed, all of it for memory)",
     )
     p.add_argument("--objective", choices=["speed", "memory"], default="speed", help="what to optimise (default speed)")
+    p.add_argument(
+        "--memory-slowdown",
+        type=float,
+        metavar="FACTOR",
+        help="with --objective memory: the step may be at most FACTOR x all-resident (default 1.02)",
+    )
     p.add_argument("--steps", type=int, help="decode steps to simulate (default 30)")
     p.add_argument(
         "--host-attention",
@@ -134,6 +140,7 @@ _REQUEST_KEYS = (
     "host_attention",
     "cpu_memory_gbps",
     "cpu_cores",
+    "memory_slowdown",
 )
 
 
@@ -151,6 +158,7 @@ _SINGLE_ONLY = (
     "steps",
     "cpu_memory_gbps",
     "cpu_cores",
+    "memory_slowdown",
 )
 
 
@@ -328,9 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         report = _core.simulate(build_request(args))
-    except _core.PieError as exc:
+    except _core.PieError as exc:  # bad input: what to change, exit 2 as everywhere in the CLI
         print(f"pie-rs simulate: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 

@@ -31,8 +31,9 @@ use crate::layout::LayerSpec;
 use crate::plan::Plan;
 use crate::policy::cost_model::{device_bytes, predict_step, slot_bytes};
 use crate::policy::{
-    best_static_plan, exchange_bytes, transparent_fraction, AdaptiveConfig, AdaptivePolicy,
-    HostAttention, HostModel, KvShape, Objective, Placed, Policy, PolicyInputs, StaticPolicy,
+    best_static_plan_within, exchange_bytes, transparent_fraction, AdaptiveConfig, AdaptivePolicy,
+    HostAttention, HostModel, KvShape, MemorySlowdown, Objective, Placed, Policy, PolicyInputs,
+    SearchSpace, StaticPolicy, DEFAULT_MEMORY_SLOWDOWN,
 };
 use crate::profiles::{machine, model, MachineProfile, ModelShape};
 use crate::sim::{SimBackend, SimConfig};
@@ -399,6 +400,9 @@ pub struct SimulateRequest {
     pub cpu_memory_gbps: Option<f64>,
     /// Override: host CPU cores for attention.
     pub cpu_cores: Option<usize>,
+    /// The memory objective's allowance: a step at most this factor x
+    /// all-resident (default [`crate::policy::DEFAULT_MEMORY_SLOWDOWN`]).
+    pub memory_slowdown: Option<f64>,
 }
 
 /// One simulated step.
@@ -616,9 +620,14 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
 pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
     let r = resolve(req)?;
     let inputs = &r.inputs;
+    let slowdown = match req.memory_slowdown {
+        Some(f) => MemorySlowdown::new(f)?.get(),
+        None => DEFAULT_MEMORY_SLOWDOWN,
+    };
     let spec = PipelineSpec::from_inputs(inputs);
     let adaptive = AdaptivePolicy::new(AdaptiveConfig {
         objective: req.objective,
+        memory_slowdown: slowdown,
         link_prior: inputs.link,
         compute_prior_seconds: inputs.compute_seconds[0],
         host: inputs.host,
@@ -659,11 +668,15 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
     let device_kv = sim.engine.device_bytes();
     drop(sim);
     let pred = predict_step(inputs, &plan)?;
-    let best = best_static_plan(inputs)?;
-    let copy_only = best_static_plan(&PolicyInputs {
-        host: None,
-        ..inputs.clone()
-    })?;
+    let best = best_static_plan_within(inputs, SearchSpace::Auto, slowdown)?;
+    let copy_only = best_static_plan_within(
+        &PolicyInputs {
+            host: None,
+            ..inputs.clone()
+        },
+        SearchSpace::Auto,
+        slowdown,
+    )?;
     let total = inputs.total_kv_bytes();
     debug_assert!(device_kv as u64 >= device_bytes(&inputs.layer_bytes, &plan) / 2);
     Ok(SimulateReport {

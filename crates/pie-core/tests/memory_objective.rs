@@ -113,3 +113,31 @@ fn the_best_static_plan_is_tight() {
     );
     assert!(best_simulated_static_plan(&req, 0.5).is_err());
 }
+
+/// `SimulateRequest::memory_slowdown` is the policy's allowance: a looser one
+/// pools at least as many layers, each run stays within its own allowance,
+/// and a factor below 1 is refused with what to change.
+#[test]
+fn a_requested_slowdown_is_the_simulated_policys_allowance() {
+    let base = request("h200-pcie-gen5", "qwen2-7b", 1, 4096);
+    let tight = simulate(&base).unwrap();
+    let loose = simulate(&SimulateRequest {
+        memory_slowdown: Some(1.10),
+        ..base.clone()
+    })
+    .unwrap();
+    assert!(steady_slowdown(&tight) <= DEFAULT_MEMORY_SLOWDOWN + 1e-9);
+    assert!(steady_slowdown(&loose) <= 1.10 + 1e-9);
+    assert!(
+        loose.offloaded_share > tight.offloaded_share,
+        "1.10 frees {} of the KV, 1.02 frees {}",
+        loose.offloaded_share,
+        tight.offloaded_share
+    );
+    let e = simulate(&SimulateRequest {
+        memory_slowdown: Some(0.5),
+        ..base
+    })
+    .expect_err("refused");
+    assert!(e.to_string().contains("at least 1"), "{e}");
+}

@@ -29,6 +29,7 @@ const KEYS: &[&str] = &[
     "host_attention",
     "cpu_memory_gbps",
     "cpu_cores",
+    "memory_slowdown",
 ];
 
 /// The value under `key`, `None` when absent or Python `None`.
@@ -79,6 +80,7 @@ fn request_from_dict(request: &Bound<'_, PyDict>) -> PyResult<SimulateRequest> {
         host_attention: host_attention(request, "simulate")?,
         cpu_memory_gbps: opt(request, "cpu_memory_gbps")?,
         cpu_cores: opt(request, "cpu_cores")?,
+        memory_slowdown: opt(request, "memory_slowdown")?,
     })
 }
 
