@@ -613,6 +613,27 @@ fn resolve(req: &SimulateRequest) -> Result<Resolved> {
     })
 }
 
+/// The engine for a resolved request under `policy`: it starts `steps` tokens
+/// short, so the run ends at the requested context within the slots the
+/// profile sizes.
+fn request_engine(
+    backend: &SimBackend,
+    r: &Resolved,
+    spec: &PipelineSpec,
+    policy: Box<dyn Policy>,
+) -> Result<SimEngine> {
+    let budget = r.inputs.budget_bytes.map(|b| b as usize);
+    SimEngine::new(
+        backend,
+        spec,
+        r.steps,
+        r.steps,
+        budget,
+        policy,
+        r.inputs.host,
+    )
+}
+
 /// Answers a what-if question: runs the engine with the adaptive policy on
 /// the simulated machine for the requested steps (the policy starts from the
 /// machine's nominal link and measures from there) and compares with the best
@@ -635,18 +656,7 @@ pub fn simulate(req: &SimulateRequest) -> Result<SimulateReport> {
     });
     let policy = Box::new(Placed::new(Box::new(adaptive), req.host_attention));
     let backend = SimBackend::new(r.sim)?;
-    let budget = inputs.budget_bytes.map(|b| b as usize);
-    // Start `steps` tokens short so the run ends at the requested context
-    // within the slots the profile sizes.
-    let mut sim = SimEngine::new(
-        &backend,
-        &spec,
-        r.steps,
-        r.steps,
-        budget,
-        policy,
-        inputs.host,
-    )?;
+    let mut sim = request_engine(&backend, &r, &spec, policy)?;
     let mut steps = Vec::with_capacity(r.steps);
     let mut previous = sim.engine.plan();
     for step in 0..r.steps {
@@ -735,16 +745,8 @@ pub fn simulate_static(req: &SimulateRequest, plan: &Plan) -> Result<Vec<f64>> {
     plan.validate(inputs.num_layers())?;
     let spec = PipelineSpec::from_inputs(inputs);
     let backend = SimBackend::new(r.sim)?;
-    let budget = inputs.budget_bytes.map(|b| b as usize);
-    let mut sim = SimEngine::new(
-        &backend,
-        &spec,
-        r.steps,
-        r.steps,
-        budget,
-        Box::new(StaticPolicy::pinned(plan.clone())),
-        inputs.host,
-    )?;
+    let policy = Box::new(StaticPolicy::pinned(plan.clone()));
+    let mut sim = request_engine(&backend, &r, &spec, policy)?;
     (0..r.steps)
         .map(|_| sim.step(&spec.compute_seconds, None).map(|(s, _)| s))
         .collect()
